@@ -1,0 +1,203 @@
+"""Label keys, their sentences, per-dataset taxonomies (label_sentences.yaml) and label-embedding tables.
+
+The label table is the one contract between text and vision: names (label keys), the sentences that were embedded,
+embeddings [N, D] (L2-normalised, fp32) and the encoder's name. Training and evaluation read a table, never a text
+model, so any encoder (CLIP, a precomputed file, the authors' universal_cat2vec.npy) plugs in.
+"""
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+LABELS_YAML = Path(__file__).resolve().parent / "label_sentences.yaml"
+IGNORE = "ignore"
+SENTENCE_PREFIX = "An image of"
+SECTIONS = ("labels", "datasets", "mseg_universal")
+KEY_RE = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that raises on a duplicate mapping key (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@dataclass
+class LabelSpec:
+    sentences: dict[str, str]  # label key -> "An image of ..."
+    datasets: dict[str, dict[str, str]]  # dataset -> {raw class name -> label key | IGNORE}
+    mseg_universal: list[tuple[str, str]] = field(default_factory=list)  # [(MSeg name, key | IGNORE)], universal id order
+
+
+def load_label_spec(path: str | Path = LABELS_YAML) -> LabelSpec:
+    """Read and validate label_sentences.yaml. Every error names the file and the offending key."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:  # a file stream, so YAML error marks name the file and line
+            doc = yaml.load(f, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping with sections {SECTIONS}")
+    for section in doc:
+        if section not in SECTIONS:
+            raise ValueError(f"{path}: unknown top-level section {section!r} (expected {SECTIONS})")
+    sentences = doc.get("labels") or {}
+    if not isinstance(sentences, dict) or not sentences:
+        raise ValueError(f"{path}: section 'labels' must be a non-empty mapping key -> sentence")
+    for key, sentence in sentences.items():
+        if not isinstance(key, str) or not KEY_RE.fullmatch(key) or key == IGNORE:
+            raise ValueError(f"{path}: label key {key!r} must be snake_case (and not {IGNORE!r})")
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise ValueError(f"{path}: label {key!r} has a missing or empty sentence")
+        if not sentence.startswith(SENTENCE_PREFIX):
+            raise ValueError(f"{path}: sentence of label {key!r} must start with {SENTENCE_PREFIX!r}: {sentence!r}")
+
+    def check_target(where: str, raw, key) -> None:
+        if not isinstance(raw, str):  # e.g. an unquoted `no:` that YAML reads as False
+            raise ValueError(f"{path}: {where}: class name {raw!r} is not a string (quote it)")
+        if key != IGNORE and key not in sentences:
+            raise ValueError(f"{path}: {where}: {raw!r} maps to unknown label key {key!r}")
+
+    datasets = doc.get("datasets") or {}
+    if not isinstance(datasets, dict):
+        raise ValueError(f"{path}: section 'datasets' must be a mapping dataset -> {{class name: key}}")
+    for name, mapping in datasets.items():
+        if not isinstance(mapping, dict) or not mapping:
+            raise ValueError(f"{path}: dataset {name!r} must be a non-empty mapping class name -> key")
+        for raw, key in mapping.items():
+            check_target(f"dataset {name!r}", raw, key)
+
+    universal = []
+    for item in doc.get("mseg_universal") or []:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ValueError(f"{path}: mseg_universal entry {item!r} must be [MSeg name, key]")
+        check_target("mseg_universal", *item)
+        universal.append((item[0], item[1]))
+    dup = sorted(n for n, c in Counter(n for n, _ in universal).items() if c > 1)
+    if dup:
+        raise ValueError(f"{path}: mseg_universal: duplicate name(s) {dup}")
+    return LabelSpec(sentences=dict(sentences), datasets={d: dict(m) for d, m in datasets.items()},
+                     mseg_universal=universal)
+
+
+def dataset_label_keys(spec: LabelSpec, dataset: str, class_names: list[str]) -> list[str | None]:
+    """Label key of each of a dataset's classes, in order (class id = list index); None where the class is ignored."""
+    if dataset not in spec.datasets:
+        raise KeyError(f"unknown dataset {dataset!r}; label_sentences.yaml has {sorted(spec.datasets)}")
+    mapping = spec.datasets[dataset]
+    missing = [n for n in class_names if n not in mapping]
+    if missing:
+        raise KeyError(f"dataset {dataset!r}: class name(s) {missing} have no mapping in label_sentences.yaml")
+    return [None if mapping[n] == IGNORE else mapping[n] for n in class_names]
+
+
+def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence") -> list[str]:
+    """The text to embed for each key: its sentence, or (mode="word") the key itself with underscores -> spaces."""
+    if mode not in ("sentence", "word"):
+        raise ValueError(f"unknown label text mode {mode!r} (expected 'sentence' or 'word')")
+    unknown = [k for k in keys if k not in spec.sentences]
+    if unknown:
+        raise KeyError(f"unknown label key(s) {unknown}")
+    return [spec.sentences[k] if mode == "sentence" else k.replace("_", " ") for k in keys]
+
+
+@dataclass
+class LabelTable:
+    names: list[str]  # N label keys
+    sentences: list[str]  # N embedded texts ("" where unknown)
+    embeddings: torch.Tensor  # (N, D) fp32, rows L2-normalised
+    encoder: str  # what produced the embeddings
+
+    def __post_init__(self):
+        _check_table(self.names, self.sentences, self.embeddings, "LabelTable")
+        self.embeddings = self.embeddings.float()
+
+    def rows(self, keys: list[str]) -> torch.Tensor:
+        """Row index of each key: LongTensor (len(keys),); KeyError naming the keys the table lacks."""
+        index = {n: i for i, n in enumerate(self.names)}
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise KeyError(f"label table ({self.encoder}) has no row for {missing}")
+        return torch.tensor([index[k] for k in keys], dtype=torch.long)
+
+
+def _check_table(names: list[str], sentences: list[str], e: torch.Tensor, where: str) -> None:
+    """Raise unless names/sentences/embeddings (N, D) agree in length and the rows are finite and unit-norm."""
+    if not isinstance(e, torch.Tensor) or e.ndim != 2 or not e.is_floating_point():
+        raise ValueError(f"{where}: embeddings must be a 2-D float tensor [N, D], got {getattr(e, 'shape', type(e))}")
+    if not (len(names) == len(sentences) == e.shape[0]):
+        raise ValueError(f"{where}: {len(names)} names, {len(sentences)} sentences, {e.shape[0]} embedding rows")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: duplicate names {sorted(n for n, c in Counter(names).items() if c > 1)}")
+    if not torch.isfinite(e).all():
+        raise ValueError(f"{where}: embeddings contain NaN or inf")
+    norms = e.float().norm(dim=1)
+    bad = (norms - 1).abs() > 1e-3
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{where}: embeddings must be L2-normalised rows; row {i} ({names[i]!r}) has norm "
+                         f"{norms[i].item():.4f} ({int(bad.sum())} rows off by > 1e-3)")
+
+
+def save_label_table(path: str | Path, table: LabelTable) -> None:
+    """torch.save {"names", "sentences", "embeddings" (N, D) fp32, "encoder"}, atomically (temp file + os.replace)."""
+    path = Path(path)
+    _check_table(table.names, table.sentences, table.embeddings, str(path))
+    obj = {"names": list(table.names), "sentences": list(table.sentences),
+           "embeddings": table.embeddings.detach().float().cpu().contiguous(), "encoder": table.encoder}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_label_table(path: str | Path, spec: LabelSpec | None = None) -> LabelTable:
+    """Read a .pt table written by save_label_table, or the authors' universal_cat2vec.npy.
+
+    .npy: [194, D] float rows in MSeg universal order (the `unlabeled` row excluded; a 195-row array with it is
+    accepted and that row dropped). Rows are L2-normalised here, since the released array need not be. Row names
+    come from the `mseg_universal` section of `spec` (default: the repo's label_sentences.yaml); sentences are ""
+    because the authors did not release the texts they embedded.
+    """
+    path = Path(path)
+    if path.suffix == ".npy":
+        spec = spec or load_label_spec()
+        arr = np.load(path, allow_pickle=False)
+        keys = [k for _, k in spec.mseg_universal]
+        names = [k for k in keys if k != IGNORE]
+        if arr.ndim != 2 or arr.shape[0] not in (len(names), len(keys)):
+            raise ValueError(f"{path}: expected a [{len(names)}, D] array in MSeg universal order, got {arr.shape}")
+        emb = torch.from_numpy(np.asarray(arr, dtype=np.float32))  # (194, D), or (195, D) with `unlabeled`
+        if emb.shape[0] != len(names):
+            emb = emb[torch.tensor([k != IGNORE for k in keys])]  # (195, D) -> (194, D)
+        if not torch.isfinite(emb).all() or (emb.norm(dim=1) == 0).any():
+            raise ValueError(f"{path}: array has NaN/inf or all-zero rows")
+        emb = torch.nn.functional.normalize(emb, dim=1)
+        return LabelTable(names, [""] * len(names), emb, f"ssiw universal_cat2vec ({path.name})")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {"names", "sentences", "embeddings", "encoder"}
+    if not isinstance(obj, dict) or set(obj) != expected:
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected a dict with keys {sorted(expected)}, got {got}")
+    names, sentences, emb = list(obj["names"]), list(obj["sentences"]), obj["embeddings"]
+    _check_table(names, sentences, emb, str(path))  # first with the file's name in the message
+    return LabelTable(names, sentences, emb, str(obj["encoder"]))

@@ -1,0 +1,213 @@
+"""label_sentences.yaml coverage and validation, dataset mappings, label-table I/O (labels.py)."""
+import csv
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from labels import (IGNORE, LabelSpec, LabelTable, dataset_label_keys, label_texts, load_label_spec,
+                    load_label_table, save_label_table)
+
+# The paper's 238 training labels (issue 2), as snake_case keys: the MSeg universal classes, then the
+# OpenImages / Objects365 extras from chopsticks to calculator.
+PAPER_LABELS = """
+backpack umbrella bag tie suitcase case bird cat dog horse sheep cow elephant bear zebra giraffe animal_other microwave
+radiator oven toaster storage_tank conveyor_belt sink refrigerator washer_dryer fan dishwasher toilet bathtub shower
+tunnel bridge pier_wharf tent building ceiling laptop keyboard mouse remote cell_phone television floor stage banana
+apple sandwich orange broccoli carrot hot_dog pizza donut cake fruit_other food_other chair_other armchair swivel_chair
+stool seat couch trash_can potted_plant nightstand bed table pool_table barrel desk ottoman wardrobe crib basket
+chest_of_drawers bookshelf counter_other bathroom_counter kitchen_island door light_other lamp sconce chandelier mirror
+whiteboard shelf stairs escalator cabinet fireplace stove arcade_machine gravel platform playingfield railroad road snow
+sidewalk_pavement runway terrain book box clock vase scissors plaything_other teddy_bear hair_dryer toothbrush painting
+poster bulletin_board bottle cup wine_glass knife fork spoon bowl tray range_hood plate person rider_other bicyclist
+motorcyclist paper streetlight road_barrier mailbox cctv_camera junction_box traffic_sign traffic_light fire_hydrant
+parking_meter bench bike_rack billboard sky pole fence railing_banister guard_rail mountain_hill rock frisbee skis
+snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard tennis_racket net base sculpture column
+fountain awning apparel banner flag blanket curtain_other shower_curtain pillow towel rug_floormat vegetation bicycle car
+autorickshaw motorcycle airplane bus train truck trailer boat_ship slow_wheeled_object river_lake sea water_other
+swimming_pool waterfall wall window window_blind chopsticks musical_instrument drink wrench mule camel tap snowmobile
+fish crocodile screwdriver panda pig red_panda frying_pan monkey kangaroo leopard koala lion hammer tiger camera starfish
+drill rhinoceros hippopotamus turtle flashlight rabbit skull kettle fox lynx hat harbor_seal alpaca teapot glove
+sea_lion printer balloon stapler calculator
+""".split()
+
+MSEG_DATASETS = ["camvid-11", "kitti-19", "voc2012", "pascal-context-60", "scannet-20", "wilddash-19", "ade20k-150",
+                 "bdd", "cityscapes-19", "coco-panoptic-133", "idd-39", "mapillary-public65", "sunrgbd-37"]
+MSEG_TRAIN = ["ade20k-150", "bdd", "cityscapes-19", "coco-panoptic-133", "idd-39", "mapillary-public65", "sunrgbd-37"]
+NYU40 = ["wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
+         "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes", "ceiling", "books",
+         "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard", "person", "night stand",
+         "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop"]
+
+
+@pytest.fixture(scope="module")
+def spec() -> LabelSpec:
+    return load_label_spec()
+
+
+def read_names(path) -> list[str]:
+    return [n for n in path.read_text().splitlines() if n]
+
+
+def test_covers_paper_labels(spec):
+    assert len(PAPER_LABELS) == len(set(PAPER_LABELS)) == 238
+    missing = [k for k in PAPER_LABELS if k not in spec.sentences]
+    assert not missing
+    for key, sentence in spec.sentences.items():
+        assert sentence.startswith("An image of ") and sentence.endswith("."), key
+        assert sentence.count(". ") >= 1, f"{key}: needs a definition after the first sentence"
+
+
+def test_mseg_names_files_map_fully(spec, shared_dir):
+    lists = shared_dir / "data/mseg-lists/dataset_lists"
+    for d in MSEG_DATASETS:
+        names = read_names(lists / d / f"{d}_names.txt")
+        keys = dataset_label_keys(spec, d, names)
+        assert len(keys) == len(names) and set(spec.datasets[d]) == set(names), d
+
+
+def parse_mseg_master(shared_dir) -> tuple[list[str], list[list[str]], list[str]]:
+    with open(shared_dir / "data/mseg-lists/class_remapping_files/MSeg_master.tsv") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    return rows[0], rows[1:], [r[rows[0].index("universal")] for r in rows[1:]]
+
+
+def test_training_sets_follow_mseg_master(spec, shared_dir):
+    # independent re-derivation from the MSeg table: cells are a name or a set "{a, b}"; the row is the universal class
+    header, rows, universal = parse_mseg_master(shared_dir)
+    for d in MSEG_TRAIN:
+        col = header.index(d)
+        expected = {}
+        for row, uname in zip(rows, universal):
+            for raw in filter(None, (x.strip() for x in row[col].strip("{}").split(","))):
+                expected[raw] = IGNORE if uname == "unlabeled" else uname.replace(" ", "_")
+        assert spec.datasets[d] == expected, d
+
+
+def test_mseg_universal_order(spec, shared_dir):
+    _, _, universal = parse_mseg_master(shared_dir)
+    assert [n for n, _ in spec.mseg_universal] == universal
+    keys = [k for _, k in spec.mseg_universal if k != IGNORE]
+    assert keys == PAPER_LABELS[:194]  # the paper's list starts with the universal classes, in MSeg order
+
+
+def test_other_datasets_map_fully(spec, shared_dir):
+    camvid = read_names(shared_dir / "data/camvid-11/names.txt")
+    assert dataset_label_keys(spec, "camvid-segnet", camvid) == [
+        "sky", "building", "pole", "road", "sidewalk_pavement", "vegetation", "traffic_sign", "fence", "car", "person",
+        "bicyclist"]
+    readme = (shared_dir / "data/labelmefacade/README.md").read_text()
+    facade = re.findall(r"^\| (\w+)[^|]* \| \d+:\d+:\d+ \|$", readme, flags=re.M)
+    assert len(facade) == 9
+    keys = dict(zip(facade, dataset_label_keys(spec, "labelmefacade", facade)))
+    assert keys["various"] is None and keys["pavement"] == "sidewalk_pavement" and keys["window"] == "window"
+    assert None not in dataset_label_keys(spec, "nyuv2-40", NYU40)
+    assert set(spec.datasets["nyuv2-40"]) == set(NYU40)
+
+
+def test_eval_sets_are_one_to_one(spec):
+    # evaluation needs one label key per evaluated class, or two classes could not be told apart
+    for d in ["camvid-11", "kitti-19", "voc2012", "pascal-context-60", "scannet-20", "wilddash-19", "camvid-segnet",
+              "labelmefacade", "nyuv2-40"]:
+        keys = [k for k in spec.datasets[d].values() if k != IGNORE]
+        assert len(keys) == len(set(keys)), d
+
+
+def test_camvid_by_hand(spec):
+    c = spec.datasets["camvid-11"]
+    assert (c["Column_Pole"], c["SignSymbol"], c["Sidewalk"], c["Tree"], c["Pedestrian"], c["Bicyclist"]) == (
+        "pole", "traffic_sign", "sidewalk_pavement", "vegetation", "person", "bicyclist")
+    assert spec.datasets["camvid-segnet"]["Pavement"] == "sidewalk_pavement"
+
+
+def test_lookups(spec):
+    with pytest.raises(KeyError, match="camvid-11.*Lamppost"):
+        dataset_label_keys(spec, "camvid-11", ["Road", "Lamppost"])
+    with pytest.raises(KeyError, match="no-such-set"):
+        dataset_label_keys(spec, "no-such-set", ["road"])
+    assert label_texts(spec, ["cell_phone", "sky"], mode="word") == ["cell phone", "sky"]
+    assert label_texts(spec, ["sky"])[0].startswith("An image of the sky.")
+    with pytest.raises(ValueError, match="phrase"):
+        label_texts(spec, ["sky"], mode="phrase")
+    with pytest.raises(KeyError, match="skyy"):
+        label_texts(spec, ["skyy"], mode="word")
+
+
+GOOD = """labels:
+  road: "An image of a road. A paved surface for vehicles."
+  sky: "An image of the sky. The space above."
+datasets:
+  toy:
+    Road: road
+    Void: ignore
+"""
+
+
+@pytest.mark.parametrize("text, culprit", [
+    (GOOD.replace("  sky:", "  road:"), "road"),  # duplicate label key
+    (GOOD + "    Road: sky\n", "Road"),  # duplicate class name inside a dataset
+    (GOOD.replace('"An image of the sky. The space above."', '""'), "sky"),  # empty sentence
+    (GOOD.replace('"An image of the sky. The space above."', ""), "sky"),  # missing sentence
+    (GOOD.replace("Road: road", "Road: street"), "street"),  # unknown key
+    (GOOD.replace('"An image of the sky.', '"A photo of the sky.'), "sky"),  # wrong prefix
+    (GOOD + "extras:\n  a: b\n", "extras"),  # unknown section
+])
+def test_invalid_yaml_raises(tmp_path, text, culprit):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=culprit) as err:
+        load_label_spec(path)
+    assert str(path) in str(err.value)
+
+
+def test_valid_small_yaml(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    spec = load_label_spec(path)
+    assert dataset_label_keys(spec, "toy", ["Void", "Road"]) == [None, "road"]
+
+
+def random_table(n=5, d=8) -> LabelTable:
+    emb = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    return LabelTable([f"k{i}" for i in range(n)], [f"An image of k{i}." for i in range(n)], emb, "test")
+
+
+def test_table_round_trip_and_rows(tmp_path):
+    table = random_table()
+    save_label_table(tmp_path / "t.pt", table)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.pt"]  # no temp file left behind
+    back = load_label_table(tmp_path / "t.pt")
+    assert back.names == table.names and back.sentences == table.sentences and back.encoder == "test"
+    assert torch.equal(back.embeddings, table.embeddings) and back.embeddings.dtype == torch.float32
+    assert back.rows(["k3", "k0"]).tolist() == [3, 0]
+    with pytest.raises(KeyError, match="missing_key"):
+        back.rows(["k1", "missing_key"])
+
+
+def test_table_validation(tmp_path):
+    t = random_table()
+    torch.save({"names": t.names, "sentences": t.sentences, "embeddings": t.embeddings * 2, "encoder": "x"},
+               tmp_path / "scaled.pt")
+    with pytest.raises(ValueError, match="L2-normalised"):
+        load_label_table(tmp_path / "scaled.pt")
+    torch.save({"names": t.names[:4], "sentences": t.sentences, "embeddings": t.embeddings, "encoder": "x"},
+               tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="4 names"):
+        load_label_table(tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="NaN"):
+        LabelTable(t.names, t.sentences, torch.full((5, 8), float("nan")), "x")
+
+
+def test_cat2vec_npy(tmp_path, spec):
+    arr = np.random.default_rng(0).normal(size=(194, 512)).astype(np.float32) * 3
+    np.save(tmp_path / "universal_cat2vec.npy", arr)
+    table = load_label_table(tmp_path / "universal_cat2vec.npy")
+    assert table.names == PAPER_LABELS[:194]
+    assert table.embeddings.shape == (194, 512)
+    assert torch.allclose(table.embeddings.norm(dim=1), torch.ones(194), atol=1e-5)
+    want = torch.from_numpy(arr[table.names.index("cell_phone")])
+    assert torch.allclose(table.embeddings[table.rows(["cell_phone"])[0]], want / want.norm(), atol=1e-6)
+    np.save(tmp_path / "bad.npy", arr[:100])
+    with pytest.raises(ValueError, match="MSeg universal"):
+        load_label_table(tmp_path / "bad.npy")

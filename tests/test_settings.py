@@ -1,0 +1,46 @@
+"""settings.py: defaults <- YAML <- flags, type-checked, unknown keys rejected."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from settings import parse_settings
+
+
+@dataclass
+class Demo:
+    lr: float = 1e-3
+    steps: int = 10
+    name: str = "run"
+    amp: bool = False
+    scales: list = field(default_factory=lambda: [1.0])
+
+
+def test_yaml_then_flags_override_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 2\nsteps: 5\nname: yaml\n")
+    s = parse_settings(Demo, [str(path), "--steps=7", "--amp=true", "--scales=[0.5, 1.0]"])
+    assert s == Demo(lr=2.0, steps=7, name="yaml", amp=True, scales=[0.5, 1.0])
+    assert isinstance(s.lr, float)
+    assert parse_settings(Demo, ["--name=3"]).name == "3"  # a string setting keeps the flag's text  # an int in YAML is accepted for a float default, and becomes a float
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stepz: 5\n")
+    with pytest.raises(KeyError, match=r"c\.yaml.*'stepz'"):
+        parse_settings(Demo, [str(path)])
+    with pytest.raises(KeyError, match="'lrr'"):
+        parse_settings(Demo, ["--lrr=1"])
+
+
+@pytest.mark.parametrize("flag", ["--steps=1.5", "--amp=1", "--lr=fast", "--scales=0.5"])
+def test_wrong_types_raise(flag):
+    with pytest.raises(TypeError, match=flag.split("=")[0][2:]):
+        parse_settings(Demo, [flag])
+
+
+def test_flag_without_value_and_missing_file_raise(tmp_path):
+    with pytest.raises(ValueError, match="--key=value"):
+        parse_settings(Demo, ["--steps"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        parse_settings(Demo, [str(tmp_path / "nope.yaml")])
