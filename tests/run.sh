@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0          # the CPU build first: a plain `torch` would pull CUDA
 python -m pip install --quiet -r requirements-dev.txt
+python -m pip install --quiet --no-deps clip-anytorch  # reference tokenizer for the live parity test (its torchvision import is bypassed)
 set +e
 python -m pytest -q tests "$@"
 rc=$?

@@ -1,0 +1,435 @@
+"""CLIP's text side, vendored: the BPE tokenizer, the text transformer, its weight loaders and the label-embedding CLI.
+
+Follows OpenAI CLIP (clip/simple_tokenizer.py, clip/model.py) token for token and key for key, so OpenAI's released
+`.pt` files load without renames; HF checkpoints are mapped onto the same names by one explicit function.
+
+    python clip_text.py --weights ViT-B-32.pt --out label_embeddings.pt [--mode sentence|word]
+                        [--labels k1,k2 | --sentences FILE.yaml]
+    python clip_text.py --random-init --out label_embeddings.pt     # offline demo: MEANINGLESS embeddings
+"""
+import argparse
+import functools
+import gzip
+import html
+import json
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+WHERE_TO_GET = ("Get OpenAI CLIP .pt files from the URLs in openai/CLIP clip/clip.py (ViT-B/32: https://"
+                "openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt), or HF checkpoints "
+                "from https://huggingface.co/openai/clip-vit-base-patch32 (model.safetensors).")
+
+# ----------------------------------------------------------------------------------------------------------- tokenizer
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable unicode char, so BPE never sees whitespace/control chars (CLIP's, from GPT-2)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:  # the 68 unprintable bytes go to 256, 257, ...
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Tokenizer:
+    """OpenAI CLIP's byte-level BPE: ftfy + double HTML unescape, whitespace clean, lowercase, CLIP's regex split."""
+
+    def __init__(self, bpe_path: Path = BPE_PATH):
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+        merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a version header
+        vocab = list(self.byte_encoder.values())
+        vocab = vocab + [c + "</w>" for c in vocab] + ["".join(m) for m in merges] + [SOT, EOT]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}  # 49408 entries
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.sot, self.eot = self.encoder[SOT], self.encoder[EOT]
+        self.pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                                     r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        self.whitespace = regex.compile(r"\s+")
+        # Per-word cache: label sentences repeat a small vocabulary, so almost every word after the first is a hit.
+        self.bpe = functools.lru_cache(maxsize=1 << 17)(self._bpe)
+
+    def _bpe(self, word: str) -> tuple[int, ...]:
+        """One pre-split word -> its BPE token ids: map its UTF-8 bytes to chars, merge lowest-ranked pairs first."""
+        if word in (SOT, EOT):  # the literal marker text becomes the marker itself, as in OpenAI's tokenizer
+            return (self.encoder[word],)
+        parts = [self.byte_encoder[b] for b in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):  # merge every occurrence of `best`, left to right, non-overlapping
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(self.encoder[p] for p in parts)
+
+    def clean(self, text: str) -> str:
+        """OpenAI's basic_clean + whitespace_clean + lower, in its order (`regex`'s \\s, not `re`'s, matters)."""
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return self.whitespace.sub(" ", text).strip().lower()
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> BPE ids, without start/end markers."""
+        return [i for word in self.pattern.findall(self.clean(text)) for i in self.bpe(word)]
+
+    def decode(self, ids: list[int]) -> str:
+        """BPE ids -> text, exactly OpenAI's decode: '</w>' becomes a space (so the text ends with one)."""
+        text = "".join(self.decoder[int(i)] for i in ids)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = False) -> torch.LongTensor:
+    """Texts -> LongTensor[N, context_length]: sot, BPE ids, eot, then zero padding (OpenAI's clip.tokenize).
+
+    Overflow raises ValueError naming the text and its token count, unless truncate=True, which keeps the first
+    context_length - 1 tokens and puts eot last (the text tower pools at eot, so it must be present).
+    """
+    tok = get_tokenizer()
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    rows = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects str texts, got {type(text).__name__} at index {i}: {text!r}")
+        ids = [tok.sot] + tok.encode(text) + [tok.eot]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"text {_short(text)!r} is {len(ids)} tokens (with start/end markers), more than "
+                                 f"context_length={context_length}; shorten it or pass truncate=True")
+            ids = ids[:context_length - 1] + [tok.eot]
+        rows.append(ids + [0] * (context_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long).view(len(texts), context_length)
+
+
+def decode(ids) -> str:
+    """One row of token ids (list or 1-D tensor) -> text.
+
+    Unlike OpenAI's decode, which renders every id, the markers `tokenize` adds are removed: trailing zeros (padding;
+    id 0 is the byte '!' but can never end a real sequence, whose last token always carries '</w>'), one leading sot
+    and one final eot. Markers elsewhere (literal marker text) decode to their text. The rest is OpenAI's decode,
+    trailing space included.
+    """
+    if torch.is_tensor(ids) and ids.dim() != 1:
+        raise ValueError(f"decode takes one row of token ids, got a tensor of shape {tuple(ids.shape)}")
+    ids = [int(i) for i in ids]
+    tok = get_tokenizer()
+    while ids and ids[-1] == 0:
+        ids.pop()
+    if ids and ids[0] == tok.sot:
+        ids = ids[1:]
+    if ids and ids[-1] == tok.eot:
+        ids = ids[:-1]
+    return tok.decode(ids)
+
+# --------------------------------------------------------------------------------------------------- text transformer
+
+
+@dataclass
+class TextConfig:  # defaults: the ViT-B/32 text tower
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_width: int = 2048
+    embed_dim: int = 512
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
+
+
+class CausalSelfAttention(nn.Module):
+    """nn.MultiheadAttention's parameter names (OpenAI checkpoints store them so), computed with SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked in that order
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x):  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, C/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, T, C/h)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, mlp_width), gelu=QuickGELU(), c_proj=nn.Linear(mlp_width, width)))
+
+    def forward(self, x):  # (B, T, C), pre-LN
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_width)
+                                         for _ in range(cfg.layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower; parameter names are OpenAI's CLIP model minus `visual.*` and `logit_scale`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
+        self.init_weights()
+
+    def init_weights(self):
+        """OpenAI's initialize_parameters (only used by --random-init and tests; loading overwrites everything)."""
+        c = self.config
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = (c.width ** -0.5) * ((2 * c.layers) ** -0.5)
+        attn_std, fc_std = c.width ** -0.5, (2 * c.width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=c.width ** -0.5)
+
+    def encode_text(self, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """tokens LongTensor[N, T] from `tokenize` -> FloatTensor[N, embed_dim], projected, not normalised.
+
+        trim=True drops the padding columns after the longest sequence's eot. That is exact: with a causal mask no
+        position attends to a later one, and only the eot position is read out.
+        """
+        tokens = tokens.to(self.token_embedding.weight.device)
+        # eot has the largest id in the vocabulary, so argmax finds it (the first one, should the text contain the
+        # literal marker); the causal model has only seen the whole sentence at its last position, hence eot pooling.
+        eot = tokens.argmax(dim=-1)  # (N,)
+        if trim:
+            tokens = tokens[:, :int(eot.max()) + 1]  # (N, T) -> (N, T')
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # (N, T', C)
+        x = self.ln_final(self.transformer(x))  # (N, T', C)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (N, C) @ (C, D) -> (N, D)
+
+    forward = encode_text
+
+
+@torch.no_grad()
+def encode_sentences(model: TextTransformer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Texts -> FloatTensor[N, D], L2-normalised in fp32 (the label-table format)."""
+    model.eval()
+    out = [model.encode_text(tokenize(texts[i:i + batch_size], model.config.context_length)).float()
+           for i in range(0, len(texts), batch_size)]
+    return F.normalize(torch.cat(out), dim=-1).cpu()
+
+# -------------------------------------------------------------------------------------------------------- loading
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The safetensors format by hand: u64 little-endian header size, a JSON header {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets relative to the end of the header), then little-endian tensor bytes."""
+    data = bytearray(Path(path).read_bytes())
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    try:
+        header = json.loads(data[8:8 + n]) if 0 < n <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (no JSON header of the size its first 8 bytes give)")
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, supported: {list(SAFETENSORS_DTYPES)}")
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if end > len(data) or end - begin != dtype.itemsize * torch.Size(info["shape"]).numel():
+            raise ValueError(f"{path}: tensor {name} has data_offsets {info['data_offsets']} that do not fit "
+                             f"shape {info['shape']} {info['dtype']} or the file")
+        # copy each tensor's bytes out so it owns aligned memory and the file buffer can be freed
+        t = torch.frombuffer(data[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(info["shape"])
+    return out
+
+
+def read_clip_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
+    """A CLIP checkpoint -> (raw state dict with its own key names, "openai" | "hf").
+
+    Accepts OpenAI's released .pt (TorchScript archive, or a plain state dict), an HF model.safetensors or
+    pytorch_model.bin, or an HF snapshot directory holding one of those.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} is a directory without model.safetensors or pytorch_model.bin. "
+                                    f"{WHERE_TO_GET}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP weights not found at {path}. Expected an OpenAI CLIP .pt file or an HF CLIP "
+                                f"model.safetensors / pytorch_model.bin. {WHERE_TO_GET}")
+    if path.suffix == ".safetensors":
+        sd = read_safetensors(path)
+    elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's TorchScript archive
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read as a CLIP checkpoint ({type(e).__name__}: {e}). "
+                             f"{WHERE_TO_GET}") from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}. {WHERE_TO_GET}")
+    if any(k.startswith("text_model.") for k in sd):
+        return dict(sd), "hf"
+    if "token_embedding.weight" in sd:
+        return dict(sd), "openai"
+    raise ValueError(f"{path}: no CLIP text tower keys (OpenAI: token_embedding.weight, transformer.resblocks.*; "
+                     f"HF: text_model.*); first keys are {list(sd)[:5]}. {WHERE_TO_GET}")
+
+
+# Keys that are not the text tower, dropped by name (and counted in the log): never a silent filter.
+SKIP_PREFIXES = {"openai": ("visual.", "logit_scale", "input_resolution", "context_length", "vocab_size"),
+                 "hf": ("vision_model.", "visual_projection.", "logit_scale",
+                        "text_model.embeddings.position_ids")}  # an arange buffer; positions are implicit here
+HF_LAYER_RENAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def hf_to_openai(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF CLIP text keys -> OpenAI's. Leftover keys raise, so nothing is dropped unnoticed."""
+    sd = dict(sd)
+    out = {"token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
+           "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
+           "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
+           "ln_final.bias": sd.pop("text_model.final_layer_norm.bias"),
+           "text_projection": sd.pop("text_projection.weight").t()}  # nn.Linear (D, C) -> OpenAI's matrix (C, D)
+    layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        hf, ours = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):  # nn.MultiheadAttention packs q, k, v into one in_proj
+            out[ours + f"attn.in_proj_{p}"] = torch.cat([sd.pop(hf + f"self_attn.{n}_proj.{p}") for n in "qkv"])
+            for a, b in HF_LAYER_RENAMES.items():
+                out[ours + f"{b}.{p}"] = sd.pop(hf + f"{a}.{p}")
+    if sd:
+        raise KeyError(f"unexpected HF CLIP keys: {sorted(sd)[:10]}")
+    return out
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor]) -> TextConfig:
+    """Sizes from tensor shapes, as OpenAI's build_model does (heads = width // 64 for every released model)."""
+    width = sd["ln_final.weight"].shape[0]
+    return TextConfig(vocab_size=sd["token_embedding.weight"].shape[0],
+                      context_length=sd["positional_embedding"].shape[0], width=width,
+                      layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+                      heads=width // 64, mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                      embed_dim=sd["text_projection"].shape[1])
+
+
+def load(path, device="cpu") -> TextTransformer:
+    """CLIP checkpoint (see read_clip_state_dict) -> fp32 TextTransformer in eval mode, loaded strictly."""
+    raw, fmt = read_clip_state_dict(path)
+    skipped = {k for k in raw if k.startswith(SKIP_PREFIXES[fmt])}
+    sd = {k: v for k, v in raw.items() if k not in skipped}
+    by_prefix = {p: sum(k.startswith(p) for k in skipped) for p in SKIP_PREFIXES[fmt]}
+    print(f"clip_text: {path} ({fmt}): skipping {len(skipped)} non-text-tower keys "
+          f"({', '.join(f'{p}*: {n}' if p.endswith('.') else p for p, n in by_prefix.items() if n)})")
+    try:
+        sd = hf_to_openai(sd) if fmt == "hf" else sd
+        model = TextTransformer(config_from_state_dict(sd))
+        model.load_state_dict(sd, strict=True)  # copies into fp32 parameters (OpenAI's .pt files hold fp16)
+    except (KeyError, RuntimeError) as e:
+        raise RuntimeError(f"{path}: weights do not fit a CLIP text tower: {e}. {WHERE_TO_GET}") from e
+    return model.to(device).eval()
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Embed label sentences (or words) with CLIP's text tower into a label "
+                                            "table (.pt: names, sentences, embeddings[N, D] L2-normalised, encoder).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="OpenAI CLIP .pt, HF model.safetensors / pytorch_model.bin, or HF folder")
+    src.add_argument("--random-init", action="store_true", help="ViT-B/32-sized tower, random weights, fixed seed "
+                                                                "(offline demo only: the embeddings mean nothing)")
+    p.add_argument("--out", required=True, help="output label table, e.g. label_embeddings.pt")
+    p.add_argument("--mode", choices=["sentence", "word"], default="sentence",
+                   help="embed each label's sentence, or its key with underscores as spaces")
+    p.add_argument("--labels", help="comma-separated label keys (default: every label in the sentences file)")
+    p.add_argument("--sentences", help="label sentences YAML (default: the repo's label_sentences.yaml)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    import labels  # the one place label YAML is read (imported here: the tokenizer/model need no labels)
+    spec = labels.load_label_spec(args.sentences) if args.sentences else labels.load_label_spec()
+    keys = [k.strip() for k in args.labels.split(",") if k.strip()] if args.labels else list(spec.sentences)
+    texts = labels.label_texts(spec, keys, mode=args.mode)
+
+    if args.random_init:
+        torch.manual_seed(0)
+        model = TextTransformer(TextConfig()).to(args.device).eval()
+        encoder = "clip-text ViT-B/32 RANDOM INIT (seed 0): meaningless embeddings"
+        print("=" * 100 + "\nWARNING: --random-init: the text tower has RANDOM weights (seed 0). These embeddings "
+              "carry no meaning;\nthey only exercise the pipeline offline. Use --weights with real CLIP weights for "
+              "any result.\n" + "=" * 100)
+    else:
+        model = load(args.weights, args.device)
+        encoder = f"clip-text {Path(args.weights).name}"
+    emb = encode_sentences(model, texts, args.batch_size)  # (N, D)
+    table = labels.LabelTable(names=keys, sentences=texts, embeddings=emb, encoder=f"{encoder} ({args.mode})")
+    labels.save_label_table(args.out, table)
+    print(f"clip_text: {len(keys)} labels ({args.mode}) -> {tuple(emb.shape)} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
