@@ -1,0 +1,377 @@
+"""Training data from several datasets with conflicting taxonomies, as batches of label-table rows.
+
+A source (SourceConfig) is one dataset on disk. Its class names map to label keys of label_sentences.yaml
+(labels.dataset_label_keys), the keys to rows of the label table, and a lookup table (LUT, raw id -> row, -1 ignore)
+turns each decoded label map into rows with one numpy index. From then on everything speaks table rows.
+
+MSeg's prepared layouts of the seven dense SSIW training sets are id PNGs with 255 = ignore: encoding "id",
+ignore [255], names = ../shared/data/mseg-lists/dataset_lists/<name>/<name>_names.txt, taxonomy = <name>. Their list
+lines (mseg-api mseg/dataset_lists/<name>/list/train.txt), relative to each dataset's root:
+  ade20k-150          images/training/ADE_train_00000001.jpg annotations_semseg150/training/ADE_train_00000001.png
+  bdd                 seg/images/train/0004a4c0-d4dff0ad.jpg seg/labels/train/0004a4c0-d4dff0ad_train_id.png
+  cityscapes-19       leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png
+                      gtFine_19cls/train/aachen/aachen_000000_000019_gtFine_labelIds.png
+  coco-panoptic-133   images/train2017/<id>.jpg semantic_annotations133/train2017/<id>.png  (as its val lists)
+  idd-39              leftImg8bit/train/0/005506_leftImg8bit.png gtFine39/train/0/005506_gtFine_labelids.png
+  mapillary-public65  training/images/--NSVcUgfVhFd6uzkqHOOg.jpg training_semseg65/labels/--NSVcUgfVhFd6uzkqHOOg.png
+  sunrgbd-37          image/train/img-000001.jpg semseg-label37/train/00000001.png
+(the "-relabeled" variants use the same images with relabelled PNGs and their own names files.)
+
+Workers and skips: DataLoader workers are separate processes, so a counter bumped there never reaches the trainer.
+With skip_bad, a bad sample is replaced by the next sample of its source (batch size and balance stay intact, which
+DDP needs) and its error message rides in the batch under "skipped"; `make_loader`'s wrapper counts them in the main
+process and `skipped_count(loader)` reports them once per epoch.
+"""
+from __future__ import annotations  # the field named `list` below would otherwise shadow the builtin in annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from labels import dataset_label_keys
+from readers import (DataError, check_exist, coco_category_names, color_codes, decode_rgb, load_coco_boxes,
+                     open_image, paint_openimages, read_class_descriptions, read_color_label, read_id_label,
+                     read_list, read_names, read_openimages_masks)
+from sampler import BalancedSampler
+from transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, draft_size, eval_image
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BalancedSampler", "DataError", "MultiSourceDataset", "SourceConfig",
+           "TrainTransform", "collate", "load_coco_boxes", "make_loader", "skipped_count", "source_label_keys",
+           "to_device"]
+
+ENCODINGS = ("id", "color", "openimages", "coco_boxes")
+KINDS = ("dense", "coarse", "boxes")
+NOT_A_CLASS = -2  # LUT value of a raw id that is neither a class nor ignore: decoding it is an error
+
+
+@dataclass
+class SourceConfig:
+    name: str                  # unique; shown in batches, logs and errors
+    root: str                  # relative paths below are joined to this
+    list: str = ""             # id/color: MSeg-style list, `image label` per line, relative to root
+    names: str = ""            # id: names file, line index = class id (or give class_names inline)
+    class_names: list = field(default_factory=lambda: [])
+    taxonomy: str = ""         # dataset mapping in label_sentences.yaml ("" = name)
+    encoding: str = "id"       # id | color | openimages | coco_boxes
+    ignore: list = field(default_factory=lambda: [255])  # id: raw ids that are ignored (CamVid 11, MSeg 255)
+    colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
+    kind: str = "dense"        # dense (L_HD) | coarse (L_LD) | boxes (L_WD)
+    weight: float = 1.0        # sampling weight (equal weights = the paper's balance)
+    images: str = ""           # openimages/coco_boxes: image folder (openimages: <ImageID>.jpg)
+    masks: str = ""            # openimages: folder of the mask PNGs (MaskPath column)
+    masks_csv: str = ""        # openimages: *-annotations-object-segmentation.csv
+    class_descriptions: str = ""  # openimages: `LabelName,DisplayName` CSV; DisplayName is the class name
+    boxes_json: str = ""       # coco_boxes: COCO-format JSON (Objects365)
+    box_targets: str = ""      # boxes: CLIP image-embedding cache from clip_image.py
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SourceConfig:
+        """Build from a training config entry; unknown keys and wrongly typed values raise, naming source and key."""
+        name = d.get("name", "?")
+        known = {f.name: f for f in fields(cls)}
+        for key, value in d.items():
+            if key not in known:
+                raise ValueError(f"source {name}: unknown key {key!r} (known: {', '.join(known)})")
+            f = known[key]
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            expected = str if default is MISSING else type(default)  # name and root have no default
+            if expected is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ValueError(f"source {name}: {key} must be {expected.__name__}, got {value!r}")
+        for key in ("name", "root"):
+            if key not in d:
+                raise ValueError(f"source {name}: missing required key {key!r}")
+        cfg = cls(**{k: float(v) if k == "weight" else v for k, v in d.items()})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(*keys):
+            for key in keys:
+                if not getattr(self, key):
+                    raise ValueError(f"source {self.name}: encoding {self.encoding} needs {key!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"source {self.name}: encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"source {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not all(isinstance(i, int) and 0 <= i < 65536 for i in self.ignore):
+            raise ValueError(f"source {self.name}: ignore must list raw ids in 0..65535, got {self.ignore}")
+        if not self.weight > 0:
+            raise ValueError(f"source {self.name}: weight must be > 0, got {self.weight}")
+        if self.encoding == "id":
+            need("list")
+            if bool(self.names) == bool(self.class_names):
+                raise ValueError(f"source {self.name}: give exactly one of `names` (a file) and `class_names`")
+        elif self.encoding == "color":
+            need("list", "colors")
+        elif self.encoding == "openimages":
+            need("images", "masks", "masks_csv", "class_descriptions")
+        else:
+            need("images", "boxes_json")
+        if (self.kind == "boxes") != (self.encoding == "coco_boxes"):
+            raise ValueError(f"source {self.name}: kind boxes goes with encoding coco_boxes (and only with it)")
+        if self.kind == "boxes":
+            need("box_targets")
+
+    def path(self, rel: str) -> Path:
+        """`rel` joined to root (absolute paths are kept)."""
+        return Path(self.root) / rel
+
+
+def source_class_names(cfg: SourceConfig) -> list[str]:
+    """The source's class names; list index = raw class id."""
+    if cfg.encoding == "id":
+        return list(cfg.class_names) if cfg.class_names else read_names(cfg.path(cfg.names))
+    if cfg.encoding == "color":
+        return color_codes(cfg.colors)[2]
+    if cfg.encoding == "openimages":
+        return read_class_descriptions(cfg.path(cfg.class_descriptions))[1]
+    return coco_category_names(cfg.path(cfg.boxes_json))
+
+
+def source_label_keys(sources: list[SourceConfig], spec) -> list[str]:
+    """Every label key the sources can name, in a stable order (sources, then class ids), without repeats."""
+    keys = []
+    for cfg in sources:
+        for key in dataset_label_keys(spec, cfg.taxonomy or cfg.name, source_class_names(cfg)):
+            if key is not None and key not in keys:
+                keys.append(key)
+    return keys
+
+
+class Source:
+    """A SourceConfig resolved against the label spec and table: its samples and raw-id -> row lookup."""
+
+    def __init__(self, cfg: SourceConfig, spec, row_of: dict[str, int]):
+        self.cfg = cfg
+        self.class_names = source_class_names(cfg)
+        keys = dataset_label_keys(spec, cfg.taxonomy or cfg.name, self.class_names)  # KeyError names the class
+        missing = sorted({k for k in keys if k is not None and k not in row_of})
+        if missing:
+            raise KeyError(f"source {cfg.name}: label keys {missing} are not in the label table")
+        rows = [row_of[k] if k is not None else -1 for k in keys]
+        self.label_rows = torch.tensor(sorted({r for r in rows if r >= 0}), dtype=torch.int64)
+        n = len(self.class_names)
+        if cfg.encoding == "id":
+            ignore = [int(i) for i in cfg.ignore]
+        elif cfg.encoding == "openimages":
+            ignore = [n]  # painted where no mask lies
+        else:
+            ignore = []
+        # (max id + 1,) int64: raw id -> table row; -1 ignore; NOT_A_CLASS for ids that should not occur.
+        # An id listed in `ignore` is ignored even if the names file names it.
+        self.lut = np.full(max([n] + [i + 1 for i in ignore]), NOT_A_CLASS, np.int64)
+        self.lut[:n] = rows
+        self.lut[ignore] = -1
+        self.ignore = ignore
+        what = f"source {cfg.name}"
+        if cfg.encoding in ("id", "color"):
+            self.items = read_list(cfg.path(cfg.list), Path(cfg.root))  # [(image, label)]
+            check_exist([p for pair in self.items for p in pair], f"{what} ({cfg.path(cfg.list)})")
+            if cfg.encoding == "color":
+                self.codes, self.code_ids, _ = color_codes(cfg.colors)
+        elif cfg.encoding == "openimages":
+            label_names, _ = read_class_descriptions(cfg.path(cfg.class_descriptions))
+            per_image = read_openimages_masks(cfg.path(cfg.masks_csv), {ln: i for i, ln in enumerate(label_names)})
+            # mask names stay strings (joined at load time): the train CSV has 2.7M masks and every worker holds them
+            self.masks_dir = cfg.path(cfg.masks)
+            self.items = [(cfg.path(cfg.images) / f"{image_id}.jpg", masks) for image_id, masks in per_image.items()]
+            check_exist([p for image, masks in self.items for p in [image] + [self.masks_dir / m for m, _ in masks]],
+                        f"{what} ({cfg.path(cfg.masks_csv)})")
+        else:
+            self.boxes = load_coco_boxes(cfg.path(cfg.boxes_json))  # {file: ((K, 4), [name] * K)}
+            self.items = [(cfg.path(cfg.images) / file_name, file_name) for file_name in self.boxes]
+            if not self.items:
+                raise DataError(f"{cfg.path(cfg.boxes_json)}: no images")
+            check_exist([image for image, _ in self.items] + [cfg.path(cfg.box_targets)],
+                        f"{what} ({cfg.path(cfg.boxes_json)})")
+            self.box_row_of = dict(zip(self.class_names, rows))
+            cache = torch.load(cfg.path(cfg.box_targets), map_location="cpu", weights_only=True)
+            self.box_targets = cache["targets"]  # {file: (K, C)} in load_coco_boxes order
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int, transform: TrainTransform | None, rng: np.random.Generator) -> dict:
+        """Sample i: decode, map labels to rows, augment (when `transform`). Bad files raise DataError."""
+        image_path = self.items[i][0]
+        im = open_image(image_path)
+        size = im.size  # (w, h) of the original, before any draft
+        plan = transform.plan(*size, rng) if transform is not None else None
+        image = decode_rgb(im, image_path, draft_size(plan) if plan else None)
+        target = self._target(i, size)  # (h, w) int32 rows or None
+        boxes, box_rows, box_targets = self._boxes(i)
+        if transform is not None:
+            image, target, boxes, keep = transform(image, size, target, boxes, plan)
+            box_rows, box_targets = box_rows[keep], box_targets[keep]
+        else:
+            image = eval_image(image)  # (3, h, w)
+            target = (torch.from_numpy(target).long() if target is not None
+                      else torch.full(size[::-1], -1, dtype=torch.int64))
+        return {"image": image, "target": target, "label_rows": self.label_rows, "boxes": boxes,
+                "box_rows": box_rows, "box_targets": box_targets}
+
+    def _target(self, i: int, size: tuple[int, int]) -> np.ndarray | None:
+        """(h, w) int32 label-table rows (-1 = ignore), checked against the image size and the class list."""
+        enc, (w, h) = self.cfg.encoding, size
+        if enc == "coco_boxes":
+            return None
+        image_path, label = self.items[i]
+        if enc == "id":
+            raw, label_path = read_id_label(label), label
+        elif enc == "color":
+            raw, label_path = read_color_label(label, self.codes, self.code_ids), label
+        else:
+            masks = [(self.masks_dir / mask, raw_id) for mask, raw_id in label]
+            raw, label_path = paint_openimages(size, masks, self.ignore[0]), masks[0][0]
+        if raw.shape != (h, w):
+            raise DataError(f"{label_path}: label size {raw.shape[1]}x{raw.shape[0]} differs from image size "
+                            f"{w}x{h} ({image_path})")
+        inside = (raw >= 0) & (raw < len(self.lut))
+        rows = self.lut[np.where(inside, raw, 0)]
+        bad = ~inside | (rows == NOT_A_CLASS)
+        if bad.any():
+            values = np.unique(raw[bad])
+            raise DataError(f"{label_path}: label values {values[:10].tolist()} are neither class ids "
+                            f"0..{len(self.class_names) - 1} of source {self.cfg.name} nor ignore {self.ignore}")
+        return rows.astype(np.int32)
+
+    def _boxes(self, i: int):
+        """boxes (K, 4) xyxy original pixels, rows (K,) int64, targets (K, C); boxes of ignored classes dropped."""
+        if self.cfg.encoding != "coco_boxes":
+            return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
+        file_name = self.items[i][1]
+        boxes, names = self.boxes[file_name]
+        targets = self.box_targets.get(file_name)
+        if targets is None or targets.shape[0] != boxes.shape[0]:
+            got = "none" if targets is None else f"{targets.shape[0]} rows"
+            raise DataError(f"{self.cfg.path(self.cfg.box_targets)}: {file_name} needs {boxes.shape[0]} box targets "
+                            f"(load_coco_boxes order), the cache has {got}")
+        rows = torch.tensor([self.box_row_of[n] for n in names], dtype=torch.int64)
+        keep = rows >= 0
+        return boxes[keep], rows[keep], targets[keep].float()
+
+
+class MultiSourceDataset(torch.utils.data.Dataset):
+    """All sources behind one index. Keys are (source, sample, epoch, draw) from BalancedSampler; a plain int is a
+    global index (sources concatenated, epoch 0). Per-sample randomness is seeded by (seed, epoch, draw, source,
+    sample), so a sample is the same in any worker, process or rerun.
+
+    table: anything with `.names` (the label table's keys, row order), e.g. labels.LabelTable.
+    """
+
+    def __init__(self, sources: list[SourceConfig], spec, table, transform: TrainTransform | None = None,
+                 seed: int = 0, skip_bad: bool = False, max_retries: int = 10):
+        names = [cfg.name for cfg in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        row_of = {key: row for row, key in enumerate(table.names)}
+        self.sources = [Source(cfg, spec, row_of) for cfg in sources]
+        self.source_sizes = [len(s) for s in self.sources]
+        self.transform, self.seed, self.skip_bad, self.max_retries = transform, seed, skip_bad, max_retries
+
+    def __len__(self) -> int:
+        return sum(self.source_sizes)
+
+    def __getitem__(self, key) -> dict:
+        if isinstance(key, (int, np.integer)):
+            s, i = self._locate(int(key))
+            key = (s, i, 0, int(key))
+        s, i, epoch, draw = key
+        src, skipped = self.sources[s], []
+        for _ in range(self.max_retries + 1):
+            rng = np.random.default_rng([self.seed, epoch, draw, s, i])
+            try:
+                sample = src.load(i, self.transform, rng)
+                break
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                skipped.append(f"source {src.cfg.name} sample {i}: {e}")
+                i = (i + 1) % len(src)  # replace it with the next sample of the same source
+        else:
+            raise DataError(f"source {src.cfg.name}: {len(skipped)} bad samples in a row; last: {skipped[-1]}")
+        sample.update(source=src.cfg.name, kind=src.cfg.kind, key=(s, i), skipped=skipped)
+        return sample
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        for s, n in enumerate(self.source_sizes):
+            if index < n:
+                return s, index
+            index -= n
+        raise IndexError(f"index out of range for {len(self)} samples")
+
+
+def collate(samples: list[dict]) -> dict:
+    """Samples -> the batch contract (see the losses helper): image (B, 3, H, W), target (B, H, W) int64,
+    source/kind lists, label_rows list, boxes (K, 5) [image index, x1, y1, x2, y2], box_rows (K,),
+    box_targets (K, C); plus key (source, sample) per image and skipped (messages of replaced bad samples)."""
+    shapes = {tuple(s["image"].shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"collate: images of different sizes {sorted(shapes)}; train with a crop (TrainTransform)")
+    boxes = [torch.cat([torch.full((len(s["boxes"]), 1), float(b)), s["boxes"]], dim=1)  # (K_b, 4) -> (K_b, 5)
+             for b, s in enumerate(samples)]
+    widths = {s["box_targets"].shape[1] for s in samples if len(s["box_targets"])}
+    if len(widths) > 1:
+        raise ValueError(f"collate: box targets of different widths {sorted(widths)} (mixed target caches?)")
+    width = widths.pop() if widths else 0
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "target": torch.stack([s["target"] for s in samples]),
+            "source": [s["source"] for s in samples], "kind": [s["kind"] for s in samples],
+            "label_rows": [s["label_rows"] for s in samples],
+            "boxes": torch.cat(boxes) if boxes else torch.zeros(0, 5),
+            "box_rows": torch.cat([s["box_rows"] for s in samples]),
+            "box_targets": torch.cat([s["box_targets"].reshape(len(s["boxes"]), width) for s in samples]),
+            "key": [s["key"] for s in samples], "skipped": [m for s in samples for m in s["skipped"]]}
+
+
+class Loader:
+    """A DataLoader plus the main-process count of replaced bad samples (read it with `skipped_count`)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.skipped = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.skipped.extend(batch["skipped"])
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def make_loader(dataset: MultiSourceDataset, sampler: BalancedSampler, workers: int = 4, pin_memory: bool = False,
+                prefetch_factor: int = 4) -> Loader:
+    """The DataLoader training uses. Persistent workers keep each worker's opened sources across epochs (the
+    epoch rides in the sampler's keys, so nothing in a worker goes stale); prefetch_factor 4 keeps a few batches
+    queued to absorb slow decodes (large JPEGs, many OpenImages masks). bench_data.py measures the workers needed."""
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=prefetch_factor if workers > 0 else None)
+    return Loader(loader)
+
+
+def skipped_count(loader: Loader, show: int = 5) -> int:
+    """Bad samples replaced since the last call (prints the first `show` messages); resets the count."""
+    for message in loader.skipped[:show]:
+        print(f"  skipped: {message}")
+    n, loader.skipped = len(loader.skipped), []
+    return n
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors (and lists of tensors) to `device`; other values unchanged."""
+    non_blocking = device.type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=non_blocking)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=non_blocking) for t in v]
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,238 @@
+"""File formats of the training sources, each read into raw class ids (data.py maps ids to label-table rows).
+
+- list files: MSeg style, one sample a line, `image_path label_path` relative to the dataset root;
+- names files: one class name a line, line index = class id;
+- id PNGs (8- or 16-bit, one class id per pixel) and colour-coded PNGs (RGB or RGBA, one colour per class);
+- OpenImages V6 segmentation: the masks CSV plus one binary PNG per instance;
+- COCO-format box JSON (Objects365).
+Every problem raises DataError naming the file and what is wrong with it.
+"""
+import csv
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+Image.MAX_IMAGE_PIXELS = 200_000_000  # Mapillary/OpenImages originals are large but legitimate; this still stops bombs
+
+OPENIMAGES_MASK_COLUMNS = ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
+                           "PredictedIoU", "Clicks"]
+
+
+class DataError(ValueError):
+    """A problem with one input file (or list line); the message starts with the path."""
+
+
+def read_list(list_path: Path, root: Path) -> list[tuple[Path, Path]]:
+    """MSeg-style list -> [(image path, label path)], both joined to `root`. Empty list or a bad line raise."""
+    pairs = []
+    for n, line in enumerate(Path(list_path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise DataError(f"{list_path}:{n}: expected `image_path label_path`, got {line!r}")
+        pairs.append((root / fields[0], root / fields[1]))
+    if not pairs:
+        raise DataError(f"{list_path}: the list is empty")
+    return pairs
+
+
+def check_exist(paths, what: str, show: int = 10) -> None:
+    """Raise DataError listing the first `show` missing paths (one os.path.exists per path: cheap at start-up)."""
+    missing = [str(p) for p in paths if not os.path.exists(p)]
+    if missing:
+        listed = "\n  ".join(missing[:show])
+        more = f"\n  ... and {len(missing) - show} more" if len(missing) > show else ""
+        raise DataError(f"{what}: {len(missing)} listed file(s) do not exist:\n  {listed}{more}")
+
+
+def read_names(path: Path) -> list[str]:
+    """Names file -> class names; line index = class id. Blank lines are an error (they would shift the ids)."""
+    lines = Path(path).read_text().splitlines()
+    while lines and not lines[-1].strip():  # a trailing newline is not a class
+        lines.pop()
+    for n, name in enumerate(lines):
+        if not name.strip():
+            raise DataError(f"{path}:{n + 1}: blank class name (line index = class id, so it would shift the ids)")
+    if not lines:
+        raise DataError(f"{path}: no class names")
+    return [name.strip() for name in lines]
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open (header only; pixels are decoded later, after `draft`)."""
+    try:
+        return Image.open(path)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def decode_rgb(im: Image.Image, path: Path, draft_size=None) -> Image.Image:
+    """Decode to RGB. `draft_size` (w, h) lets JPEG decode at 1/2, 1/4 or 1/8 scale while staying >= that size,
+    which is most of the decode time saved on large photos. Truncated/corrupt files raise DataError."""
+    try:
+        if draft_size is not None and im.format == "JPEG":
+            im.draft("RGB", (max(1, int(draft_size[0])), max(1, int(draft_size[1]))))
+        return im.convert("RGB")  # forces the full decode, so truncation surfaces here
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated image ({e})") from None
+
+
+def read_id_label(path: Path) -> np.ndarray:
+    """Single-channel id PNG (L, P, I;16 or I) -> (H, W) int32 raw class ids."""
+    im = open_image(path)
+    if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
+        raise DataError(f"{path}: expected a single-channel id PNG, got mode {im.mode}")
+    try:
+        # P: the palette indices are the ids (np.asarray of a P image gives indices, not colours)
+        return np.asarray(im).astype(np.int32)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated label ({e})") from None
+
+
+def color_codes(colors: dict[str, str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """{"R:G:B": class name} -> (sorted int codes R<<16|G<<8|B, raw id per code, class names in first-seen order)."""
+    names, codes, ids = [], [], []
+    for rgb, name in colors.items():
+        parts = rgb.split(":")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) < 256 for p in parts):
+            raise ValueError(f"colour {rgb!r} (class {name!r}): expected R:G:B with 0..255 each")
+        r, g, b = (int(p) for p in parts)
+        if name not in names:
+            names.append(name)
+        codes.append((r << 16) | (g << 8) | b)
+        ids.append(names.index(name))
+    order = np.argsort(codes)
+    return np.asarray(codes, np.int64)[order], np.asarray(ids, np.int32)[order], names
+
+
+def read_color_label(path: Path, codes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Colour-coded PNG (RGB, or RGBA whose alpha is ignored) -> (H, W) int32 raw ids. An unknown colour raises."""
+    im = open_image(path)
+    try:
+        rgb = np.asarray(im.convert("RGB")).astype(np.int64)  # (H, W, 3)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated label ({e})") from None
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # (H, W)
+    pos = np.minimum(np.searchsorted(codes, code), len(codes) - 1)
+    bad = codes[pos] != code
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        r, g, b = rgb[y, x]
+        raise DataError(f"{path}: colour {r}:{g}:{b} at (x={x}, y={y}) is not in the source's colour table "
+                        f"({int(bad.sum())} pixels)")
+    return ids[pos]
+
+
+# ---- OpenImages V6 segmentation -------------------------------------------------------------------------------------
+
+def read_class_descriptions(path: Path) -> tuple[list[str], list[str]]:
+    """`LabelName,DisplayName` CSV (header optional, as in oidv6-class-descriptions.csv) -> (label names, names)."""
+    label_names, display = [], []
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if n == 1 and row == ["LabelName", "DisplayName"]:
+                continue
+            if len(row) != 2:
+                raise DataError(f"{path}:{n}: expected `LabelName,DisplayName`, got {row}")
+            label_names.append(row[0])
+            display.append(row[1])
+    if not label_names:
+        raise DataError(f"{path}: no classes")
+    return label_names, display
+
+
+def read_openimages_masks(path: Path, class_ids: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
+    """Masks CSV -> {ImageID: [(MaskPath, raw class id), ...]}, images in first-appearance order."""
+    per_image: dict[str, list[tuple[str, int]]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not set(OPENIMAGES_MASK_COLUMNS[:3]) <= set(reader.fieldnames):
+            raise DataError(f"{path}: header {reader.fieldnames} lacks MaskPath,ImageID,LabelName "
+                            f"(expected {','.join(OPENIMAGES_MASK_COLUMNS)})")
+        for n, row in enumerate(reader, 2):
+            if row["LabelName"] not in class_ids:
+                raise DataError(f"{path}:{n}: LabelName {row['LabelName']} is not in the class descriptions")
+            per_image.setdefault(row["ImageID"], []).append((row["MaskPath"], class_ids[row["LabelName"]]))
+    if not per_image:
+        raise DataError(f"{path}: no masks")
+    return per_image
+
+
+def paint_openimages(size: tuple[int, int], masks: list[tuple[Path, int]], ignore_id: int) -> np.ndarray:
+    """Instance masks -> (H, W) int32 raw ids; pixels no mask covers get `ignore_id` (coarse labels: unlabelled is
+    unknown, not background).
+
+    Masks may be smaller than the image (OpenImages stores many at reduced size): nearest-resized to it.
+    Overlaps: larger masks are painted first, so where masks overlap the smallest one wins. Overlaps in OpenImages
+    are mostly parts or occluders inside a larger object (a face on a person, a wheel on a car), so the smaller mask
+    is the more specific and usually the front-most label.
+    """
+    w, h = size
+    binaries = []
+    for path, raw_id in masks:
+        im = open_image(path)
+        try:
+            m = im.convert("L")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{path}: unreadable or truncated mask ({e})") from None
+        if m.size != (w, h):
+            m = m.resize((w, h), Image.NEAREST)
+        binary = np.asarray(m) > 0  # (H, W) bool; masks are 0/255 (or 0/1)
+        binaries.append((int(binary.sum()), raw_id, binary))
+    out = np.full((h, w), ignore_id, np.int32)
+    for _, raw_id, binary in sorted(binaries, key=lambda t: -t[0]):  # stable: equal areas keep CSV order
+        out[binary] = raw_id
+    return out
+
+
+# ---- COCO-format boxes (Objects365) ----------------------------------------------------------------------------------
+
+def load_coco_boxes(json_path) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """COCO JSON -> {image file_name: (boxes FloatTensor (K, 4) xyxy in original pixels, [category name] * K)}.
+
+    Every image of the JSON is present (K may be 0), in the JSON's image order; boxes in annotation order. This order
+    is the contract with clip_image.py's box-target cache. Degenerate boxes are kept here (the cache counts them);
+    transforms drop boxes that end up narrower than a pixel, with their targets.
+    """
+    coco = _read_json(str(json_path))
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise DataError(f"{json_path}: not a COCO detection JSON (no {key!r})")
+    cat_name = {c["id"]: c["name"] for c in coco["categories"]}
+    file_of = {im["id"]: im["file_name"] for im in coco["images"]}
+    boxes: dict[str, list] = {im["file_name"]: [] for im in coco["images"]}
+    names: dict[str, list] = {im["file_name"]: [] for im in coco["images"]}
+    for ann in coco["annotations"]:
+        if ann["image_id"] not in file_of:
+            raise DataError(f"{json_path}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}")
+        if ann["category_id"] not in cat_name:
+            raise DataError(f"{json_path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
+        x, y, bw, bh = ann["bbox"]  # COCO: top-left corner + size
+        file_name = file_of[ann["image_id"]]
+        boxes[file_name].append([x, y, x + bw, y + bh])
+        names[file_name].append(cat_name[ann["category_id"]])
+    return {f: (torch.tensor(boxes[f], dtype=torch.float32).reshape(-1, 4), names[f]) for f in boxes}
+
+
+def coco_category_names(json_path) -> list[str]:
+    """Category names of a COCO JSON in category order (the source's class list)."""
+    coco = _read_json(str(json_path))
+    if "categories" not in coco:
+        raise DataError(f"{json_path}: not a COCO detection JSON (no 'categories')")
+    return [c["name"] for c in coco["categories"]]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_json(path: str) -> dict:
+    """Objects365's JSON is gigabytes: read it once per process even though class names and boxes both need it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable JSON ({e})") from None

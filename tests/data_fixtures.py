@@ -1,0 +1,132 @@
+"""Small on-disk datasets in the exact public formats, for the data tests (written into pytest's tmp_path)."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from labels import LabelSpec, LabelTable
+
+KEYS = ["sky", "road", "car", "person", "window"]
+SPEC = LabelSpec(
+    sentences={k: f"An image of {k}." for k in KEYS},
+    datasets={"toy-ids": {"sky": "sky", "road": "road", "car": "car", "junk": "ignore"},
+              "toy-colors": {"various": "ignore", "window": "window", "road": "road"},
+              "toy-oi": {"Car": "car", "Person": "person", "Tree": "ignore"},
+              "toy-o365": {"car": "car", "person": "person", "junk": "ignore"}})
+TABLE = LabelTable(names=KEYS, sentences=KEYS, embeddings=torch.eye(len(KEYS)), encoder="test")
+ROW = {k: i for i, k in enumerate(KEYS)}
+COLORS = {"0:0:0": "various", "0:0:128": "window", "128:64:0": "road"}
+
+
+def rgb_image(rng, w, h) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def write_id_dataset(root: Path, n: int = 3, size=(40, 30), seed: int = 0) -> list[np.ndarray]:
+    """root/{img,ann}/k.png, train.txt, names.txt (sky, road, car, junk); ids 0..3 plus 255 ignore. Returns labels."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True)
+    (root / "ann").mkdir()
+    (root / "names.txt").write_text("sky\nroad\ncar\njunk\n")
+    labels, lines = [], []
+    for k in range(n):
+        rgb_image(rng, *size).save(root / "img" / f"{k}.png")
+        lab = rng.choice(np.array([0, 1, 2, 3, 255], np.uint8), size=size[::-1])  # (H, W)
+        Image.fromarray(lab).save(root / "ann" / f"{k}.png")
+        labels.append(lab)
+        lines.append(f"img/{k}.png ann/{k}.png")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return labels
+
+
+def write_color_dataset(root: Path, n: int = 2, size=(36, 24), seed: int = 1) -> list[np.ndarray]:
+    """LabelMeFacade-style: root/images/k.jpg, root/labels/k.png RGBA colour codes. Returns (H, W, 3) colours."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    palette = np.array([[0, 0, 0], [0, 0, 128], [128, 64, 0]], np.uint8)
+    out, lines = [], []
+    for k in range(n):
+        rgb_image(rng, *size).save(root / "images" / f"{k}.jpg")
+        rgb = palette[rng.integers(0, 3, size[::-1])]  # (H, W, 3)
+        rgba = np.concatenate([rgb, np.full(size[::-1] + (1,), 255, np.uint8)], axis=2)
+        Image.fromarray(rgba, "RGBA").save(root / "labels" / f"{k}.png")
+        out.append(rgb)
+        lines.append(f"images/{k}.jpg labels/{k}.png")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def write_openimages(root: Path) -> dict:
+    """OpenImages V6 layout: class descriptions CSV, masks CSV (exact public header), mask PNGs, images.
+
+    Image a1 (W=8, H=6): a full-size Car mask on columns 0..5, a half-size Person mask (4x3 -> 8x6 by nearest) on
+    rows 0..1 / columns 4..7 (so it overlaps the car at columns 4..5 and, being smaller, wins there), a Tree mask
+    (mapped to ignore) at the bottom-right pixel. Image b2 has one mask on its first row.
+    """
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(2)
+    with open(root / "oidv6-class-descriptions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["LabelName", "DisplayName"])
+        w.writerows([["/m/0k4j", "Car"], ["/m/01g317", "Person"], ["/m/07j7r", "Tree"]])
+    car = np.zeros((6, 8), np.uint8)
+    car[:, 0:6] = 255
+    person_small = np.zeros((3, 4), np.uint8)  # stored at half size
+    person_small[0, 2:4] = 255  # -> rows 0..1, columns 4..7 at full size
+    tree = np.zeros((6, 8), np.uint8)
+    tree[5, 7] = 255
+    b2 = np.zeros((4, 5), np.uint8)
+    b2[0, :] = 255
+    masks = [("a1_m0k4j_0001.png", "a1", "/m/0k4j", car), ("a1_m01g317_0002.png", "a1", "/m/01g317", person_small),
+             ("a1_m07j7r_0003.png", "a1", "/m/07j7r", tree), ("b2_m01g317_0004.png", "b2", "/m/01g317", b2)]
+    for name, _, _, m in masks:
+        Image.fromarray(m).save(root / "masks" / name)
+    rgb_image(rng, 8, 6).save(root / "images" / "a1.jpg")
+    rgb_image(rng, 5, 4).save(root / "images" / "b2.jpg")
+    with open(root / "train-annotations-object-segmentation.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
+                    "PredictedIoU", "Clicks"])
+        for name, image_id, label, _ in masks:
+            w.writerow([name, image_id, label, name[-8:-4], "0.0", "1.0", "0.0", "1.0", "0.9", ""])
+    expected_a1 = np.full((6, 8), -1)
+    expected_a1[:, 0:6] = ROW["car"]
+    expected_a1[0:2, 4:8] = ROW["person"]
+    expected_b2 = np.full((4, 5), -1)
+    expected_b2[0, :] = ROW["person"]
+    return {"a1": expected_a1, "b2": expected_b2}
+
+
+def write_coco_boxes(root: Path, dim: int = 6) -> dict:
+    """Objects365-style COCO JSON (bbox = [x, y, w, h]) + images + a box-target cache in load_coco_boxes order."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    rgb_image(rng, 64, 48).save(root / "images" / "o1.jpg")
+    rgb_image(rng, 32, 32).save(root / "images" / "o2.jpg")
+    coco = {"images": [{"id": 7, "file_name": "o1.jpg", "width": 64, "height": 48},
+                       {"id": 9, "file_name": "o2.jpg", "width": 32, "height": 32}],
+            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}, {"id": 3, "name": "junk"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [4, 6, 20, 10], "iscrowd": 0},
+                            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [30, 2, 5, 5], "iscrowd": 0},
+                            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [40, 20, 10, 25], "iscrowd": 0}]}
+    (root / "o365.json").write_text(json.dumps(coco))
+    targets = {"o1.jpg": torch.randn(3, dim, generator=torch.Generator().manual_seed(0)), "o2.jpg": torch.zeros(0, dim)}
+    torch.save({"encoder": "test", "targets": targets}, root / "targets.pt")
+    return targets
+
+
+def shared_sources(shared_dir: Path) -> list[dict]:
+    """The two real sources, as a training config lists them."""
+    data = shared_dir / "data"
+    facade_colors = {"0:0:0": "various", "128:0:0": "building", "128:0:128": "car", "128:128:0": "door",
+                     "128:128:128": "pavement", "128:64:0": "road", "0:128:128": "sky", "0:128:0": "vegetation",
+                     "0:0:128": "window"}
+    return [dict(name="camvid", root=str(data / "camvid-11"), list="train.txt", names="names.txt",
+                 taxonomy="camvid-segnet", ignore=[11]),
+            dict(name="labelmefacade", root=str(data / "labelmefacade"), list="train.txt", encoding="color",
+                 colors=facade_colors, taxonomy="labelmefacade")]
