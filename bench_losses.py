@@ -1,0 +1,112 @@
+"""Peak memory and forward+backward time of L_HD for the three ways to meet label resolution (losses.RESIZE_MODES):
+
+  logits      cosine logits at the embedding resolution (H/4), bilinearly upsampled to the labels
+  embeddings  embeddings upsampled to the labels, then cosine logits
+  labels      labels downsampled (nearest) to H/4, logits stay at H/4
+
+Usage: python bench_losses.py [--labels 238 --size 640 --dim 512 --batch 2 --repeats 3 --device cpu|cuda]
+
+Only the loss path is measured: random embeddings (B, D, H/4, W/4) that require grad, a random label table (N, D),
+random targets (B, H, W) with 10% ignored, losses.source_nll + dense_from_nll, then backward to the embeddings. Each
+variant runs in its own subprocess, so one variant's freed-but-kept heap cannot hide the next one's peak.
+Peak memory: on CPU the growth of resource.getrusage(RUSAGE_SELF).ru_maxrss (peak resident set, which sees torch's
+allocations; tracemalloc would not) from just before the first forward+backward to just after it; on CUDA
+torch.cuda.max_memory_allocated() minus what was allocated before. Time: the median of --repeats further runs.
+
+Measured with `python bench_losses.py` (defaults), torch 2.13.0+cpu, 2 threads, on a 2-core machine shared with
+other jobs (load average 4-7 during the run: wall times are pessimistic and noisy, CPU times less so, the memory
+reproduced to 1 MiB across two runs):
+
+| variant | peak memory (MiB) | fwd+bwd wall s | fwd+bwd CPU s (medians of 3) |
+|---|---:|---:|---:|
+| logits | 2250 | 6.30 | 6.20 |
+| embeddings | 9626 | 44.78 | 24.18 |
+| labels | 506 | 2.70 | 1.84 |
+
+For scale: one (2, 238, 640, 640) fp32 logit tensor is 744 MiB, one (2, 512, 640, 640) embedding tensor 1600 MiB.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from losses import RESIZE_MODES, dense_from_nll, source_nll
+
+
+def run_variant(mode, args):
+    """One variant in this process -> {"peak_mib", "seconds"}."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    B, N, D, S = args.batch, args.labels, args.dim, args.size
+    emb = torch.randn(B, D, S // 4, S // 4, device=device, requires_grad=True)  # (B, D, H/4, W/4)
+    label_emb = torch.randn(N, D, device=device)  # (N, D)
+    target = torch.randint(0, N, (B, S, S), device=device)  # (B, H, W)
+    target[torch.rand(B, S, S, device=device) < 0.1] = -1
+    scale = torch.tensor(1 / 0.07, device=device)
+
+    def step():
+        loss = dense_from_nll(*source_nll(emb, label_emb, scale, target, mode))
+        loss.backward()
+        emb.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # one tiny pass first, so that one-time allocations (thread pools, autograd engine, kernels) are not counted
+    tiny = torch.randn(1, D, 2, 2, device=device, requires_grad=True)
+    dense_from_nll(*source_nll(tiny, label_emb, scale, target[:1, :8, :8], mode)).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    wall, cpu = [], []
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # all threads of this process: less sensitive to other jobs
+    return {"peak_mib": peak / 2**20, "seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--labels", type=int, default=238)
+    p.add_argument("--size", type=int, default=640, help="square crop side H = W (multiple of 4)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", default=",".join(RESIZE_MODES))
+    p.add_argument("--child", choices=RESIZE_MODES, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_variant(args.child, args)))
+        return
+    how = "ru_maxrss growth" if args.device == "cpu" else "cuda max_memory_allocated"
+    print(f"L_HD forward+backward: {args.labels} labels, {args.size}x{args.size} labels, embeddings "
+          f"{args.dim}x{args.size // 4}x{args.size // 4}, batch {args.batch}, {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak memory = {how}")
+    print(f"| variant | peak memory (MiB) | fwd+bwd wall s | fwd+bwd CPU s (medians of {args.repeats}) |")
+    print("|---|---:|---:|---:|")
+    for mode in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--child", mode] + [f"--{k}={getattr(args, k)}" for k in
+                                                            ("labels", "size", "dim", "batch", "repeats", "device")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"variant {mode} failed:\n{res.stderr[-2000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"| {mode} | {r['peak_mib']:.0f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
