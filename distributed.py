@@ -1,0 +1,83 @@
+"""torchrun plumbing shared by train.py and evaluate.py, and BatchNorm synchronised across processes.
+
+torch.nn.SyncBatchNorm only runs on GPUs, so a gloo (CPU) run would normalise each process's slice of the global
+batch with its own statistics and drift away from a one-process run over the same batch. AllReduceBatchNorm2d
+computes the statistics of the whole global batch with two differentiable all-reduces, on any backend; on CUDA the
+faster torch.nn.SyncBatchNorm is used instead.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+
+
+def setup(device_name="auto"):
+    """Start the process group when launched by torchrun (RANK set). Returns (rank, world_size, device)."""
+    if device_name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class AllReduceBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over the global batch of all processes; identical to BatchNorm2d in one process or in eval."""
+
+    def forward(self, x):
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        # (B, C, H, W): per-channel sums over this process's B*H*W values, summed over processes.
+        # Two passes (mean, then squared deviations) as BatchNorm2d does, not E[x^2] - E[x]^2, for accuracy.
+        xf = x.float()
+        count = torch.tensor([xf.numel() / xf.shape[1]], dtype=xf.dtype, device=xf.device)
+        total = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), count]))  # (C + 1,)
+        n = total[-1]
+        mean = total[:-1] / n  # (C,)
+        centred = xf - mean[None, :, None, None]
+        var = dist_nn.all_reduce(centred.pow(2).sum((0, 2, 3))) / n  # (C,) biased, used to normalise
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)  # unbiased, as BatchNorm2d
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module, device):
+    """Swap every BatchNorm2d for its synchronised form: torch's SyncBatchNorm on CUDA, AllReduceBatchNorm2d else."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if type(module) is nn.BatchNorm2d:
+        synced = AllReduceBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                      module.track_running_stats)
+        synced.load_state_dict(module.state_dict())
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device))
+    return module
+
+
+def all_reduce_mean(values):
+    """Average a 1-D tensor over processes (a no-op in one process): what every logged number goes through."""
+    if is_distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values

@@ -1,0 +1,186 @@
+"""train.py end to end on tiny synthetic data: DDP == one process, kill -9 / SIGTERM resume == uninterrupted,
+atomic checkpoints, bf16 autocast on CPU, non-finite loss reporting, the learning-rate schedule."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train
+from labels import LabelTable, load_label_spec, save_label_table
+from synthetic_data import write_split
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Synthetic id-PNG data (no ignore pixels, images larger than the crop: every rank sees the same pixel count),
+    a random 32-d label table and a config for a tiny MiT-B0 run."""
+    root = tmp_path_factory.mktemp("train")
+    write_split(root / "data", "train", 6, np.random.default_rng(0), 64, 48)
+    spec = load_label_spec()
+    keys = sorted(spec.sentences)
+    emb = torch.nn.functional.normalize(torch.randn(len(keys), 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    save_label_table(root / "table.pt", LabelTable(keys, keys, emb, "random test table"))
+    street = {"root": str(root / "data" / "street-ids"), "list": "train.txt", "names": "names.txt",
+              "taxonomy": "camvid-segnet", "encoding": "id", "ignore": [11]}
+    config = {"sources": [dict(street, name="a"), dict(street, name="b")], "label_table": str(root / "table.pt"),
+              "crop_size": 32, "short_side": 48, "scale_min": 1.0, "scale_max": 1.2, "batch_size": 2, "workers": 0,
+              "backbone": "mit_b0", "embed_dim": 32, "drop_path_rate": 0.0, "dropout": 0.0, "lr": 1e-3,
+              "warmup_steps": 2, "max_steps": STEPS, "log_every": 1, "save_every": 1, "keep_last": 20}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def run(setup, out, *flags, torchrun=0, background=False):
+    cmd = [sys.executable, "train.py", str(setup / "config.yaml"), f"--out_dir={out}", *flags]
+    if torchrun:
+        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "train.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def final(out, step=STEPS):
+    return torch.load(Path(out) / f"ckpt_{step:08d}.pt", map_location="cpu", weights_only=False)
+
+
+def wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path.name} appeared: {proc.stdout.read()[-3000:]}"
+        assert time.time() - start < timeout, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    out = setup / "uninterrupted"
+    log = run(setup, out)
+    assert f"step {STEPS}/{STEPS}" in log
+    return final(out)
+
+
+def test_checkpoint_is_self_describing(uninterrupted):
+    ckpt = uninterrupted
+    assert ckpt["step"] == STEPS and ckpt["model_args"]["backbone"] == "mit_b0"
+    assert ckpt["config"]["embed_dim"] == 32 and len(ckpt["label_names"]) == 259
+    assert {"model", "optimizer", "scaler", "sampler", "rng"} <= set(ckpt)
+
+
+def test_kill9_then_resume_equals_uninterrupted(setup, uninterrupted):
+    out = setup / "killed"
+    proc = run(setup, out, background=True)
+    wait_for(out / "ckpt_00000003.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / f"ckpt_{STEPS:08d}.pt").exists(), "the run finished before it could be killed"
+    log = run(setup, out, "--resume=auto")
+    assert "resumed from" in log
+    resumed = final(out)
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(setup, uninterrupted):
+    out = setup / "terminated"
+    proc = run(setup, out, background=True)
+    wait_for(out / "ckpt_00000002.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    log = proc.stdout.read()
+    assert "stopped by signal" in log, log[-2000:]
+    stopped_at = max(int(p.stem.split("_")[1]) for p in out.glob("ckpt_*.pt"))
+    assert 2 <= stopped_at < STEPS
+    run(setup, out, "--resume=auto")
+    resumed = final(out)
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+def test_two_process_ddp_equals_one_process_over_the_same_global_batches(setup):
+    # SGD: Adam's division by sqrt(v) would magnify float summation-order noise in near-zero gradients
+    one = setup / "one"
+    two = setup / "two"
+    run(setup, one, "--batch_size=4", "--optimizer=sgd", "--lr=0.05", "--max_steps=3")
+    run(setup, two, "--batch_size=2", "--optimizer=sgd", "--lr=0.05", "--max_steps=3", torchrun=2)
+    a, b = final(one, 3)["model"], final(two, 3)["model"]
+    assert a.keys() == b.keys()
+    moved = 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=2e-5, rtol=1e-4, msg=key)
+    initial = train.build_model(train.ModelConfig(**final(one, 3)["model_args"])).state_dict()
+    moved = sum(not torch.allclose(initial[k].float(), a[k].float()) for k in a if a[k].is_floating_point())
+    assert moved > 100  # the runs trained: equality is not two untouched initialisations
+
+
+def test_bf16_autocast_runs_on_cpu(setup):
+    out = setup / "bf16"
+    log = run(setup, out, "--amp=bf16", "--max_steps=2")
+    assert "step 2/2" in log
+    assert all(torch.isfinite(v).all() for v in final(out, 2)["model"].values() if v.is_floating_point())
+
+
+def test_half_written_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
+    good = tmp_path / "ckpt_00000001.pt"
+    train.save_checkpoint(good, {"step": 1}, keep_last=3)
+
+    def dies_midway(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(tmp_path / "ckpt_00000002.pt", {"step": 2}, keep_last=3)
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt_00000002.pt").exists()
+    assert torch.load(good)["step"] == 1
+    (tmp_path / ".ckpt_00000002.pt.tmp").unlink()
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    for step in range(1, 6):
+        train.save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", {"step": step}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
+
+
+def test_non_finite_loss_stops_with_step_terms_and_sources(setup, monkeypatch):
+    def nan_losses(out, batch, label_emb, scale, weights, **options):
+        nan = out["emb"].sum() * float("nan")
+        return {"loss": nan, "loss_dense": nan}
+
+    monkeypatch.setattr(train, "compute_losses", nan_losses)
+    with pytest.raises(FloatingPointError, match=r"step 0.*loss_dense.*'a'"):
+        train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'nan'}"])
+
+
+def test_poly_schedule_by_hand():
+    s = train.TrainSettings(lr=1.0, warmup_steps=4, max_steps=10, poly_power=1.0)
+    assert [train.poly_lr(i, s) for i in (0, 3)] == [0.25, 1.0]
+    assert train.poly_lr(4, s) == pytest.approx(0.6) and train.poly_lr(10, s) == 0.0
+
+
+def test_param_groups_split_heads_and_exempt_norms_biases_and_temperature():
+    model = train.build_model(train.ModelConfig(backbone="mit_b0", embed_dim=8))
+    s = train.TrainSettings(head_lr_mult=10.0, weight_decay=0.01)
+    groups = train.param_groups(model, s)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_id[id(named["logit_scale"])]["weight_decay"] == 0.0
+    for name, p in named.items():
+        group = by_id[id(p)]
+        assert group["lr_mult"] == (1.0 if name.startswith("backbone.") else 10.0), name
+        if p.ndim == 1:
+            assert group["weight_decay"] == 0.0, name
+    assert sum(len(g["params"]) for g in groups) == len(named)
