@@ -38,9 +38,9 @@ from readers import (DataError, check_exist, coco_category_names, color_codes, d
 from sampler import BalancedSampler
 from transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, draft_size, eval_image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BalancedSampler", "DataError", "MultiSourceDataset", "SourceConfig",
-           "TrainTransform", "collate", "load_coco_boxes", "make_loader", "skipped_count", "source_label_keys",
-           "to_device"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BalancedSampler", "DataError", "MultiSourceDataset", "Source",
+           "SourceConfig", "TrainTransform", "collate", "eval_image", "load_coco_boxes", "make_loader", "skipped_count",
+           "source_class_names", "source_label_keys", "to_device"]
 
 ENCODINGS = ("id", "color", "openimages", "coco_boxes")
 KINDS = ("dense", "coarse", "boxes")
@@ -196,8 +196,11 @@ class Source:
     def __len__(self) -> int:
         return len(self.items)
 
-    def load(self, i: int, transform: TrainTransform | None, rng: np.random.Generator) -> dict:
-        """Sample i: decode, map labels to rows, augment (when `transform`). Bad files raise DataError."""
+    def load(self, i: int, transform: TrainTransform | None, rng: np.random.Generator | None = None) -> dict:
+        """Sample i: decode, map labels to rows, augment (when `transform`, drawing from `rng`). Bad files raise
+        DataError."""
+        if transform is not None and rng is None:
+            raise ValueError("Source.load: a transform needs an rng (np.random.Generator) to draw its augmentation")
         image_path = self.items[i][0]
         im = open_image(image_path)
         size = im.size  # (w, h) of the original, before any draft

@@ -103,7 +103,9 @@ def test_other_datasets_map_fully(spec, shared_dir):
     keys = dict(zip(facade, dataset_label_keys(spec, "labelmefacade", facade)))
     assert keys["various"] is None and keys["pavement"] == "sidewalk_pavement" and keys["window"] == "window"
     assert None not in dataset_label_keys(spec, "nyuv2-40", NYU40)
-    assert set(spec.datasets["nyuv2-40"]) == set(NYU40)
+    assert set(spec.datasets["nyuv2-40"]) == set(NYU40) | {"void"}  # void: the releases with 0 = void, 1..40
+    with_void = dataset_label_keys(spec, "nyuv2-40", ["void"] + NYU40)
+    assert with_void == [None] + dataset_label_keys(spec, "nyuv2-40", NYU40)
 
 
 def test_eval_sets_are_one_to_one(spec):

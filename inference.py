@@ -1,0 +1,248 @@
+"""Inference shared by evaluate.py and predict.py: MSeg's test protocol, pictures of the predictions, and loading a
+checkpoint and the label embeddings.
+
+The protocol follows mseg-semantic `tool/inference_task.py` (which SSIW's test code copies):
+  1. resize the image so its shorter side is round(scale * base_size) (bilinear, aspect kept);
+  2. sliding window: pad to at least crop x crop with the mean colour (centred), windows of crop x crop at stride
+     ceil(crop * 2/3), the last window flush with the border; or whole image: one window padded to a multiple of 32;
+  3. per window: cosine similarity of pixel embeddings with the dataset's label embeddings, times the model's
+     temperature, upsampled to the window, softmax; with flip, averaged with the mirrored window's probabilities;
+  4. probabilities averaged where windows overlap, the padding cut off, resized to the label's size;
+  5. averaged over scales, argmax (by the caller).
+Where we differ from MSeg, and why: logits are upsampled with align_corners=False (SegFormer's convention for its
+stride-4 output; MSeg's PSPNet uses True), and flip is off by default (SSIW's released test does not flip; MSeg's
+net_process always does).
+"""
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import clip_text
+import data
+from labels import load_label_table
+from model import ModelConfig, build_model, similarity, upsample_logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The inference protocol
+
+@dataclass
+class Protocol:
+    base_size: int = 720           # 0 = keep the image's own size
+    crop_size: int = 640
+    stride_ratio: float = 2 / 3
+    scales: list = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    sliding: bool = True
+    window_batch: int = 4
+
+    @classmethod
+    def from_settings(cls, s):
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+
+
+WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels
+
+
+def resize_short_side(x, short):
+    """(B, C, H, W) -> (B, C, h, w) with min(h, w) == short, aspect kept as MSeg rounds it; bilinear, no antialias
+    (cv2.INTER_LINEAR, which MSeg uses, does not antialias either)."""
+    h, w = x.shape[-2:]
+    new_h, new_w = (round(short / w * h), short) if h > w else (short, round(short / h * w))
+    if (new_h, new_w) == (h, w):
+        return x
+    return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+
+def pad_centred(x, min_h, min_w):
+    """(B, C, H, W) -> (B, C, max(H, min_h), max(W, min_w)) zero-padded, half before and half after (MSeg's
+    pad_to_crop_sz). Returns the padded tensor and the (top, left) offsets of the image in it."""
+    h, w = x.shape[-2:]
+    ph, pw = max(min_h - h, 0), max(min_w - w, 0)
+    top, left = ph // 2, pw // 2
+    if ph or pw:
+        x = F.pad(x, (left, pw - left, top, ph - top))
+    return x, top, left
+
+
+def window_starts(size, crop, stride):
+    """Start offsets of MSeg's windows along one axis: every `stride`, the last one flush with the end."""
+    n = math.ceil((size - crop) / stride) + 1
+    return [min(i * stride, size - crop) for i in range(n)]
+
+
+@torch.no_grad()
+def window_scores(model, x, label_emb, scale, flip, with_cos):
+    """Class scores of a batch of equal-sized windows.
+
+    x: (B, 3, h, w) normalised; label_emb: (N, D). Returns (B, N, h, w) softmax probabilities, or (B, 2N, h, w) with
+    the cosine similarities appended when with_cos (upsampled the same way, for predict.py's unknown threshold).
+    """
+    b, _, h, w = x.shape
+    if flip:
+        x = torch.cat([x, x.flip(-1)])                                   # (2B, 3, h, w)
+    logits = similarity(model(x), label_emb, scale)                      # (B', D, h/4, w/4) -> (B', N, h/4, w/4)
+    logits = upsample_logits(logits.float(), (h, w))                    # (B', N, h, w)
+    out = logits.softmax(1)
+    if with_cos:
+        out = torch.cat([out, logits / scale], 1)                        # (B', 2N, h, w)
+    if flip:
+        out = (out[:b] + out[b:].flip(-1)) / 2                           # un-mirror, then average probabilities
+    return out
+
+
+def scores_at_size(model, x, label_emb, scale, proto, with_cos=False):
+    """Scores of one image at the size it is given. x: (1, 3, h, w) normalised -> (C, h, w), C = N or 2N."""
+    h, w = x.shape[-2:]
+    if not proto.sliding:
+        m = WHOLE_IMAGE_MULTIPLE
+        xp, top, left = pad_centred(x, math.ceil(h / m) * m, math.ceil(w / m) * m)
+        return window_scores(model, xp, label_emb, scale, proto.flip, with_cos)[0, :, top:top + h, left:left + w]
+    crop = proto.crop_size
+    stride = math.ceil(crop * proto.stride_ratio)
+    xp, top, left = pad_centred(x, crop, crop)                           # (1, 3, H', W'), H', W' >= crop
+    hp, wp = xp.shape[-2:]
+    boxes = [(t, l) for t in window_starts(hp, crop, stride) for l in window_starts(wp, crop, stride)]
+    total = count = None
+    for i in range(0, len(boxes), proto.window_batch):
+        chunk = boxes[i:i + proto.window_batch]
+        crops = torch.cat([xp[:, :, t:t + crop, l:l + crop] for t, l in chunk])  # (b, 3, crop, crop)
+        scores = window_scores(model, crops, label_emb, scale, proto.flip, with_cos)  # (b, C, crop, crop)
+        if total is None:
+            total = scores.new_zeros(scores.shape[1], hp, wp)            # (C, H', W')
+            count = scores.new_zeros(1, hp, wp)
+        for (t, l), s in zip(chunk, scores):
+            total[:, t:t + crop, l:l + crop] += s
+            count[:, t:t + crop, l:l + crop] += 1
+    return (total / count)[:, top:top + h, left:left + w]                # cut the padding off
+
+
+@torch.no_grad()
+def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
+    """MSeg-protocol scores of one image.
+
+    image: (3, H, W) ImageNet-normalised (data.eval_image); resizing after normalising equals normalising after
+    resizing (bilinear weights sum to 1), and zero padding is then padding with the mean colour, as MSeg pads.
+    label_emb: (N, D); scale: the temperature (model.scale()).
+    Returns (N, H_out, W_out) class probabilities averaged over scales (and flips), at out_size (default: the
+    image's size, which is the label's); with with_cos, also (N, H_out, W_out) cosine similarities, else None.
+    """
+    x = image.to(label_emb.device)[None].float()                         # (1, 3, H, W)
+    out_size = tuple(out_size or x.shape[-2:])
+    short = proto.base_size or min(x.shape[-2:])
+    total = 0
+    for s in proto.scales:
+        xs = resize_short_side(x, round(s * short))                      # (1, 3, h_s, w_s)
+        scores = scores_at_size(model, xs, label_emb, scale, proto, with_cos)  # (C, h_s, w_s)
+        total = total + F.interpolate(scores[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    total = total / len(proto.scales)                                    # (C, H_out, W_out)
+    n = label_emb.shape[0]
+    return (total[:n], total[n:]) if with_cos else (total, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures: id PNGs and overlays with a legend (PIL only)
+
+def to_uint8(x):
+    """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8 RGB, for pictures."""
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    return (((x.cpu() * std + mean) * 255).round().clamp(0, 255)).byte().permute(1, 2, 0).numpy()
+
+
+BASE_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+                (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+                (0, 0, 128), (128, 128, 128)]  # Sasha Trubetskoy's 20 distinct colours
+UNKNOWN_COLOUR = (0, 0, 0)
+
+
+def palette(n):
+    """n distinct-enough RGB colours: the 20 above, then a fixed pseudo-random sequence."""
+    rng = np.random.default_rng(0)
+    extra = [tuple(int(v) for v in rng.integers(40, 256, 3)) for _ in range(max(0, n - len(BASE_PALETTE)))]
+    return (BASE_PALETTE + extra)[:n]
+
+
+def overlay_with_legend(image, ids, names, alpha=0.5):
+    """image: (H, W, 3) uint8; ids: (H, W) int, values outside 0..len(names)-1 drawn as unknown (black).
+    Returns a PIL image: the colour map blended over the photo, with a strip below naming the classes present."""
+    colours = np.array(palette(len(names)) + [UNKNOWN_COLOUR], np.uint8)  # (N + 1, 3)
+    ids = np.asarray(ids)
+    idx = np.where((ids >= 0) & (ids < len(names)), ids, len(names))
+    blended = (np.asarray(image, np.float32) * (1 - alpha) + colours[idx] * alpha).astype(np.uint8)
+    present = [int(i) for i in np.unique(idx)]
+    h, w = ids.shape
+    row, per_row = 14, max(1, w // 140)
+    strip = Image.new("RGB", (w, row * math.ceil(len(present) / per_row) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for j, i in enumerate(present):
+        x, y = (j % per_row) * 140 + 2, (j // per_row) * row + 2
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(c) for c in colours[i]), outline=(0, 0, 0))
+        draw.text((x + 14, y), names[i] if i < len(names) else "unknown", fill=(0, 0, 0))
+    canvas = Image.new("RGB", (w, h + strip.height), (255, 255, 255))
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    canvas.paste(strip, (0, h))
+    return canvas
+
+
+def save_prediction(folder, stem, image, ids, names):
+    """Write <stem>.png (8-bit ids) and <stem>_overlay.png (colours + legend) under folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(ids).astype(np.uint8)).save(folder / f"{stem}.png")
+    overlay_with_legend(image, ids, names).save(folder / f"{stem}_overlay.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint and label embeddings
+
+def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu"):
+    """(N, D) L2-normalised label embeddings: the rows of a saved table for `keys`, or `texts` embedded now with the
+    CLIP text tower at `clip_weights`. A table lacking a key raises naming it."""
+    if embeddings:
+        table = load_label_table(embeddings)
+        emb = table.embeddings[table.rows(keys)]                          # (N, D)
+        print(f"label embeddings: {len(keys)} rows of {embeddings} ({table.encoder})")
+    elif clip_weights:
+        tower = clip_text.load(clip_weights)  # on the CPU: a few dozen sentences, and the tokens are made there
+        emb = clip_text.encode_sentences(tower, texts)                    # (N, D)
+        print(f"label embeddings: {len(texts)} texts embedded with {clip_weights}")
+    else:
+        raise ValueError("no label embeddings: give --embeddings=TABLE (.pt or universal_cat2vec.npy) "
+                         "or --clip_weights=PATH (CLIP weights to embed the label texts)")
+    return F.normalize(emb.float(), dim=-1).to(device)
+
+
+def load_checkpoint(path, device):
+    """Rebuild the model from a train.py checkpoint alone (model_args + strict state dict). Returns (model, ckpt)."""
+    if not path:
+        raise ValueError("--checkpoint is required")
+    # weights_only=False: train.py's checkpoints also hold RNG states (numpy arrays); load only files you trust
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise KeyError(f"{path}: not a train.py checkpoint, it lacks {missing}")
+    model = build_model(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])  # strict: a mismatch means another model, not something to paper over
+    return model.to(device).eval(), ckpt
+
+
+def check_width(ckpt, label_emb, what):
+    """The label embeddings must be as wide as the model's pixel embeddings."""
+    width = ckpt["model_args"].get("embed_dim")
+    if width != label_emb.shape[1]:
+        raise ValueError(f"{what} has width {label_emb.shape[1]}, the checkpoint's pixel embeddings {width}")
+
+
+def pick_device(name):
+    """For one process (predict.py). evaluate.py's main gets its device from distributed.setup, which picks the same
+    one but, under torchrun, also starts a process group and takes cuda:LOCAL_RANK: not for a one-process script."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+

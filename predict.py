@@ -1,0 +1,187 @@
+"""Segment any images with any labels (unseen ones through their sentences), and export pseudo-labels.
+
+    python predict.py --images=photos/ --labels="deer,grass,sky" --checkpoint=CKPT --clip_weights=ViT-B-32.pt
+    python predict.py --images=a.jpg,b.jpg --labels=building,window,door --sentences=mine.yaml --embeddings=T.pt \
+        --checkpoint=CKPT --unknown_below=0.2 --export_emb=true --emb_dims=16
+
+Text of each label: its sentence in --sentences (YAML {label: sentence}), else in label_sentences.yaml's `labels`,
+else the label itself as a word; --mode=word always embeds the word. With --embeddings the table must have a row
+named by each label (clip_text.py or ../shared/tools/minilm_label_table.py make one from a sentences YAML).
+Inference is inference.py's MSeg protocol (evaluate.py's settings). Writes to out_dir:
+  labels.json              id -> label and the text embedded; 255 = unknown
+  <stem>.png               8-bit ids (label i -> i), the pseudo-label map at the image's size
+  <stem>_overlay.png       colours over the photo, with a legend
+  <stem>.npz (export_emb)  ids, and the L2-normalised pixel embeddings at stride 4 (whole image at base size), as
+                           `emb` (k, h, w) in emb_dtype; with emb_dims = k > 0 PCA-reduced per image, with `basis`
+                           (k, D) and `mean` (D,) so that emb_D ~= basis.T @ emb + mean.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+import data
+from inference import (Protocol, check_width, infer, label_embeddings, load_checkpoint, pick_device, resize_short_side,
+                       save_prediction)
+from labels import load_label_spec
+from readers import decode_rgb, open_image
+from settings import parse_settings, print_settings
+
+UNKNOWN = 255
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class PredictSettings:
+    images: str = ""               # a folder, an image, or comma-separated images
+    labels: str = ""               # comma-separated labels, e.g. "deer,grass,sky" (label i -> id i)
+    sentences: str = ""            # YAML {label: sentence}; wins over label_sentences.yaml
+    checkpoint: str = ""           # from train.py
+    embeddings: str = ""           # label table with a row per label ...
+    clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
+    mode: str = "sentence"         # sentence | word
+    unknown_below: float = -1.0    # cosine similarity under which a pixel is unknown (255); -1 = never
+    base_size: int = 720           # shorter side for inference (0 = the image's own)
+    crop_size: int = 640
+    stride_ratio: float = 2 / 3
+    scales: list = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    sliding: bool = True
+    window_batch: int = 4
+    out_dir: str = "out/predict"
+    export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
+    emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
+    emb_dtype: str = "float16"     # float16 | float32
+    device: str = "auto"
+
+
+def list_images(spec):
+    """A folder (its image files, sorted), one image, or comma-separated images -> [Path]."""
+    path = Path(spec)
+    if spec and path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise FileNotFoundError(f"--images={spec!r}: " + (f"no such file(s) {missing}" if missing else "no images"))
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ValueError(f"--images: several images are named {dup}; their outputs would overwrite each other")
+    return paths
+
+
+def label_texts_for(labels, sentences="", mode="sentence", spec=None):
+    """The text to embed per label: --sentences YAML, then label_sentences.yaml, then the label as a word."""
+    if mode not in ("sentence", "word"):
+        raise ValueError(f"--mode must be sentence or word, got {mode!r}")
+    user = {}
+    if sentences:
+        user = yaml.safe_load(Path(sentences).read_text()) or {}
+        bad = {k: v for k, v in user.items() if not isinstance(v, str)} if isinstance(user, dict) else user
+        if bad:
+            raise ValueError(f"{sentences}: expected a mapping {{label: sentence}}, got {bad!r:.200}")
+    known = (spec or load_label_spec()).sentences
+    if mode == "word":
+        return [label.replace("_", " ") for label in labels]
+    return [user.get(label) or known.get(label) or label.replace("_", " ") for label in labels]
+
+
+def ids_from_scores(prob, cos=None, unknown_below=-1.0):
+    """prob, cos: (N, H, W) -> (H, W) uint8 ids; pixels whose winning label's cosine is under the threshold ->
+    UNKNOWN. The cosine is that of the argmax label, so 'unknown' means 'even the best label fits badly'."""
+    pred = prob.argmax(0)                                                # (H, W)
+    if cos is not None and unknown_below > -1:
+        best = cos.gather(0, pred[None])[0]                              # (H, W)
+        pred = torch.where(best < unknown_below, torch.full_like(pred, UNKNOWN), pred)
+    return pred.byte().cpu().numpy()
+
+
+@torch.no_grad()
+def pixel_embeddings(model, image, proto):
+    """(3, H, W) normalised -> (D, h, w) L2-normalised pixel embeddings at stride 4 of the image resized to the base
+    size (whole image, first scale): the model's own resolution, so nothing is invented by upsampling."""
+    x = image[None].to(next(model.parameters()).device)                 # (1, 3, H, W)
+    x = resize_short_side(x, round(proto.scales[0] * (proto.base_size or min(x.shape[-2:]))))
+    return F.normalize(model(x)[0].float(), dim=0)                       # (D, h, w)
+
+
+def reduce_embeddings(emb, k):
+    """PCA of one image's pixel embeddings. emb: (D, h, w) -> coeffs (k, h, w), basis (k, D), mean (D,)."""
+    d, h, w = emb.shape
+    x = emb.reshape(d, h * w).T.double()                                 # (hw, D)
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / max(1, h * w - 1)                   # (D, D)
+    _, vecs = torch.linalg.eigh(cov)                                     # ascending eigenvalues
+    basis = vecs[:, -k:].flip(1).T                                       # (k, D), largest variance first
+    coeffs = ((x - mean) @ basis.T).T.reshape(k, h, w)                   # (hw, k) -> (k, h, w)
+    return coeffs.float(), basis.float(), mean.float()
+
+
+def export_npz(path, ids, emb, k, dtype):
+    """Write ids and (optionally PCA-reduced) embeddings; see the module docstring for the layout."""
+    out = {"ids": ids}
+    if k:
+        if k > emb.shape[0]:
+            raise ValueError(f"--emb_dims={k} exceeds the embedding width {emb.shape[0]}")
+        coeffs, basis, mean = reduce_embeddings(emb.cpu(), k)
+        out.update(emb=coeffs.numpy().astype(dtype), basis=basis.numpy().astype(dtype), mean=mean.numpy())
+    else:
+        out["emb"] = emb.cpu().numpy().astype(dtype)
+    np.savez_compressed(path, **out)
+
+
+def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unknown_below=-1.0, export_emb=False,
+                   emb_dims=0, emb_dtype="float16"):
+    """Segment each image into `labels` and write the files listed in the module docstring. Returns {stem: ids}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for n, path in enumerate(paths, 1):
+        rgb = decode_rgb(open_image(path), path)                         # PIL RGB
+        image = data.eval_image(rgb)                                     # (3, H, W) normalised
+        prob, cos = infer(model, image, label_emb, scale, proto, with_cos=unknown_below > -1)  # (N, H, W) each
+        ids = ids_from_scores(prob, cos, unknown_below)                  # (H, W) uint8
+        save_prediction(out_dir, path.stem, np.asarray(rgb), ids, labels)
+        if export_emb:
+            export_npz(out_dir / f"{path.stem}.npz", ids, pixel_embeddings(model, image, proto), emb_dims, emb_dtype)
+        results[path.stem] = ids
+        shares = np.bincount(ids.ravel(), minlength=UNKNOWN + 1) / ids.size
+        top = ", ".join(f"{labels[i] if i < len(labels) else 'unknown'} {100 * shares[i]:.0f}%"
+                        for i in np.argsort(-shares)[:3] if shares[i] > 0)
+        print(f"[{n}/{len(paths)}] {path.name}: {top}", flush=True)
+    return results
+
+
+def main(argv=None):
+    s = parse_settings(PredictSettings, argv)
+    print_settings(s)
+    if s.emb_dtype not in ("float16", "float32"):
+        raise ValueError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")
+    device = pick_device(s.device)
+    paths = list_images(s.images)
+    labels = [label.strip() for label in s.labels.split(",") if label.strip()]
+    if not labels or len(set(labels)) != len(labels) or len(labels) >= UNKNOWN:
+        raise ValueError(f"--labels={s.labels!r}: give 1..254 distinct comma-separated labels")
+    texts = label_texts_for(labels, s.sentences, s.mode)
+    model, ckpt = load_checkpoint(s.checkpoint, device)
+    label_emb = label_embeddings(labels, texts, s.embeddings, s.clip_weights, device)  # (N, D)
+    check_width(ckpt, label_emb, "the label embeddings")
+    out_dir = Path(s.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "labels.json").write_text(json.dumps(
+        {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
+         "unknown": UNKNOWN if s.unknown_below > -1 else None, "checkpoint": s.checkpoint,
+         "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})"}, indent=2) + "\n")
+    predict_images(model, paths, labels, label_emb, float(model.scale().detach()), Protocol.from_settings(s),
+                   out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)
+    print(f"wrote {len(paths)} id maps and overlays to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

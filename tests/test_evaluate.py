@@ -1,0 +1,293 @@
+"""evaluate.py: mIoU against numpy, the MSeg protocol's invariants (inference.py), distributed == single process,
+the CLI end to end."""
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from torch import nn
+
+import evaluate as ev
+import inference as inf
+from data import eval_image
+from labels import LabelTable, load_label_spec, save_label_table
+from model import ModelConfig, build_model, similarity
+
+
+class PatchModel(nn.Module):
+    """A stand-in network: (B, 3, H, W) -> (B, D, H/stride, W/stride), a patchify conv then a 1x1 conv.
+
+    With stride 1 each output pixel is a function of its input pixel alone, so padding, windowing and mirroring the
+    input cannot change it: sliding-window and whole-image inference must then agree exactly.
+    """
+
+    def __init__(self, dim=8, stride=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.patch = nn.Conv2d(3, 16, stride, stride)
+        self.proj = nn.Conv2d(16, dim, 1)
+
+    def forward(self, x):
+        return self.proj(torch.tanh(self.patch(x)))  # (B, 3, H, W) -> (B, D, H/s, W/s)
+
+
+def random_image(h, w, seed=0):
+    """(3, H, W) ImageNet-normalised, as data.eval_image returns."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return eval_image(Image.fromarray(rgb))
+
+
+def label_emb(n=5, dim=8, seed=1):
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=1)  # (N, D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def numpy_iou(pred, target, n):
+    """Independent per-class IoU: loop over classes, count with boolean masks."""
+    valid = (target >= 0) & (target < n)
+    ious = []
+    for c in range(n):
+        tp = np.sum((pred == c) & (target == c) & valid)
+        fp = np.sum((pred == c) & (target != c) & valid)
+        fn = np.sum((pred != c) & (target == c) & valid)
+        ious.append(tp / (tp + fp + fn) if tp + fp + fn else np.nan)
+    return np.array(ious)
+
+
+def test_miou_equals_numpy_on_random_predictions():
+    rng = np.random.default_rng(0)
+    n = 7
+    pred = rng.integers(0, n, (4, 50, 60))
+    target = rng.integers(-1, n, (4, 50, 60))      # -1 = ignore
+    target[0, :10] = 255                           # an out-of-range id is ignored too
+    target[target == 6] = 5                        # class 6 never in the ground truth ...
+    pred[pred == 6] = 0                            # ... nor predicted: its IoU is undefined
+    conf = sum(ev.confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), n) for p, t in zip(pred, target))
+    m = ev.metrics_from_confusion(conf)
+    want = numpy_iou(pred, target, n)
+    np.testing.assert_allclose(m["iou"], want, rtol=1e-12)
+    assert math.isnan(m["iou"][6])
+    assert m["miou"] == pytest.approx(np.nanmean(want), rel=1e-12)
+    assert m["miou_mseg"] == pytest.approx(np.nan_to_num(want).mean(), rel=1e-12)
+    valid = (target >= 0) & (target < n)
+    assert m["allacc"] == pytest.approx(np.mean(pred[valid] == target[valid]), rel=1e-12)
+    assert conf.sum() == valid.sum()
+
+
+def test_window_grid_follows_mseg():
+    # hand-derived with MSeg's formulas: stride = ceil(640 * 2/3) = 427, n = ceil((size - crop) / stride) + 1
+    assert inf.window_starts(640, 640, 427) == [0]
+    assert inf.window_starts(720, 640, 427) == [0, 80]
+    assert inf.window_starts(1280, 640, 427) == [0, 427, 640]
+    assert inf.resize_short_side(torch.zeros(1, 3, 360, 480), 720).shape[-2:] == (720, 960)
+    assert inf.resize_short_side(torch.zeros(1, 3, 683, 512), 360).shape[-2:] == (480, 360)  # round(360/512*683)
+
+
+def test_single_scale_without_flip_is_the_plain_forward():
+    model, emb, scale = PatchModel(stride=4).eval(), label_emb(), 20.0
+    image = random_image(48, 72)                   # shorter side 48 -> 64: (64, 96), multiples of 32, so no padding
+    proto = inf.Protocol(base_size=64, scales=[1.0], flip=False, sliding=False)
+    prob, _ = inf.infer(model, image, emb, scale, proto)
+    # the plain forward, written out: resize, network, cosine x scale, upsample, softmax, resize back
+    x = F.interpolate(image[None], size=(64, 96), mode="bilinear", align_corners=False)  # (1, 3, 64, 96)
+    with torch.no_grad():
+        logits = similarity(model(x), emb, scale)                          # (1, N, 16, 24)
+    logits = F.interpolate(logits, size=(64, 96), mode="bilinear", align_corners=False)
+    want = F.interpolate(logits.softmax(1), size=(48, 72), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(prob, want, atol=1e-5, rtol=0)
+    assert torch.equal(prob.argmax(0), want.argmax(0))
+
+
+@pytest.mark.parametrize("crop,flip", [(48, False), (80, False), (48, True)])
+def test_sliding_window_covering_the_image_equals_whole_image(crop, flip):
+    model, emb = PatchModel(stride=1).eval(), label_emb()
+    image = random_image(48, 72)                   # -> (64, 96) at base size 64
+    whole = inf.Protocol(base_size=64, sliding=False)
+    slide = inf.Protocol(base_size=64, crop_size=crop, sliding=True, flip=flip, window_batch=2)
+    stride = math.ceil(crop * 2 / 3)
+    n_windows = len(inf.window_starts(max(64, crop), crop, stride)) * len(inf.window_starts(max(96, crop), crop, stride))
+    assert n_windows > 1                           # overlapping windows (crop 80 also pads the height)
+    a, cos_a = inf.infer(model, image, emb, 20.0, whole, with_cos=True)
+    b, cos_b = inf.infer(model, image, emb, 20.0, slide, with_cos=True)
+    # per-pixel model: each pixel's scores are the same in every window; averaging k equal floats may move 1 ulp
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cos_a, cos_b, atol=1e-6, rtol=0)
+    assert torch.equal(a.argmax(0), b.argmax(0))
+
+
+def test_multi_scale_is_the_mean_of_single_scales():
+    model, emb = PatchModel(stride=4).eval(), label_emb()
+    image = random_image(40, 56)
+    one = [inf.infer(model, image, emb, 10.0, inf.Protocol(base_size=64, scales=[s], crop_size=64))[0]
+           for s in (0.5, 1.0, 1.5)]
+    multi, _ = inf.infer(model, image, emb, 10.0, inf.Protocol(base_size=64, scales=[0.5, 1.0, 1.5], crop_size=64))
+    torch.testing.assert_close(multi, sum(one) / 3, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed == single process
+
+class ListSamples:
+    """(image, target, stem) items made from a seed, the same in every process."""
+
+    def __init__(self, n=5, classes=5):
+        rng = np.random.default_rng(3)
+        sizes = [(40, 56), (48, 48), (56, 40), (40, 64), (44, 52)]
+        self.items = [(random_image(*sizes[i % 5], seed=i),
+                       torch.from_numpy(rng.integers(-1, classes, sizes[i % 5])), f"im{i}") for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+PROTO = inf.Protocol(base_size=48, crop_size=32, scales=[1.0, 1.25], flip=True)
+
+
+def _distributed_worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        conf = ev.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO, rank, world)
+        if rank == 0:
+            torch.save(conf, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_two_gloo_processes_equal_single_process(tmp_path):
+    single = ev.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO)
+    out = tmp_path / "conf.pt"
+    mp.spawn(_distributed_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    both = torch.load(out)
+    assert single.sum() > 0 and torch.equal(both, single)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CLI on a tiny dataset in the SegNet CamVid format, with a tiny random MiT-B0 checkpoint
+
+CAMVID = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+          "Bicyclist"]
+
+
+def write_tiny_camvid(root, n=3, h=40, w=56):
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    (root / "lab").mkdir()
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 12, (h, w), dtype=np.uint8)).save(root / "lab" / f"{i}.png")  # 11 = ignore
+        lines.append(f"img/{i}.png lab/{i}.png")
+    (root / "val.txt").write_text("\n".join(lines) + "\n")
+    (root / "names.txt").write_text("\n".join(CAMVID) + "\n")
+    yaml_path = root / "tiny.yaml"
+    yaml_path.write_text(f"name: tiny-camvid\nroot: {root}\nlist: val.txt\nnames: names.txt\n"
+                         f"taxonomy: camvid-segnet\nencoding: id\nignore: [11]\n")
+    return yaml_path
+
+
+def write_checkpoint(path, dim=32):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="mit_b0", embed_dim=dim, drop_path_rate=0.0, dropout=0.0)
+    model = build_model(cfg)
+    torch.save({"model": model.state_dict(), "model_args": cfg.__dict__.copy(), "label_names": [], "config": {},
+                "step": 7}, path)
+
+
+def write_table(path, keys, dim=32):
+    emb = F.normalize(torch.randn(len(keys), dim, generator=torch.Generator().manual_seed(2)), dim=1)
+    save_label_table(path, LabelTable(list(keys), [""] * len(keys), emb, "random test table"))
+
+
+def test_evaluate_cli_end_to_end(tmp_path):
+    yaml_path = write_tiny_camvid(tmp_path / "data")
+    write_checkpoint(tmp_path / "ckpt.pt")
+    spec = load_label_spec()
+    keys = list(spec.datasets["camvid-segnet"].values())
+    write_table(tmp_path / "table.pt", keys)
+    args = [f"--dataset={yaml_path}", f"--checkpoint={tmp_path / 'ckpt.pt'}", f"--embeddings={tmp_path / 'table.pt'}",
+            "--base_size=64", "--crop_size=64", "--device=cpu", f"--out_dir={tmp_path / 'out'}",
+            f"--save_pred={tmp_path / 'pred'}", "--print_every=1"]
+    ev.main(args)
+    result = json.loads((tmp_path / "out" / "tiny-camvid_64_ss_sentence.json").read_text())
+    labels = np.stack([np.asarray(Image.open(tmp_path / "data" / "lab" / f"{i}.png")) for i in range(3)])
+    conf = np.array(result["confusion"])
+    assert conf.shape == (11, 11) and conf.sum() == np.sum(labels != 11)
+    np.testing.assert_array_equal(conf.sum(1), [np.sum(labels == c) for c in range(11)])
+    # the saved id PNGs are raw CamVid ids, and re-scoring them gives the same confusion matrix
+    preds = np.stack([np.asarray(Image.open(tmp_path / "pred" / f"{i}.png")) for i in range(3)])
+    again = ev.confusion_matrix(torch.from_numpy(preds.astype(np.int64)),
+                                torch.from_numpy(np.where(labels == 11, -1, labels).astype(np.int64)), 11)
+    np.testing.assert_array_equal(again.numpy(), conf)
+    assert (tmp_path / "pred" / "0_overlay.png").is_file()
+    assert "| Sky | sky |" in (tmp_path / "out" / "tiny-camvid_64_ss_sentence.md").read_text()
+
+    write_table(tmp_path / "short.pt", [k for k in keys if k != "pole"])
+    with pytest.raises(KeyError, match="pole"):
+        ev.main(args[:2] + [f"--embeddings={tmp_path / 'short.pt'}"] + args[3:])
+
+
+def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
+    import clip_text
+    torch.manual_seed(0)
+    tower = clip_text.TextTransformer(clip_text.TextConfig(width=64, layers=1, heads=1, mlp_width=128, embed_dim=32))
+    torch.save(tower.state_dict(), tmp_path / "clip.pt")                   # a plain OpenAI-format state dict
+    spec = load_label_spec()
+    keys = ["sky", "sidewalk_pavement"]
+    sentences, words = ev.label_texts(spec, keys, "sentence"), ev.label_texts(spec, keys, "word")
+    assert words == ["sky", "sidewalk pavement"] and sentences[0].startswith("An image of")
+    got = inf.label_embeddings(keys, sentences, clip_weights=str(tmp_path / "clip.pt"))
+    torch.testing.assert_close(got, clip_text.encode_sentences(tower.eval(), sentences))
+    got_words = inf.label_embeddings(keys, words, clip_weights=str(tmp_path / "clip.pt"))
+    torch.testing.assert_close(got_words, clip_text.encode_sentences(tower, words))
+    assert not torch.allclose(got, got_words)
+    with pytest.raises(ValueError, match="--embeddings"):
+        inf.label_embeddings(keys, sentences)
+
+
+def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
+    spec = load_label_spec()
+    camvid = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")), spec)
+    assert len(camvid) == 101 and camvid.class_names == CAMVID
+    image, target, stem = camvid[0]
+    raw = np.asarray(Image.open(camvid.source.items[0][1])).astype(np.int64)
+    assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
+    np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
+    facade = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")), spec)
+    assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
+    image, target, _ = facade[0]
+    rgb = np.asarray(Image.open(facade.source.items[0][1]).convert("RGB"))
+    assert target.shape == image.shape[1:]
+    np.testing.assert_array_equal(target.numpy() == -1, (rgb == 0).all(-1))  # black = various = ignored
+    assert (target.numpy()[(rgb == (0, 0, 128)).all(-1)] == facade.class_names.index("window")).all()
+
+
+@pytest.mark.parametrize("name", ["camvid-11", "kitti-19", "voc2012", "pascal-context-60", "scannet-20",
+                                  "wilddash-19", "nyuv2-40"])
+def test_mseg_dataset_yamls_match_names_files_and_taxonomy(name, shared_dir):
+    d = yaml.safe_load((ev.EVAL_CONFIGS / f"{name}.yaml").read_text())
+    assert set(d["class_names"]) <= set(load_label_spec().datasets[d["taxonomy"]])
+    names_file = shared_dir / "data" / "mseg-lists" / "dataset_lists" / name / f"{name}_names.txt"
+    if name != "nyuv2-40":  # MSeg's own names file: same classes, same order (line index = id)
+        assert d["class_names"] == [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    with pytest.raises(FileNotFoundError, match="--root"):
+        ev.load_dataset_config(name)

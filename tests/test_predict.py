@@ -1,0 +1,142 @@
+"""predict.py: ids match a model built to agree with the labels, the unknown threshold, the embedding export, the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import predict as pr
+from data import eval_image
+from inference import Protocol
+from labels import LabelTable, load_label_spec, save_label_table
+from model import ModelConfig, build_model
+
+RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+class ColourModel(nn.Module):
+    """Pixel embedding = the (normalised) colour itself, averaged over 4x4 cells: (B, 3, H, W) -> (B, 3, H/4, W/4).
+    With a label embedding = the normalised colour of that label, a region of pure colour c has cosine 1 with c."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))  # so the model has a device
+
+    def forward(self, x):
+        return F.avg_pool2d(x, 4)
+
+
+def colour_emb(names):
+    """(N, 3) label embeddings: each name's pure colour as data.eval_image normalises it."""
+    px = np.array([[RGB[n] for n in names]], np.uint8)                    # (1, N, 3)
+    return F.normalize(eval_image(Image.fromarray(px))[:, 0].T, dim=1)    # (3, 1, N) -> (N, 3)
+
+
+def write_stripes(path, colours, h=32, w=16):
+    """Vertical stripes of pure colour, each w pixels wide (a multiple of 4, so the cells do not mix colours)."""
+    img = np.concatenate([np.tile(np.array(RGB[c], np.uint8), (h, w, 1)) for c in colours], axis=1)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def stripe_ids(ids, n, w=16, margin=4):
+    """The id of each stripe's interior (bilinear upsampling blends within ~4 px of a border)."""
+    out = []
+    for i in range(n):
+        inner = ids[:, i * w + margin:(i + 1) * w - margin]
+        assert (inner == inner.flat[0]).all(), f"stripe {i} is not one id: {np.unique(inner)}"
+        out.append(int(inner.flat[0]))
+    return out
+
+
+PROTO = Protocol(base_size=0, sliding=False)  # keep the image's size
+
+
+def test_ids_follow_the_label_order(tmp_path):
+    path = write_stripes(tmp_path / "a.png", ["red", "blue", "green", "red"])
+    labels = ["blue", "green", "red"]                                      # ids 0, 1, 2
+    out = pr.predict_images(ColourModel(), [path], labels, colour_emb(labels), 50.0, PROTO, tmp_path / "out")
+    written = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    np.testing.assert_array_equal(written, out["a"])
+    assert stripe_ids(written, 4) == [2, 0, 1, 2]
+    assert Image.open(tmp_path / "out" / "a_overlay.png").size[1] > 32    # the legend strip below the image
+
+
+def test_unknown_threshold(tmp_path):
+    path = write_stripes(tmp_path / "a.png", ["red", "green", "blue"])
+    labels = ["red", "blue"]                                               # no label fits green
+    emb = colour_emb(labels)
+    plain = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o1")["a"]
+    assert pr.UNKNOWN not in plain                                         # threshold off: every pixel gets a label
+    ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2", unknown_below=0.5)["a"]
+    assert stripe_ids(ids, 3) == [0, pr.UNKNOWN, 1]
+    # the cosine of green with red and blue, by hand: the threshold sits between it and 1
+    g = colour_emb(["green"])[0]
+    assert float((emb @ g).max()) < 0.5
+    everything = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o3",
+                                   unknown_below=1.01)["a"]
+    assert (everything == pr.UNKNOWN).all()
+
+
+def test_embedding_export_pca_reconstructs(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 4, 4), nn.Tanh(), nn.Conv2d(6, 8, 1))  # (B, 3, H, W) -> (B, 8, H/4, W/4)
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "r.png")
+    emb = pr.pixel_embeddings(model, eval_image(Image.fromarray(rgb)), PROTO)  # (8, 8, 12)
+    for k, tol in [(8, 1e-2), (3, None)]:
+        pr.predict_images(model, [tmp_path / "r.png"], ["red", "blue"], F.normalize(torch.randn(2, 8), dim=1), 10.0,
+                          PROTO, tmp_path / f"k{k}", export_emb=True, emb_dims=k)
+        z = np.load(tmp_path / f"k{k}" / "r.npz")
+        assert z["emb"].shape == (k, 8, 12) and z["emb"].dtype == np.float16 and z["basis"].shape == (k, 8)
+        np.testing.assert_array_equal(z["ids"], np.asarray(Image.open(tmp_path / f"k{k}" / "r.png")))
+        recon = np.einsum("kd,khw->dhw", z["basis"].astype(np.float32), z["emb"].astype(np.float32)) \
+            + z["mean"][:, None, None]
+        err = np.abs(recon - emb.numpy()).max()
+        if tol:
+            assert err < tol                                               # all 8 components: lossless but fp16
+        else:
+            # 3 components keep the 3 largest variances: the residual is what the other 5 carry
+            x = emb.reshape(8, -1).T.double()
+            ev = torch.linalg.eigvalsh(torch.cov(x.T))                     # ascending
+            resid = ((recon - emb.numpy()) ** 2).sum(0).mean()
+            assert resid == pytest.approx(float(ev[:5].sum()) * (x.shape[0] - 1) / x.shape[0], rel=2e-2)
+
+
+def test_label_texts():
+    spec = load_label_spec()
+    assert pr.label_texts_for(["sky", "deer_antler"], spec=spec) == [spec.sentences["sky"], "deer antler"]
+    assert pr.label_texts_for(["sky"], mode="word", spec=spec) == ["sky"]
+
+
+def test_label_texts_from_user_yaml(tmp_path):
+    (tmp_path / "s.yaml").write_text("sky: An image of heaven.\n")
+    assert pr.label_texts_for(["sky"], str(tmp_path / "s.yaml")) == ["An image of heaven."]
+    (tmp_path / "bad.yaml").write_text("- sky\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        pr.label_texts_for(["sky"], str(tmp_path / "bad.yaml"))
+
+
+def test_cli_with_a_checkpoint_and_a_table(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="mit_b0", embed_dim=32, drop_path_rate=0.0, dropout=0.0)
+    torch.save({"model": build_model(cfg).state_dict(), "model_args": cfg.__dict__.copy(), "step": 1},
+               tmp_path / "ckpt.pt")
+    names = ["deer", "grass", "sky"]
+    save_label_table(tmp_path / "t.pt", LabelTable(names, names, F.normalize(torch.randn(3, 32), dim=1), "random"))
+    for i in range(2):
+        write_stripes(tmp_path / f"im{i}.png", ["red", "green"], h=40, w=24)
+    pr.main([f"--images={tmp_path}", "--labels=deer, grass,sky", f"--checkpoint={tmp_path / 'ckpt.pt'}",
+             f"--embeddings={tmp_path / 't.pt'}", "--base_size=64", "--crop_size=64", "--device=cpu",
+             f"--out_dir={tmp_path / 'out'}", "--unknown_below=0.0"])
+    meta = json.loads((tmp_path / "out" / "labels.json").read_text())
+    assert [meta["ids"][str(i)]["label"] for i in range(3)] == names and meta["unknown"] == 255
+    for i in range(2):
+        ids = np.asarray(Image.open(tmp_path / "out" / f"im{i}.png"))
+        assert ids.shape == (40, 48) and set(np.unique(ids)) <= {0, 1, 2, 255}
+    with pytest.raises(KeyError, match="moose"):
+        pr.main([f"--images={tmp_path / 'im0.png'}", "--labels=deer,moose", f"--checkpoint={tmp_path / 'ckpt.pt'}",
+                 f"--embeddings={tmp_path / 't.pt'}", "--device=cpu", f"--out_dir={tmp_path / 'out2'}"])
