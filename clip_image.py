@@ -13,7 +13,6 @@ read from the state dict); OpenAI's ResNet towers (RN50 ...) raise.
 """
 import argparse
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_text import WHERE_TO_GET, QuickGELU, read_clip_state_dict
+from clip_text import WHERE_TO_GET, Transformer, pop_hf_layers, read_clip_state_dict
 from data import load_coco_boxes
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
@@ -44,49 +43,6 @@ class VisionConfig:  # defaults: ViT-B/32
 
 # ---------------------------------------------------------------------------------------------------- image tower
 
-class SelfAttention(nn.Module):
-    """clip_text's attention without the causal mask (every patch sees every patch); nn.MultiheadAttention's
-    parameter names, as OpenAI's checkpoints store them."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked in that order
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x):  # (B, T, C)
-        B, T, C = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, C/h)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, C/h)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-
-
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_width: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, mlp_width), gelu=QuickGELU(), c_proj=nn.Linear(mlp_width, width)))
-
-    def forward(self, x):  # (B, T, C), pre-LN
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_width)
-                                         for _ in range(cfg.layers)])
-
-    def forward(self, x):
-        return self.resblocks(x)
-
-
 class VisionTransformer(nn.Module):
     """CLIP's ViT image tower; parameter names are OpenAI's `visual.*` without the prefix. Built for loading:
     parameters are left uninitialised (torch.empty) because load_image_tower overwrites every one of them."""
@@ -99,7 +55,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_width, causal=False)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
 
@@ -127,8 +83,6 @@ SKIP_PREFIXES = {"openai": ("token_embedding.", "positional_embedding", "transfo
                             "text_projection", "logit_scale", "input_resolution", "context_length", "vocab_size"),
                  "hf": ("text_model.", "text_projection.", "logit_scale",
                         "vision_model.embeddings.position_ids")}  # an arange buffer; positions are implicit here
-HF_LAYER_RENAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 OPENAI_RESNET_MARKERS = ("visual.layer1.", "visual.attnpool.")
 
 
@@ -149,13 +103,7 @@ def hf_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
            "ln_post.weight": sd.pop(v + "post_layernorm.weight"),
            "ln_post.bias": sd.pop(v + "post_layernorm.bias"),
            "proj": sd.pop("visual_projection.weight").t()}  # nn.Linear (D, C) -> OpenAI's matrix (C, D)
-    layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers.")})
-    for i in layers:
-        hf, ours = f"vision_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for p in ("weight", "bias"):  # nn.MultiheadAttention packs q, k, v into one in_proj
-            out[ours + f"attn.in_proj_{p}"] = torch.cat([sd.pop(hf + f"self_attn.{n}_proj.{p}") for n in "qkv"])
-            for a, b in HF_LAYER_RENAMES.items():
-                out[ours + f"{b}.{p}"] = sd.pop(hf + f"{a}.{p}")
+    out.update(pop_hf_layers(sd, "vision_model.encoder.layers."))
     if sd:
         raise KeyError(f"unexpected HF CLIP keys: {sorted(sd)[:10]}")
     return out

@@ -172,12 +172,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
 
 
-class CausalSelfAttention(nn.Module):
-    """nn.MultiheadAttention's parameter names (OpenAI checkpoints store them so), computed with SDPA."""
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention's parameter names (OpenAI checkpoints store them so), computed with SDPA. Causal in the
+    text tower (a token sees only earlier ones), full in the image tower (clip_image.py)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked in that order
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -186,15 +187,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, C/h)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, T, C/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, T, C/h)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_width: int):
+    def __init__(self, width: int, heads: int, mlp_width: int, causal: bool):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
+        self.attn = SelfAttention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(
             c_fc=nn.Linear(width, mlp_width), gelu=QuickGELU(), c_proj=nn.Linear(mlp_width, width)))
@@ -205,10 +206,12 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """CLIP's transformer, shared by the text tower (causal) and the image tower (clip_image.py, not causal)."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, causal: bool):
         super().__init__()
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_width)
-                                         for _ in range(cfg.layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_width, causal)
+                                         for _ in range(layers)])
 
     def forward(self, x):
         return self.resblocks(x)
@@ -222,7 +225,7 @@ class TextTransformer(nn.Module):
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_width, causal=True)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
         self.init_weights()
@@ -345,6 +348,20 @@ HF_LAYER_RENAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1"
                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
+def pop_hf_layers(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Pop HF's transformer layers `{prefix}{i}.*` out of `sd` and return them under OpenAI's names
+    `transformer.resblocks.{i}.*` (both towers use this)."""
+    out = {}
+    layers = sorted({int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)})
+    for i in layers:
+        hf, ours = f"{prefix}{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):  # nn.MultiheadAttention packs q, k, v into one in_proj
+            out[ours + f"attn.in_proj_{p}"] = torch.cat([sd.pop(hf + f"self_attn.{n}_proj.{p}") for n in "qkv"])
+            for a, b in HF_LAYER_RENAMES.items():
+                out[ours + f"{b}.{p}"] = sd.pop(hf + f"{a}.{p}")
+    return out
+
+
 def hf_to_openai(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF CLIP text keys -> OpenAI's. Leftover keys raise, so nothing is dropped unnoticed."""
     sd = dict(sd)
@@ -353,13 +370,7 @@ def hf_to_openai(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
            "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
            "ln_final.bias": sd.pop("text_model.final_layer_norm.bias"),
            "text_projection": sd.pop("text_projection.weight").t()}  # nn.Linear (D, C) -> OpenAI's matrix (C, D)
-    layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")})
-    for i in layers:
-        hf, ours = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for p in ("weight", "bias"):  # nn.MultiheadAttention packs q, k, v into one in_proj
-            out[ours + f"attn.in_proj_{p}"] = torch.cat([sd.pop(hf + f"self_attn.{n}_proj.{p}") for n in "qkv"])
-            for a, b in HF_LAYER_RENAMES.items():
-                out[ours + f"{b}.{p}"] = sd.pop(hf + f"{a}.{p}")
+    out.update(pop_hf_layers(sd, "text_model.encoder.layers."))
     if sd:
         raise KeyError(f"unexpected HF CLIP keys: {sorted(sd)[:10]}")
     return out

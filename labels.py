@@ -158,6 +158,7 @@ def save_label_table(path: str | Path, table: LabelTable) -> None:
     """torch.save {"names", "sentences", "embeddings" (N, D) fp32, "encoder"}, atomically (temp file + os.replace)."""
     path = Path(path)
     _check_table(table.names, table.sentences, table.embeddings, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"names": list(table.names), "sentences": list(table.sentences),
            "embeddings": table.embeddings.detach().float().cpu().contiguous(), "encoder": table.encoder}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")

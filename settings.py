@@ -5,6 +5,7 @@ key raises, naming the key and where it came from. train.py and evaluate.py each
 """
 import ast
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def parse_settings(cls, argv=None):
     settings = cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     overrides = []  # (key, value, where)
+    if any(arg in ("-h", "--help") for arg in argv):
+        script = sys.modules.get("__main__")
+        print((script.__doc__ or "").strip(), "\n\nSettings (defaults; override with a YAML file and --key=value):\n")
+        print(inspect.getsource(cls))  # the dataclass itself: names, defaults and their one-line comments
+        sys.exit(0)
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:

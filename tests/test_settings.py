@@ -44,3 +44,10 @@ def test_flag_without_value_and_missing_file_raise(tmp_path):
         parse_settings(Demo, ["--steps"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         parse_settings(Demo, [str(tmp_path / "nope.yaml")])
+
+
+def test_help_prints_the_settings_dataclass_and_exits(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(Demo, ["--help"])
+    assert exit_info.value.code == 0
+    assert "scales: list = field(default_factory=lambda: [1.0])" in capsys.readouterr().out
