@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_text import WHERE_TO_GET, Transformer, pop_hf_layers, read_clip_state_dict
+from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
 from data import load_coco_boxes
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
@@ -122,11 +122,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> VisionConfig:
 def load_image_tower(path, device="cpu") -> VisionTransformer:
     """CLIP checkpoint (see clip_text.read_clip_state_dict) -> fp32 VisionTransformer in eval mode, loaded strictly."""
     raw, fmt = read_clip_state_dict(path)
-    skipped = {k for k in raw if k.startswith(SKIP_PREFIXES[fmt])}
-    sd = {k: v for k, v in raw.items() if k not in skipped}
-    by_prefix = {p: sum(k.startswith(p) for k in skipped) for p in SKIP_PREFIXES[fmt]}
-    print(f"clip_image: {path} ({fmt}): skipping {len(skipped)} non-image-tower keys "
-          f"({', '.join(f'{p}*: {n}' for p, n in by_prefix.items() if n)})")
+    sd = drop_by_prefix(raw, SKIP_PREFIXES[fmt], f"clip_image: {path} ({fmt})", "non-image-tower")
     if any(k.startswith(OPENAI_RESNET_MARKERS) for k in sd):
         raise NotImplementedError(f"{path}: a CLIP ResNet image tower (keys visual.layer1.*, visual.attnpool.*); "
                                   f"only the ViT towers are implemented (ViT-B/32, ViT-B/16, ViT-L/14)")

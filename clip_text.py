@@ -386,14 +386,19 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> TextConfig:
                       embed_dim=sd["text_projection"].shape[1])
 
 
+def drop_by_prefix(raw: dict, prefixes: tuple, who: str, what: str) -> dict:
+    """`raw` without the keys starting with `prefixes` (the other tower's), saying how many of each were dropped."""
+    skipped = {k for k in raw if k.startswith(prefixes)}
+    by_prefix = {p: sum(k.startswith(p) for k in skipped) for p in prefixes}
+    print(f"{who}: skipping {len(skipped)} {what} keys "
+          f"({', '.join(f'{p}*: {n}' if p.endswith('.') else p for p, n in by_prefix.items() if n)})")
+    return {k: v for k, v in raw.items() if k not in skipped}
+
+
 def load(path, device="cpu") -> TextTransformer:
     """CLIP checkpoint (see read_clip_state_dict) -> fp32 TextTransformer in eval mode, loaded strictly."""
     raw, fmt = read_clip_state_dict(path)
-    skipped = {k for k in raw if k.startswith(SKIP_PREFIXES[fmt])}
-    sd = {k: v for k, v in raw.items() if k not in skipped}
-    by_prefix = {p: sum(k.startswith(p) for k in skipped) for p in SKIP_PREFIXES[fmt]}
-    print(f"clip_text: {path} ({fmt}): skipping {len(skipped)} non-text-tower keys "
-          f"({', '.join(f'{p}*: {n}' if p.endswith('.') else p for p, n in by_prefix.items() if n)})")
+    sd = drop_by_prefix(raw, SKIP_PREFIXES[fmt], f"clip_text: {path} ({fmt})", "non-text-tower")
     try:
         sd = hf_to_openai(sd) if fmt == "hf" else sd
         model = TextTransformer(config_from_state_dict(sd))

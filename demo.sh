@@ -14,7 +14,7 @@ python clip_text.py --random-init --out runs/demo/label_table.pt
 python train.py configs/demo_synthetic.yaml
 ckpt=$(ls runs/demo/ckpt_*.pt | tail -n 1)
 for dataset in synthetic-street-ids synthetic-facade-colors; do
-  python evaluate.py --dataset="$dataset" --checkpoint="$ckpt" --embeddings=runs/demo/label_table.pt \
+  python evaluate.py --dataset="$dataset" --checkpoint="$ckpt" \
     --base_size=0 --sliding=false --out_dir=runs/demo/eval --save_pred="runs/demo/pred/$dataset"
 done
 echo "demo done: checkpoint $ckpt, results runs/demo/eval/*.md, overlays runs/demo/pred/*/*_overlay.png"

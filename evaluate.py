@@ -35,7 +35,8 @@ class EvalSettings:
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
     checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
-    embeddings: str = ""           # label table (.pt from clip_text.py, or universal_cat2vec.npy) ...
+    embeddings: str = ""           # label table (.pt from clip_text.py, or universal_cat2vec.npy); "" = the
+                                   # checkpoint's own training table, unless clip_weights is given
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
     base_size: int = 720           # shorter side before inference (MSeg: 360, 480, 720, 1080)
@@ -195,7 +196,8 @@ def main(argv=None):
     if s.embeddings and s.mode == "word" and master:
         print("note: --mode only picks what --clip_weights embeds; a saved table is used as it was made")
     texts = label_texts(spec, dataset.keys, s.mode)
-    label_emb = label_embeddings(dataset.keys, texts, s.embeddings, s.clip_weights, device)  # (N, D)
+    label_emb = label_embeddings(dataset.keys, texts, s.embeddings, s.clip_weights, device,  # (N, D)
+                                 ckpt.get("label_table"))
     check_width(ckpt, label_emb, "the label embeddings")
     proto = Protocol.from_settings(s)
     scale = float(model.scale().detach())

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 import clip_text
 import data
-from labels import load_label_table
+from labels import LabelTable, load_label_table
 from model import ModelConfig, build_model, similarity, upsample_logits
 
 
@@ -86,7 +86,7 @@ def window_scores(model, x, label_emb, scale, flip, with_cos):
     if flip:
         x = torch.cat([x, x.flip(-1)])                                   # (2B, 3, h, w)
     logits = similarity(model(x), label_emb, scale)                      # (B', D, h/4, w/4) -> (B', N, h/4, w/4)
-    logits = upsample_logits(logits.float(), (h, w))                    # (B', N, h, w)
+    logits = upsample_logits(logits.to(label_emb.dtype), (h, w))        # (B', N, h, w), fp32 even under autocast
     out = logits.softmax(1)
     if with_cos:
         out = torch.cat([out, logits / scale], 1)                        # (B', 2N, h, w)
@@ -131,7 +131,7 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
     Returns (N, H_out, W_out) class probabilities averaged over scales (and flips), at out_size (default: the
     image's size, which is the label's); with with_cos, also (N, H_out, W_out) cosine similarities, else None.
     """
-    x = image.to(label_emb.device)[None].float()                         # (1, 3, H, W)
+    x = image.to(label_emb.device, label_emb.dtype)[None]                # (1, 3, H, W), the labels' precision (fp32)
     out_size = tuple(out_size or x.shape[-2:])
     short = proto.base_size or min(x.shape[-2:])
     total = 0
@@ -201,9 +201,10 @@ def save_prediction(folder, stem, image, ids, names):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint and label embeddings
 
-def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu"):
+def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", trained_table=None):
     """(N, D) L2-normalised label embeddings: the rows of a saved table for `keys`, or `texts` embedded now with the
-    CLIP text tower at `clip_weights`. A table lacking a key raises naming it."""
+    CLIP text tower at `clip_weights`, or else the rows of the table the checkpoint was trained with
+    (`trained_table`, the checkpoint's "label_table" dict). A table lacking a key raises naming it."""
     if embeddings:
         table = load_label_table(embeddings)
         emb = table.embeddings[table.rows(keys)]                          # (N, D)
@@ -212,6 +213,10 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu"):
         tower = clip_text.load(clip_weights)  # on the CPU: a few dozen sentences, and the tokens are made there
         emb = clip_text.encode_sentences(tower, texts)                    # (N, D)
         print(f"label embeddings: {len(texts)} texts embedded with {clip_weights}")
+    elif trained_table is not None:
+        table = LabelTable(**trained_table)
+        emb = table.embeddings[table.rows(keys)]                          # (N, D)
+        print(f"label embeddings: {len(keys)} rows of the checkpoint's training table ({table.encoder})")
     else:
         raise ValueError("no label embeddings: give --embeddings=TABLE (.pt or universal_cat2vec.npy) "
                          "or --clip_weights=PATH (CLIP weights to embed the label texts)")

@@ -6,7 +6,6 @@
 Reads top to bottom: settings -> distributed/device -> label table -> data -> model -> optimizer -> resume -> loop.
 """
 import json
-import math
 import os
 import random
 import signal
@@ -200,7 +199,7 @@ def main(argv=None):
         ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
         if ckpt["model_args"] != asdict(model_args):
             raise ValueError(f"{resume_path}: model_args {ckpt['model_args']} differ from this run's {asdict(model_args)}")
-        if ckpt["label_names"] != table.names:
+        if ckpt["label_table"]["names"] != table.names:
             raise ValueError(f"{resume_path}: trained with another label table than {s.label_table}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -223,8 +222,8 @@ def main(argv=None):
         if master:
             payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "step": step, "sampler": sampler.state_dict(), "rng": rngs,
-                       "config": asdict(s), "model_args": asdict(model_args), "label_names": table.names,
-                       "label_encoder": table.encoder}
+                       "config": asdict(s), "model_args": asdict(model_args),
+                       "label_table": asdict(table)}  # small (N x D): evaluation needs no other file
             save_checkpoint(Path(s.out_dir) / f"ckpt_{step:08d}.pt", payload, s.keep_last)
 
     stop = {"signal": None}  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
