@@ -103,21 +103,6 @@ def onehot_table(keys, dim):
     return LabelTable(names=list(keys), sentences=list(keys), embeddings=torch.eye(len(keys), dim), encoder="onehot")
 
 
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path, payload, keep_last):
     """Write atomically (temp file + rename: a kill mid-write never replaces a good file), then prune old ones."""
     path = Path(path)
@@ -206,7 +191,6 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if master:
             print(f"resumed from {resume_path} at step {step}")
     raw_model = model
@@ -214,14 +198,9 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint():
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
         if master:
             payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "step": step, "sampler": sampler.state_dict(), "rng": rngs,
+                       "scaler": scaler.state_dict(), "step": step, "sampler": sampler.state_dict(),
                        "config": asdict(s), "model_args": asdict(model_args),
                        "label_table": asdict(table)}  # small (N x D): evaluation needs no other file
             save_checkpoint(Path(s.out_dir) / f"ckpt_{step:08d}.pt", payload, s.keep_last)
@@ -252,6 +231,9 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         batch = data.to_device(batch, device)
+        # dropout and drop-path draw from the global generator: reseeding it from (seed, step, rank) makes every step's
+        # randomness a pure function of the step, so a resumed run needs no saved RNG state (data has its own seeds)
+        torch.manual_seed(s.seed + step * world + rank)
         with autocast:
             out = model(batch["image"])
         terms = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside
@@ -293,6 +275,9 @@ def main(argv=None):
                 print(f"stopped by signal at step {step}; checkpoint written")
             break
     if world > 1:
+        # gloo finishes its work objects on worker threads that need the GIL; waiting on a barrier (GIL released)
+        # lets them finish before the process group is torn down, which otherwise can deadlock at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 
