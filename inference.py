@@ -227,8 +227,7 @@ def load_checkpoint(path, device):
     """Rebuild the model from a train.py checkpoint alone (model_args + strict state dict). Returns (model, ckpt)."""
     if not path:
         raise ValueError("--checkpoint is required")
-    # weights_only=False: train.py's checkpoints also hold RNG states (numpy arrays); load only files you trust
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain Python only: no code runs
     missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise KeyError(f"{path}: not a train.py checkpoint, it lacks {missing}")

@@ -181,7 +181,7 @@ def main(argv=None):
     step = 0
     resume_path = find_resume(s)
     if resume_path:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and plain Python only
         if ckpt["model_args"] != asdict(model_args):
             raise ValueError(f"{resume_path}: model_args {ckpt['model_args']} differ from this run's {asdict(model_args)}")
         if ckpt["label_table"]["names"] != table.names:

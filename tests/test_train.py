@@ -53,7 +53,7 @@ def run(setup, out, *flags, torchrun=0, background=False):
 
 
 def final(out, step=STEPS):
-    return torch.load(Path(out) / f"ckpt_{step:08d}.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(out) / f"ckpt_{step:08d}.pt", map_location="cpu", weights_only=True)
 
 
 def wait_for(path, proc, timeout=300):
