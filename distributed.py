@@ -13,12 +13,17 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 
+def pick_device(name="auto"):
+    """"auto" -> cuda when available, else cpu; any other name as torch.device. For one-process scripts too."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def setup(device_name="auto"):
-    """Start the process group when launched by torchrun (RANK set). Returns (rank, world_size, device)."""
-    if device_name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_name)
+    """Start the process group when launched by torchrun (RANK set). Returns (rank, world_size, device), the device
+    being cuda:LOCAL_RANK under torchrun on GPUs."""
+    device = pick_device(device_name)
     if "RANK" not in os.environ:
         return 0, 1, device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

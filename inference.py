@@ -243,10 +243,4 @@ def check_width(ckpt, label_emb, what):
         raise ValueError(f"{what} has width {label_emb.shape[1]}, the checkpoint's pixel embeddings {width}")
 
 
-def pick_device(name):
-    """For one process (predict.py). evaluate.py's main gets its device from distributed.setup, which picks the same
-    one but, under torchrun, also starts a process group and takes cuda:LOCAL_RANK: not for a one-process script."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 

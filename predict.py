@@ -25,8 +25,9 @@ import torch.nn.functional as F
 import yaml
 
 import data
-from inference import (Protocol, check_width, infer, label_embeddings, load_checkpoint, pick_device, resize_short_side,
+from inference import (Protocol, check_width, infer, label_embeddings, load_checkpoint, resize_short_side,
                        save_prediction)
+from distributed import pick_device
 from labels import load_label_spec
 from readers import decode_rgb, open_image
 from settings import parse_settings, print_settings

@@ -258,7 +258,7 @@ def main(argv=None):
                 elapsed = time.time() - t0
                 rate = seen / elapsed
                 record = {"step": step, "lr": lr, "images_per_s": rate, "scale": raw_model.scale().item(),
-                          **{k: float(v) for k, v in zip(sorted(terms), logged)}}
+                          **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)}}  # + 0.0: no "-0.0" terms
                 eta = (s.max_steps - step) * s.batch_size * world / max(rate, 1e-9)
                 losses = " ".join(f"{k} {record[k]:.4f}" for k in sorted(terms))
                 print(f"step {step}/{s.max_steps} | {losses} | lr {lr:.2e} | {rate:.1f} img/s | "
@@ -274,6 +274,8 @@ def main(argv=None):
             if master:
                 print(f"stopped by signal at step {step}; checkpoint written")
             break
+    if log_file:
+        log_file.close()
     if world > 1:
         # gloo finishes its work objects on worker threads that need the GIL; waiting on a barrier (GIL released)
         # lets them finish before the process group is torn down, which otherwise can deadlock at exit
