@@ -351,7 +351,8 @@ def make_loader(dataset: MultiSourceDataset, sampler: BalancedSampler, workers: 
                 prefetch_factor: int = 4) -> Loader:
     """The DataLoader training uses. Persistent workers keep each worker's opened sources across epochs (the
     epoch rides in the sampler's keys, so nothing in a worker goes stale); prefetch_factor 4 keeps a few batches
-    queued to absorb slow decodes (large JPEGs, many OpenImages masks). bench_data.py measures the workers needed."""
+    queued to absorb slow decodes (large JPEGs, many OpenImages masks). tools/bench_data.py measures the workers
+    needed."""
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=pin_memory, persistent_workers=workers > 0,
                         prefetch_factor=prefetch_factor if workers > 0 else None)

@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 python -m pip install --quiet torch==2.13.0          # the CPU build first: a plain `torch` would pull CUDA
 python -m pip install --quiet -r requirements.txt
 rm -rf runs/demo
-python synthetic_data.py --out data/synthetic
+python -m tools.synthetic_data --out data/synthetic
 python clip_text.py --random-init --out runs/demo/label_table.pt
 python train.py configs/demo_synthetic.yaml
 ckpt=$(ls runs/demo/ckpt_*.pt | tail -n 1)

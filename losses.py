@@ -18,8 +18,8 @@ from model import similarity, upsample_logits  # cosine x scale; the project's o
 DEFAULT_WEIGHTS = {"dense": 1.0, "coarse": 1.0, "boxes": 1.0, "aux": 0.4}  # keyed by term name without "loss_"
 DROP_FRACTION = 0.3  # L_LD: share of each coarse image's valid pixels with the highest loss that is dropped
 
-# Where the label-resolution loss meets the 1/4-resolution embeddings. bench_losses.py, L_HD forward+backward at 238
-# labels, 640x640 labels, D=512, batch 2, CPU (peak = ru_maxrss growth; full table in its docstring):
+# Where the label-resolution loss meets the 1/4-resolution embeddings. tools/bench_losses.py, L_HD forward+backward
+# at 238 labels, 640x640 labels, D=512, batch 2, CPU (peak = ru_maxrss growth; full table in its docstring):
 #   "logits"      cosine logits at 1/4 resolution, bilinearly upsampled to the labels     2.2 GiB    6 s CPU
 #   "embeddings"  embeddings upsampled to the labels, then cosine logits                   9.4 GiB   24 s CPU
 #   "labels"      labels downsampled (nearest) to 1/4 resolution, logits stay at 1/4       0.5 GiB    2 s CPU

@@ -65,7 +65,8 @@ class SegModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         self.apply(_init_weights)
         # channels_last throughout: MiT's tokens (B, N, C) already are channels_last maps, and on CPU (oneDNN) and
-        # GPU (cuDNN, AMP) NHWC convolutions are faster; bench.py measured ~3.6x for MiT-B0 inference on CPU.
+        # GPU (cuDNN, AMP) NHWC convolutions are faster; tools/bench_model.py measured ~3.6x for MiT-B0 inference on
+        # CPU.
         self.to(memory_format=torch.channels_last)
 
     def scale(self):

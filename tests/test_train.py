@@ -14,7 +14,7 @@ import yaml
 
 import train
 from labels import LabelTable, load_label_spec, save_label_table
-from synthetic_data import write_split
+from tools.synthetic_data import write_split
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8

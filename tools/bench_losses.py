@@ -4,7 +4,7 @@
   embeddings  embeddings upsampled to the labels, then cosine logits
   labels      labels downsampled (nearest) to H/4, logits stay at H/4
 
-Usage: python bench_losses.py [--labels 238 --size 640 --dim 512 --batch 2 --repeats 3 --device cpu|cuda]
+Usage: python -m tools.bench_losses [--labels 238 --size 640 --dim 512 --batch 2 --repeats 3 --device cpu|cuda]
 
 Only the loss path is measured: random embeddings (B, D, H/4, W/4) that require grad, a random label table (N, D),
 random targets (B, H, W) with 10% ignored, losses.source_nll + dense_from_nll, then backward to the embeddings. Each
@@ -13,7 +13,7 @@ Peak memory: on CPU the growth of resource.getrusage(RUSAGE_SELF).ru_maxrss (pea
 allocations; tracemalloc would not) from just before the first forward+backward to just after it; on CUDA
 torch.cuda.max_memory_allocated() minus what was allocated before. Time: the median of --repeats further runs.
 
-Measured with `python bench_losses.py` (defaults), torch 2.13.0+cpu, 2 threads, on a 2-core machine shared with
+Measured with `python -m tools.bench_losses` (defaults), torch 2.13.0+cpu, 2 threads, on a 2-core machine shared with
 other jobs (load average 4-7 during the run: wall times are pessimistic and noisy, CPU times less so, the memory
 reproduced to 1 MiB across two runs):
 
@@ -32,10 +32,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from losses import RESIZE_MODES, dense_from_nll, source_nll
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_variant(mode, args):
@@ -99,9 +102,9 @@ def main(argv=None):
     print(f"| variant | peak memory (MiB) | fwd+bwd wall s | fwd+bwd CPU s (medians of {args.repeats}) |")
     print("|---|---:|---:|---:|")
     for mode in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--child", mode] + [f"--{k}={getattr(args, k)}" for k in
-                                                            ("labels", "size", "dim", "batch", "repeats", "device")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "tools.bench_losses", "--child", mode] + [
+            f"--{k}={getattr(args, k)}" for k in ("labels", "size", "dim", "batch", "repeats", "device")]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if res.returncode != 0:
             raise RuntimeError(f"variant {mode} failed:\n{res.stderr[-2000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ that conflict with each other:
   facade-colors/  LabelMeFacade-style (`labelmefacade` taxonomy): RGB colour-coded PNGs. Windows and doors are their
                   own classes; poles and signs fall into `various` (black, ignored).
 
-Usage: python synthetic_data.py --out data/synthetic [--train 48 --val 16 --size 160x120]
+Usage: python -m tools.synthetic_data --out data/synthetic [--train 48 --val 16 --size 160x120]
 """
 import argparse
 from pathlib import Path
@@ -20,7 +20,6 @@ from PIL import Image
 # What is drawn, and the class each taxonomy gives it.
 CAMVID_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
                 "Bicyclist"]
-CAMVID_IGNORE = 11
 FACADE_COLORS = {"various": (0, 0, 0), "building": (128, 0, 0), "car": (128, 0, 128), "door": (128, 128, 0),
                  "pavement": (128, 128, 128), "road": (128, 64, 0), "sky": (0, 128, 128),
                  "vegetation": (0, 128, 0), "window": (0, 0, 128)}

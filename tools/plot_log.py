@@ -1,6 +1,6 @@
 """Plot the loss curves of one or more training runs (train.py's log.jsonl) into a PNG, with PIL only.
 
-    python plot_log.py runs/cpu_sentence/log.jsonl runs/cpu_onehot/log.jsonl --out loss.png [--key loss]
+    python -m tools.plot_log runs/cpu_sentence/log.jsonl runs/cpu_onehot/log.jsonl --out loss.png [--key loss]
 """
 import argparse
 import json

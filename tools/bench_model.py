@@ -1,7 +1,7 @@
 """Throughput and peak memory of the model, against HF transformers' SegFormer on the same settings when installed.
 
-    python bench.py --backbone=mit_b0 --size=512 --batch=2 --steps=10
-    python bench.py --backbone=mit_b5 --size=640 --batch=8 --amp=True --compile=True      # on a GPU
+    python -m tools.bench_model --backbone=mit_b0 --size=512 --batch=2 --steps=10
+    python -m tools.bench_model --backbone=mit_b5 --size=640 --batch=8 --amp=True --compile=True      # on a GPU
 
 Prints images/s for inference (eval, no grad) and for a training step (train mode, forward + backward of a
 stand-in loss; no optimizer step, the same for both models), the peak memory of each phase, and ours / HF ratios.
@@ -9,14 +9,14 @@ Peak memory: torch.cuda.max_memory_allocated on a GPU; on CPU the peak process R
 sampled every millisecond by a thread (torch's CPU allocator gives large blocks back to the OS, so this tracks
 tensor memory; tracemalloc cannot see torch allocations).
 """
-import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from model import ModelConfig, build_model
+from settings import parse_settings
 
 
 @dataclass
@@ -34,23 +34,6 @@ class BenchConfig:
     hf: bool = True  # also measure HF SegformerForSemanticSegmentation (MiT backbones, when installed)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     threads: int = 0  # torch.set_num_threads on CPU; 0 = torch's default
-
-
-def parse_args(cfg, argv):
-    """--key=value overrides, type-checked against the defaults; unknown keys raise."""
-    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
-    for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if key not in types:
-            raise SystemExit(f"unknown setting {key!r}; known: {sorted(types)}")
-        if types[key] is bool:
-            if value.lower() not in ("", "true", "false", "1", "0"):
-                raise SystemExit(f"--{key} expects True/False, got {value!r}")
-            setattr(cfg, key, value.lower() in ("", "true", "1"))
-        else:
-            setattr(cfg, key, types[key](value))
-    return cfg
 
 
 class PeakRSS:
@@ -117,7 +100,7 @@ def measure(step, cfg):
 
 
 def main():
-    cfg = parse_args(BenchConfig(), sys.argv[1:])
+    cfg = parse_settings(BenchConfig)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(cfg)
@@ -166,6 +149,7 @@ def main():
         for phase in ("infer", "train"):
             (a, ma), (b, mb) = best["ours", phase], best["hf", phase]
             print(f"ours / hf {phase}: speed {a / b:.2f}x, peak memory {ma / max(mb, 1):.2f}x")
+
 
 if __name__ == "__main__":
     main()

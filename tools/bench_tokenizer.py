@@ -1,6 +1,6 @@
 """Tokenizer throughput: clip_text.tokenize against OpenAI's reference (clip-anytorch), same sentences, same run.
 
-    python bench_tokenizer.py [--n 5000] [--repeats 3]
+    python -m tools.bench_tokenizer [--n 5000] [--repeats 3]
 
 Each implementation starts from an empty per-word cache (a fresh tokenizer), then tokenizes the same sentences
 `repeats` times; the first pass is the cold-cache number, the best later pass the warm one. Both produce
@@ -11,14 +11,11 @@ import argparse
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import clip_text
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from make_tokenizer_fixture import LABELS_238, load_reference, reference_tokenize  # noqa: E402
+from tests.make_tokenizer_fixture import LABELS_238, load_reference, reference_tokenize
 
 
 def label_like_sentences(n: int, seed: int = 0) -> list[str]:

@@ -1,8 +1,8 @@
 """Data throughput: images/second per worker for decode + augment at the paper's settings on the real data, and the
 DataLoader settings training should use.
 
-    python bench_data.py [--shared ../shared] [--samples 60] [--short-side 1080 --crop 640] [--loader-workers 2]
-                         [--gpu-images-per-s 25]
+    python -m tools.bench_data [--config configs/cpu_camvid_facade_b0.yaml] [--samples 60]
+                               [--short-side 1080 --crop 640] [--loader-workers 2] [--gpu-images-per-s 25]
 
 "Per worker" = one process, one thread (a DataLoader worker runs torch with one thread), timed on each source and
 on the balanced mix through collate. The DataLoader run checks that workers scale and that collation and the
@@ -17,21 +17,21 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import data
 import labels
 
-FACADE_COLORS = {"0:0:0": "various", "128:0:0": "building", "128:0:128": "car", "128:128:0": "door",
-                 "128:128:128": "pavement", "128:64:0": "road", "0:128:128": "sky", "0:128:0": "vegetation",
-                 "0:0:128": "window"}
+REPO = Path(__file__).resolve().parents[1]
 
 
-def real_sources(shared: Path) -> list[data.SourceConfig]:
-    d = shared / "data"
-    return [data.SourceConfig.from_dict(dict(name="camvid", root=str(d / "camvid-11"), list="train.txt",
-                                             names="names.txt", taxonomy="camvid-segnet", ignore=[11])),
-            data.SourceConfig.from_dict(dict(name="labelmefacade", root=str(d / "labelmefacade"), list="train.txt",
-                                             encoding="color", colors=FACADE_COLORS, taxonomy="labelmefacade"))]
+def config_sources(config: Path) -> list[data.SourceConfig]:
+    """The `sources` of a training config; relative roots are taken from the repository root, as train.py run from
+    there takes them."""
+    sources = []
+    for d in yaml.safe_load(config.read_text())["sources"]:
+        sources.append(data.SourceConfig.from_dict({**d, "root": str(REPO / d["root"])}))
+    return sources
 
 
 def rate(fn, n: int) -> float:
@@ -44,8 +44,8 @@ def rate(fn, n: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shared", default=os.environ.get("SSIW_SHARED", str(Path(__file__).resolve().parent.parent
-                                                                           / "shared")))
+    p.add_argument("--config", default=str(REPO / "configs" / "cpu_camvid_facade_b0.yaml"),
+                   help="training config whose `sources` are measured")
     p.add_argument("--samples", type=int, default=60)
     p.add_argument("--short-side", type=int, default=1080)
     p.add_argument("--crop", type=int, default=640)
@@ -56,7 +56,7 @@ def main():
 
     torch.set_num_threads(1)  # as inside a DataLoader worker
     spec = labels.load_label_spec()
-    sources = real_sources(Path(args.shared))
+    sources = config_sources(Path(args.config))
     keys = data.source_label_keys(sources, spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "bench (rows only)")
     transform = data.TrainTransform(short_side=args.short_side, crop_size=args.crop)
