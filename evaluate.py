@@ -21,7 +21,8 @@ import yaml
 
 import data
 import distributed
-from inference import Protocol, check_width, infer, label_embeddings, load_checkpoint, save_prediction, to_uint8
+from checkpoints import check_width, load_checkpoint
+from inference import Protocol, infer, label_embeddings, save_prediction, to_uint8
 from labels import dataset_label_keys, label_texts, load_label_spec
 from settings import parse_settings, print_settings
 

@@ -1,5 +1,5 @@
-"""Inference shared by evaluate.py and predict.py: MSeg's test protocol, pictures of the predictions, and loading a
-checkpoint and the label embeddings.
+"""Inference shared by evaluate.py and predict.py: MSeg's test protocol, pictures of the predictions, and the label
+embeddings.
 
 The protocol follows mseg-semantic `tool/inference_task.py` (which SSIW's test code copies):
   1. resize the image so its shorter side is round(scale * base_size) (bilinear, aspect kept);
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 import clip_text
 import data
 from labels import LabelTable, load_label_table
-from model import ModelConfig, build_model, similarity, upsample_logits
+from model import similarity, upsample_logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,26 +221,3 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", 
         raise ValueError("no label embeddings: give --embeddings=TABLE (.pt or universal_cat2vec.npy) "
                          "or --clip_weights=PATH (CLIP weights to embed the label texts)")
     return F.normalize(emb.float(), dim=-1).to(device)
-
-
-def load_checkpoint(path, device):
-    """Rebuild the model from a train.py checkpoint alone (model_args + strict state dict). Returns (model, ckpt)."""
-    if not path:
-        raise ValueError("--checkpoint is required")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain Python only: no code runs
-    missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise KeyError(f"{path}: not a train.py checkpoint, it lacks {missing}")
-    model = build_model(ModelConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])  # strict: a mismatch means another model, not something to paper over
-    return model.to(device).eval(), ckpt
-
-
-def check_width(ckpt, label_emb, what):
-    """The label embeddings must be as wide as the model's pixel embeddings."""
-    width = ckpt["model_args"].get("embed_dim")
-    if width != label_emb.shape[1]:
-        raise ValueError(f"{what} has width {label_emb.shape[1]}, the checkpoint's pixel embeddings {width}")
-
-
-

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import yaml
 
 import data
-from inference import (Protocol, check_width, infer, label_embeddings, load_checkpoint, resize_short_side,
-                       save_prediction)
+from checkpoints import check_width, load_checkpoint
+from inference import Protocol, infer, label_embeddings, resize_short_side, save_prediction
 from distributed import pick_device
 from labels import load_label_spec
 from readers import decode_rgb, open_image

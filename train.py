@@ -6,7 +6,6 @@
 Reads top to bottom: settings -> distributed/device -> label table -> data -> model -> optimizer -> resume -> loop.
 """
 import json
-import os
 import random
 import signal
 import time
@@ -21,9 +20,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import distributed
+from checkpoints import find_resume, load_pretrained, save_checkpoint
 from labels import LabelTable, load_label_spec, load_label_table
 from losses import compute_losses
-from model import ModelConfig, build_model, load_pretrained
+from model import ModelConfig, build_model
 from settings import parse_settings, print_settings
 
 
@@ -103,23 +103,6 @@ def onehot_table(keys, dim):
     return LabelTable(names=list(keys), sentences=list(keys), embeddings=torch.eye(len(keys), dim), encoder="onehot")
 
 
-def save_checkpoint(path, payload, keep_last):
-    """Write atomically (temp file + rename: a kill mid-write never replaces a good file), then prune old ones."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
-        old.unlink()
-
-
-def find_resume(s):
-    if s.resume != "auto":
-        return s.resume
-    found = sorted(Path(s.out_dir).glob("ckpt_*.pt"))
-    return str(found[-1]) if found else ""
-
-
 def main(argv=None):
     s = parse_settings(TrainSettings, argv)
 
@@ -179,7 +162,7 @@ def main(argv=None):
 
     # ---- resume ---------------------------------------------------------------------------------------------------
     step = 0
-    resume_path = find_resume(s)
+    resume_path = find_resume(s.resume, s.out_dir)
     if resume_path:
         ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and plain Python only
         if ckpt["model_args"] != asdict(model_args):

@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from model import ModelConfig, build_model, load_pretrained
+from checkpoints import load_pretrained
+from model import ModelConfig, build_model
 
 
 def read_listing(path):

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import train
+from checkpoints import save_checkpoint
 from labels import LabelTable, load_label_spec, save_label_table
 from tools.synthetic_data import write_split
 
@@ -134,7 +135,7 @@ def test_bf16_autocast_runs_on_cpu(setup):
 
 def test_half_written_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
     good = tmp_path / "ckpt_00000001.pt"
-    train.save_checkpoint(good, {"step": 1}, keep_last=3)
+    save_checkpoint(good, {"step": 1}, keep_last=3)
 
     def dies_midway(obj, f):
         Path(f).write_bytes(b"partial")
@@ -142,7 +143,7 @@ def test_half_written_checkpoint_never_replaces_the_last_good_one(tmp_path, monk
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(tmp_path / "ckpt_00000002.pt", {"step": 2}, keep_last=3)
+        save_checkpoint(tmp_path / "ckpt_00000002.pt", {"step": 2}, keep_last=3)
     monkeypatch.undo()
     assert not (tmp_path / "ckpt_00000002.pt").exists()
     assert torch.load(good)["step"] == 1
@@ -151,7 +152,7 @@ def test_half_written_checkpoint_never_replaces_the_last_good_one(tmp_path, monk
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     for step in range(1, 6):
-        train.save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", {"step": step}, keep_last=2)
+        save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", {"step": step}, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
 
 

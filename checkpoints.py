@@ -1,0 +1,213 @@
+"""Everything about weight files: strict loading of every public checkpoint format through explicit key remaps, and
+our own training checkpoints (atomic save, resume lookup, rebuilding a model from one).
+
+    load_pretrained(model, "mit_b5.pth")             # NVlabs ImageNet, SegFormer, SSIW, HRNet: format from the keys
+    model, ckpt = load_checkpoint("runs/x/ckpt_00001000.pt", device)   # train.py's own: model_args + strict weights
+"""
+import os
+from pathlib import Path
+
+import torch
+
+from hrnet import remap_hrnet_key
+from model import ModelConfig, SegModel, build_model
+from segformer import remap_head_key, remap_mit_key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public checkpoints. Each format has a remap: public key -> (our key, None) or (None, why it is dropped);
+# (None, None) means an unknown key, which raises. NEW lists the parts of our model a format does not cover.
+
+def _mit_imagenet(k):  # NVlabs mit_b*.pth: raw state dict with a 1000-class `head`
+    if k.startswith("head."):
+        return None, "ImageNet classifier"
+    new = remap_mit_key(k)
+    return ("backbone." + new if new else None), None
+
+
+def _segformer_seg(k):  # NVlabs SegFormer segmentation checkpoints: {'meta', 'state_dict': backbone.*, decode_head.*}
+    if k.startswith("backbone."):
+        new = remap_mit_key(k[len("backbone."):])
+        return ("backbone." + new if new else None), None
+    if k.startswith("decode_head.conv_seg."):
+        return None, "mmseg conv_seg, created but never used in forward"
+    if k.startswith("decode_head.linear_pred."):
+        return None, "segmentation classifier (its class count is not our embedding width)"
+    if k.startswith("decode_head."):
+        new = remap_head_key(k[len("decode_head."):])
+        return ("decoder." + new if new else None), None
+    return None, None
+
+
+_AUX = {"convs.0.conv.": "conv.", "convs.0.bn.": "bn.", "cls_seg.": "pred."}
+
+
+def _ssiw(k):  # the authors' segformer_7data.pth, after stripping `module.`
+    if k == "criterion.0.logit_scale":
+        return "logit_scale", None
+    if k.startswith("criterion."):
+        return None, "training criterion state"
+    if k.startswith("segmodel.head.conv_seg."):
+        return None, "mmseg conv_seg, created but never used in forward"
+    for prefix, ours, remap in (("segmodel.encoder.", "backbone.", remap_mit_key),
+                                ("segmodel.head.", "decoder.", remap_head_key)):
+        if k.startswith(prefix):
+            new = remap(k[len(prefix):])
+            return (ours + new if new else None), None
+    if k.startswith("segmodel.auxi_net."):
+        rest = k[len("segmodel.auxi_net."):]
+        for theirs, ours in _AUX.items():
+            if rest.startswith(theirs):
+                return "aux." + ours + rest[len(theirs):], None
+    return None, None
+
+
+def _hrnet_fullmodel(k):  # HRNet-Semantic-Segmentation train.py saves FullModel(model, loss)
+    if k.startswith("loss."):
+        return None, "training loss state (class weights)"
+    return remap_hrnet_key(k[len("model."):]) if k.startswith("model.") else (None, None)
+
+
+def _ours(k):
+    return k, None
+
+
+_ALWAYS_NEW = ("box_proj.", "logit_scale")
+FORMATS = {  # name -> (remap, prefixes of our keys the format leaves newly initialised)
+    "mit_imagenet": (_mit_imagenet, ("decoder.", "aux.") + _ALWAYS_NEW),
+    "segformer_seg": (_segformer_seg, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
+    "ssiw": (_ssiw, _ALWAYS_NEW),
+    "hrnet_imagenet": (remap_hrnet_key, ("decoder.", "aux.") + _ALWAYS_NEW),
+    "hrnet_seg": (remap_hrnet_key, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
+    "hrnet_fullmodel": (_hrnet_fullmodel, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
+    "ours": (_ours, ()),
+}
+
+
+def _detect_format(keys, path):
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("segmodel."):
+        return "ssiw"
+    if has("decode_head.") and has("backbone.patch_embed1."):
+        return "segformer_seg"
+    if has("patch_embed1."):
+        return "mit_imagenet"
+    if has("model.stage4."):
+        return "hrnet_fullmodel"
+    if has("stage4.") and has("last_layer."):
+        return "hrnet_seg"
+    if has("stage4."):
+        return "hrnet_imagenet"
+    if has("backbone.") and has("decoder."):
+        return "ours"
+    raise ValueError(f"{path}: unrecognised checkpoint layout (first keys: {list(keys)[:5]})")
+
+
+def _group(keys):
+    """Summarise tensor names for printing: their modules, or per top-level module with counts when many."""
+    keys = list(keys)
+    modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys))
+    if len(modules) <= 6:
+        return ", ".join(modules)
+    counts = {}
+    for k in keys:
+        top = k.split(".")[0] if not k.startswith("module.") else ".".join(k.split(".")[:3])
+        counts[top] = counts.get(top, 0) + 1
+    return ", ".join(f"{top} ({n} tensors)" for top, n in counts.items())
+
+
+def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
+    """Load a public checkpoint (format detected from its keys) strictly into `model`.
+
+    Every tensor must either land in the model (shapes asserted) or be dropped for a stated reason; every model
+    tensor the format does not cover must be one the format is known not to have (e.g. the decoder for an
+    ImageNet backbone). Anything else raises, naming the key. Returns {"format", "loaded", "dropped": {key: why},
+    "new": [our keys left as initialised], "logit_scale": loaded value or None}.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # mmcv/mmseg, SSIW and HRNet's checkpoint.pth.tar
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # our own training checkpoints
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (optionally under 'state_dict' or 'model')")
+    wrapper = "module." if all(k.startswith("module.") for k in obj) else ""  # DataParallel / DDP
+    obj = {k[len(wrapper):]: v for k, v in obj.items()}
+    fmt = _detect_format(obj.keys(), path)
+    remap, new_ok = FORMATS[fmt]
+    own = model.state_dict()
+    where = f"{path} (read as {fmt}, model backbone {model.config.backbone})"
+
+    loaded, dropped = {}, {}
+    for k, v in obj.items():
+        ours, why = remap(k)
+        if ours is None:
+            if why is None:
+                raise KeyError(f"{where}: unexpected key {wrapper + k!r}")
+            dropped[wrapper + k] = why  # reported as named in the file
+            continue
+        if ours not in own:
+            raise KeyError(f"{where}: key {wrapper + k!r} maps to {ours!r}, which this model does not have")
+        if ours == "logit_scale" and v.numel() == 1:
+            v = v.reshape(())  # saved as () or (1,) depending on how the criterion made it
+        if v.shape != own[ours].shape:
+            raise ValueError(f"{where}: key {wrapper + k!r} has shape {tuple(v.shape)}, our {ours!r} needs "
+                             f"{tuple(own[ours].shape)}")
+        if ours in loaded:
+            raise KeyError(f"{where}: two checkpoint keys map to {ours!r} (second: {wrapper + k!r})")
+        loaded[ours] = v
+    new = [k for k in own if k not in loaded]
+    missing = [k for k in new if not k.startswith(new_ok)]
+    if missing:
+        raise KeyError(f"{where}: checkpoint lacks {len(missing)} tensors of ours, e.g. {missing[:5]}")
+    model.load_state_dict({**own, **loaded}, strict=True)
+
+    if verbose:
+        print(f"load_pretrained: {where}: {len(loaded)} tensors loaded")
+        for why in dict.fromkeys(dropped.values()):
+            print(f"  dropped ({why}): {_group(k for k, w in dropped.items() if w == why)}")
+        if new:
+            print(f"  newly initialised: {_group(new)}")
+    return {"format": fmt, "loaded": len(loaded), "dropped": dropped, "new": new,
+            "logit_scale": float(loaded["logit_scale"]) if "logit_scale" in loaded else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our own training checkpoints: one dict {model, optimizer, scaler, step, sampler, config, model_args, label_table}
+
+def save_checkpoint(path, payload, keep_last):
+    """Write atomically (temp file + rename: a kill mid-write never replaces a good file), then prune old ones."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+def find_resume(resume, out_dir):
+    """The checkpoint to resume from: `resume` itself, or with "auto" the latest ckpt_*.pt in out_dir ("" if none)."""
+    if resume != "auto":
+        return resume
+    found = sorted(Path(out_dir).glob("ckpt_*.pt"))
+    return str(found[-1]) if found else ""
+
+
+def load_checkpoint(path, device):
+    """Rebuild the model from a train.py checkpoint alone (model_args + strict state dict). Returns (model, ckpt)."""
+    if not path:
+        raise ValueError("--checkpoint is required")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain Python only: no code runs
+    missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise KeyError(f"{path}: not a train.py checkpoint, it lacks {missing}")
+    model = build_model(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])  # strict: a mismatch means another model, not something to paper over
+    return model.to(device).eval(), ckpt
+
+
+def check_width(ckpt, label_emb, what):
+    """The label embeddings must be as wide as the model's pixel embeddings."""
+    width = ckpt["model_args"].get("embed_dim")
+    if width != label_emb.shape[1]:
+        raise ValueError(f"{what} has width {label_emb.shape[1]}, the checkpoint's pixel embeddings {width}")
