@@ -1,7 +1,7 @@
 """CLIP's image tower (ViT) and the box-target cache for L_WD (SSIW eq. 6: V*_r = CLIP image embedding of box r).
 
 Training never runs CLIP: this command encodes every box of a box-labelled dataset once and writes a cache that
-data.py reads (rows in the order of data.load_coco_boxes):
+data.py reads (rows in the order of readers.load_coco_boxes):
 
   python clip_image.py --weights ViT-B-32.pt --boxes objects365.json --images DIR --out cache.pt [--batch 64]
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
-from data import load_coco_boxes
+from readers import load_coco_boxes
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -209,7 +209,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Encode every box of a COCO-format box file with CLIP's image tower "
                                             "(the L_WD targets), once, into a cache for training.")
     p.add_argument("--weights", required=True, help="OpenAI CLIP .pt or HF CLIP checkpoint (ViT)")
-    p.add_argument("--boxes", required=True, help="COCO-format json (e.g. Objects365), read by data.load_coco_boxes")
+    p.add_argument("--boxes", required=True, help="COCO-format json (e.g. Objects365), read by readers.load_coco_boxes")
     p.add_argument("--images", required=True, help="folder the json's file_name entries are relative to")
     p.add_argument("--out", required=True, help="cache .pt to write (atomically)")
     p.add_argument("--batch", type=int, default=64)

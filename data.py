@@ -32,17 +32,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from labels import dataset_label_keys
-from readers import (DataError, check_exist, coco_category_names, color_codes, decode_rgb, load_coco_boxes,
-                     open_image, paint_openimages, read_class_descriptions, read_color_label, read_id_label,
-                     read_list, read_names, read_openimages_masks)
+from readers import FORMATS, DataError, decode_rgb, open_image
 from sampler import BalancedSampler
-from transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, draft_size, eval_image
+from transforms import TrainTransform, draft_size, eval_image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BalancedSampler", "DataError", "MultiSourceDataset", "Source",
-           "SourceConfig", "TrainTransform", "collate", "eval_image", "load_coco_boxes", "make_loader", "skipped_count",
-           "source_class_names", "source_label_keys", "to_device"]
-
-ENCODINGS = ("id", "color", "openimages", "coco_boxes")
 KINDS = ("dense", "coarse", "boxes")
 NOT_A_CLASS = -2  # LUT value of a raw id that is neither a class nor ignore: decoding it is an error
 
@@ -55,7 +48,7 @@ class SourceConfig:
     names: str = ""            # id: names file, line index = class id (or give class_names inline)
     class_names: list = field(default_factory=lambda: [])
     taxonomy: str = ""         # dataset mapping in label_sentences.yaml ("" = name)
-    encoding: str = "id"       # id | color | openimages | coco_boxes
+    encoding: str = "id"       # the on-disk format: a key of readers.FORMATS (id | color | openimages | coco_boxes)
     ignore: list = field(default_factory=lambda: [255])  # id: raw ids that are ignored (CamVid 11, MSeg 255)
     colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
     kind: str = "dense"        # dense (L_HD) | coarse (L_LD) | boxes (L_WD)
@@ -90,32 +83,24 @@ class SourceConfig:
         return cfg
 
     def validate(self) -> None:
-        def need(*keys):
-            for key in keys:
-                if not getattr(self, key):
-                    raise ValueError(f"source {self.name}: encoding {self.encoding} needs {key!r}")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"source {self.name}: encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.encoding not in FORMATS:
+            raise ValueError(f"source {self.name}: encoding must be one of {tuple(FORMATS)}, got {self.encoding!r}")
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
         if not all(isinstance(i, int) and 0 <= i < 65536 for i in self.ignore):
             raise ValueError(f"source {self.name}: ignore must list raw ids in 0..65535, got {self.ignore}")
         if not self.weight > 0:
             raise ValueError(f"source {self.name}: weight must be > 0, got {self.weight}")
-        if self.encoding == "id":
-            need("list")
-            if bool(self.names) == bool(self.class_names):
-                raise ValueError(f"source {self.name}: give exactly one of `names` (a file) and `class_names`")
-        elif self.encoding == "color":
-            need("list", "colors")
-        elif self.encoding == "openimages":
-            need("images", "masks", "masks_csv", "class_descriptions")
-        else:
-            need("images", "boxes_json")
+        for need in FORMATS[self.encoding].required:
+            if isinstance(need, tuple):
+                if sum(bool(getattr(self, key)) for key in need) != 1:
+                    raise ValueError(f"source {self.name}: encoding {self.encoding} needs exactly one of {need}")
+            elif not getattr(self, need):
+                raise ValueError(f"source {self.name}: encoding {self.encoding} needs {need!r}")
         if (self.kind == "boxes") != (self.encoding == "coco_boxes"):
             raise ValueError(f"source {self.name}: kind boxes goes with encoding coco_boxes (and only with it)")
-        if self.kind == "boxes":
-            need("box_targets")
+        if self.kind == "boxes" and not self.box_targets:
+            raise ValueError(f"source {self.name}: encoding {self.encoding} needs 'box_targets'")
 
     def path(self, rel: str) -> Path:
         """`rel` joined to root (absolute paths are kept)."""
@@ -124,13 +109,7 @@ class SourceConfig:
 
 def source_class_names(cfg: SourceConfig) -> list[str]:
     """The source's class names; list index = raw class id."""
-    if cfg.encoding == "id":
-        return list(cfg.class_names) if cfg.class_names else read_names(cfg.path(cfg.names))
-    if cfg.encoding == "color":
-        return color_codes(cfg.colors)[2]
-    if cfg.encoding == "openimages":
-        return read_class_descriptions(cfg.path(cfg.class_descriptions))[1]
-    return coco_category_names(cfg.path(cfg.boxes_json))
+    return FORMATS[cfg.encoding].class_names(cfg)
 
 
 def source_label_keys(sources: list[SourceConfig], spec) -> list[str]:
@@ -144,11 +123,13 @@ def source_label_keys(sources: list[SourceConfig], spec) -> list[str]:
 
 
 class Source:
-    """A SourceConfig resolved against the label spec and table: its samples and raw-id -> row lookup."""
+    """A SourceConfig resolved against the label spec and table: its samples (readers.FORMATS) and the raw-id ->
+    table-row lookup."""
 
     def __init__(self, cfg: SourceConfig, spec, row_of: dict[str, int]):
         self.cfg = cfg
-        self.class_names = source_class_names(cfg)
+        fmt = FORMATS[cfg.encoding]
+        self.class_names = fmt.class_names(cfg)
         keys = dataset_label_keys(spec, cfg.taxonomy or cfg.name, self.class_names)  # KeyError names the class
         missing = sorted({k for k in keys if k is not None and k not in row_of})
         if missing:
@@ -156,57 +137,28 @@ class Source:
         rows = [row_of[k] if k is not None else -1 for k in keys]
         self.label_rows = torch.tensor(sorted({r for r in rows if r >= 0}), dtype=torch.int64)
         n = len(self.class_names)
-        if cfg.encoding == "id":
-            ignore = [int(i) for i in cfg.ignore]
-        elif cfg.encoding == "openimages":
-            ignore = [n]  # painted where no mask lies
-        else:
-            ignore = []
+        self.ignore = fmt.ignore(cfg, n)
         # (max id + 1,) int64: raw id -> table row; -1 ignore; NOT_A_CLASS for ids that should not occur.
         # An id listed in `ignore` is ignored even if the names file names it.
-        self.lut = np.full(max([n] + [i + 1 for i in ignore]), NOT_A_CLASS, np.int64)
+        self.lut = np.full(max([n] + [i + 1 for i in self.ignore]), NOT_A_CLASS, np.int64)
         self.lut[:n] = rows
-        self.lut[ignore] = -1
-        self.ignore = ignore
-        what = f"source {cfg.name}"
-        if cfg.encoding in ("id", "color"):
-            self.items = read_list(cfg.path(cfg.list), Path(cfg.root))  # [(image, label)]
-            check_exist([p for pair in self.items for p in pair], f"{what} ({cfg.path(cfg.list)})")
-            if cfg.encoding == "color":
-                self.codes, self.code_ids, _ = color_codes(cfg.colors)
-        elif cfg.encoding == "openimages":
-            label_names, _ = read_class_descriptions(cfg.path(cfg.class_descriptions))
-            per_image = read_openimages_masks(cfg.path(cfg.masks_csv), {ln: i for i, ln in enumerate(label_names)})
-            # mask names stay strings (joined at load time): the train CSV has 2.7M masks and every worker holds them
-            self.masks_dir = cfg.path(cfg.masks)
-            self.items = [(cfg.path(cfg.images) / f"{image_id}.jpg", masks) for image_id, masks in per_image.items()]
-            check_exist([p for image, masks in self.items for p in [image] + [self.masks_dir / m for m, _ in masks]],
-                        f"{what} ({cfg.path(cfg.masks_csv)})")
-        else:
-            self.boxes = load_coco_boxes(cfg.path(cfg.boxes_json))  # {file: ((K, 4), [name] * K)}
-            self.items = [(cfg.path(cfg.images) / file_name, file_name) for file_name in self.boxes]
-            if not self.items:
-                raise DataError(f"{cfg.path(cfg.boxes_json)}: no images")
-            check_exist([image for image, _ in self.items] + [cfg.path(cfg.box_targets)],
-                        f"{what} ({cfg.path(cfg.boxes_json)})")
-            self.box_row_of = dict(zip(self.class_names, rows))
-            cache = torch.load(cfg.path(cfg.box_targets), map_location="cpu", weights_only=True)
-            self.box_targets = cache["targets"]  # {file: (K, C)} in load_coco_boxes order
+        self.lut[self.ignore] = -1
+        self.samples = fmt.open(cfg)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.samples)
 
     def load(self, i: int, transform: TrainTransform | None, rng: np.random.Generator | None = None) -> dict:
         """Sample i: decode, map labels to rows, augment (when `transform`, drawing from `rng`). Bad files raise
         DataError."""
         if transform is not None and rng is None:
             raise ValueError("Source.load: a transform needs an rng (np.random.Generator) to draw its augmentation")
-        image_path = self.items[i][0]
+        image_path = self.samples.image(i)
         im = open_image(image_path)
         size = im.size  # (w, h) of the original, before any draft
         plan = transform.plan(*size, rng) if transform is not None else None
         image = decode_rgb(im, image_path, draft_size(plan) if plan else None)
-        target = self._target(i, size)  # (h, w) int32 rows or None
+        target = self._target(i, image_path, size)  # (h, w) int32 rows or None
         boxes, box_rows, box_targets = self._boxes(i)
         if transform is not None:
             image, target, boxes, keep = transform(image, size, target, boxes, plan)
@@ -218,19 +170,13 @@ class Source:
         return {"image": image, "target": target, "label_rows": self.label_rows, "boxes": boxes,
                 "box_rows": box_rows, "box_targets": box_targets}
 
-    def _target(self, i: int, size: tuple[int, int]) -> np.ndarray | None:
+    def _target(self, i: int, image_path: Path, size: tuple[int, int]) -> np.ndarray | None:
         """(h, w) int32 label-table rows (-1 = ignore), checked against the image size and the class list."""
-        enc, (w, h) = self.cfg.encoding, size
-        if enc == "coco_boxes":
+        label = self.samples.label(i, size)
+        if label is None:
             return None
-        image_path, label = self.items[i]
-        if enc == "id":
-            raw, label_path = read_id_label(label), label
-        elif enc == "color":
-            raw, label_path = read_color_label(label, self.codes, self.code_ids), label
-        else:
-            masks = [(self.masks_dir / mask, raw_id) for mask, raw_id in label]
-            raw, label_path = paint_openimages(size, masks, self.ignore[0]), masks[0][0]
+        raw, label_path = label
+        w, h = size
         if raw.shape != (h, w):
             raise DataError(f"{label_path}: label size {raw.shape[1]}x{raw.shape[0]} differs from image size "
                             f"{w}x{h} ({image_path})")
@@ -245,18 +191,13 @@ class Source:
 
     def _boxes(self, i: int):
         """boxes (K, 4) xyxy original pixels, rows (K,) int64, targets (K, C); boxes of ignored classes dropped."""
-        if self.cfg.encoding != "coco_boxes":
+        found = self.samples.boxes(i)
+        if found is None:
             return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
-        file_name = self.items[i][1]
-        boxes, names = self.boxes[file_name]
-        targets = self.box_targets.get(file_name)
-        if targets is None or targets.shape[0] != boxes.shape[0]:
-            got = "none" if targets is None else f"{targets.shape[0]} rows"
-            raise DataError(f"{self.cfg.path(self.cfg.box_targets)}: {file_name} needs {boxes.shape[0]} box targets "
-                            f"(load_coco_boxes order), the cache has {got}")
-        rows = torch.tensor([self.box_row_of[n] for n in names], dtype=torch.int64)
+        boxes, raw_ids, targets = found
+        rows = torch.from_numpy(self.lut[raw_ids.numpy()])
         keep = rows >= 0
-        return boxes[keep], rows[keep], targets[keep].float()
+        return boxes[keep], rows[keep], targets[keep]
 
 
 class MultiSourceDataset(torch.utils.data.Dataset):

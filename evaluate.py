@@ -24,6 +24,7 @@ import distributed
 from checkpoints import check_width, load_checkpoint
 from inference import Protocol, infer, label_embeddings, save_prediction, to_uint8
 from labels import dataset_label_keys, label_texts, load_label_spec
+from readers import FORMATS
 from settings import parse_settings, print_settings
 
 REPO = Path(__file__).resolve().parent
@@ -106,9 +107,9 @@ class EvalDataset:
     int64 class index or -1 = ignore, stem). Classes: the dataset's ids whose taxonomy key is not ignore, in id order
     (ids sharing a key are one class). Ignored: the config's `ignore` ids and classes mapped to ignore."""
 
-    def __init__(self, cfg, spec):
+    def __init__(self, cfg, spec, max_images=0):
         self.name, self.names = cfg.name, data.source_class_names(cfg)
-        ignore = set(cfg.ignore) if cfg.encoding == "id" else set()
+        ignore = set(FORMATS[cfg.encoding].ignore(cfg, len(self.names)))
         ids = [i for i in range(len(self.names)) if i not in ignore]
         keys = dataset_label_keys(spec, cfg.taxonomy or cfg.name, [self.names[i] for i in ids])
         self.keys, self.class_ids, self.class_names = [], [], []  # one entry per evaluated class
@@ -120,13 +121,14 @@ class EvalDataset:
             else:
                 self.keys.append(k), self.class_ids.append(i), self.class_names.append(self.names[i])
         self.source = data.Source(cfg, spec, {k: row for row, k in enumerate(self.keys)})  # raw id -> class index
+        self.size = min(len(self.source), max_images) if max_images else len(self.source)
 
     def __len__(self):
-        return len(self.source)
+        return self.size
 
     def __getitem__(self, i):
         sample = self.source.load(i, None)  # image (3, H, W) normalised, target (H, W) int64
-        return sample["image"], sample["target"], Path(self.source.items[i][0]).stem
+        return sample["image"], sample["target"], Path(self.source.samples.image(i)).stem
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,9 +192,7 @@ def main(argv=None):
         print_settings(s)
 
     spec = load_label_spec()
-    dataset = EvalDataset(load_dataset_config(s.dataset, s.root, s.list), spec)
-    if s.max_images:
-        dataset.source.items = dataset.source.items[:s.max_images]
+    dataset = EvalDataset(load_dataset_config(s.dataset, s.root, s.list), spec, s.max_images)
     model, ckpt = load_checkpoint(s.checkpoint, device)
     if s.embeddings and s.mode == "word" and master:
         print("note: --mode only picks what --clip_weights embeds; a saved table is used as it was made")

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import clip_text
-import data
 from labels import LabelTable, load_label_table
 from model import similarity, upsample_logits
+from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def scores_at_size(model, x, label_emb, scale, proto, with_cos=False):
 def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
     """MSeg-protocol scores of one image.
 
-    image: (3, H, W) ImageNet-normalised (data.eval_image); resizing after normalising equals normalising after
+    image: (3, H, W) ImageNet-normalised (transforms.eval_image); resizing after normalising equals normalising after
     resizing (bilinear weights sum to 1), and zero padding is then padding with the mean colour, as MSeg pads.
     label_emb: (N, D); scale: the temperature (model.scale()).
     Returns (N, H_out, W_out) class probabilities averaged over scales (and flips), at out_size (default: the
@@ -149,8 +149,8 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
 
 def to_uint8(x):
     """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8 RGB, for pictures."""
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (((x.cpu() * std + mean) * 255).round().clamp(0, 255)).byte().permute(1, 2, 0).numpy()
 
 

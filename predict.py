@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import data
 from checkpoints import check_width, load_checkpoint
 from inference import Protocol, infer, label_embeddings, resize_short_side, save_prediction
 from distributed import pick_device
 from labels import load_label_spec
 from readers import decode_rgb, open_image
 from settings import parse_settings, print_settings
+from transforms import eval_image
 
 UNKNOWN = 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -145,7 +145,7 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
     results = {}
     for n, path in enumerate(paths, 1):
         rgb = decode_rgb(open_image(path), path)                         # PIL RGB
-        image = data.eval_image(rgb)                                     # (3, H, W) normalised
+        image = eval_image(rgb)                                     # (3, H, W) normalised
         prob, cos = infer(model, image, label_emb, scale, proto, with_cos=unknown_below > -1)  # (N, H, W) each
         ids = ids_from_scores(prob, cos, unknown_below)                  # (H, W) uint8
         save_prediction(out_dir, path.stem, np.asarray(rgb), ids, labels)

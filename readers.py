@@ -1,17 +1,20 @@
-"""File formats of the training sources, each read into raw class ids (data.py maps ids to label-table rows).
+"""The on-disk formats of the sources, each read into raw class ids (data.py maps ids to label-table rows).
 
 - list files: MSeg style, one sample a line, `image_path label_path` relative to the dataset root;
 - names files: one class name a line, line index = class id;
 - id PNGs (8- or 16-bit, one class id per pixel) and colour-coded PNGs (RGB or RGBA, one colour per class);
 - OpenImages V6 segmentation: the masks CSV plus one binary PNG per instance;
 - COCO-format box JSON (Objects365).
-Every problem raises DataError naming the file and what is wrong with it.
+FORMATS at the end has one entry per format (`encoding` of a source): the fields it needs, its class names, the ids
+it ignores and how it opens a source. Every problem raises DataError naming the file and what is wrong with it.
 """
 import csv
 import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -236,3 +239,126 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable JSON ({e})") from None
+
+
+# ---- The formats: one block each, one line in FORMATS ---------------------------------------------------------------
+# `open(cfg)` returns the samples of a source (a data.SourceConfig): len(samples), samples.image(i) -> image path,
+# samples.label(i, (w, h)) -> ((H, W) int32 raw ids, the label's path for messages) or None for a source without
+# masks, and samples.boxes(i) -> ((K, 4) float xyxy in original pixels, (K,) int64 raw ids, (K, C) box targets) or
+# None for a source without boxes.
+
+class Samples:
+    """What every format's samples share: no masks and no boxes unless the format says otherwise."""
+
+    def label(self, i: int, size: tuple[int, int]):
+        return None
+
+    def boxes(self, i: int):
+        return None
+
+
+# -- id: an MSeg-style list of `image label` lines; single-channel id PNGs; class names from a names file or inline --
+# -- color: the same list; colour-coded PNGs, one colour per class (`colors: {"R:G:B": class name}`) --
+
+class ListSamples(Samples):
+    """The samples of an MSeg-style list; `read(label path) -> (H, W) int32 raw ids` decodes one label file."""
+
+    def __init__(self, cfg, read: Callable[[Path], np.ndarray]):
+        self.pairs = read_list(cfg.path(cfg.list), Path(cfg.root))  # [(image, label)]
+        check_exist([p for pair in self.pairs for p in pair], f"source {cfg.name} ({cfg.path(cfg.list)})")
+        self.read = read
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def image(self, i: int) -> Path:
+        return self.pairs[i][0]
+
+    def label(self, i: int, size: tuple[int, int]):
+        return self.read(self.pairs[i][1]), self.pairs[i][1]
+
+
+def open_color_list(cfg) -> ListSamples:
+    codes, ids, _ = color_codes(cfg.colors)
+    return ListSamples(cfg, lambda path: read_color_label(path, codes, ids))
+
+
+# -- openimages: OpenImages V6 segmentation (class descriptions CSV, masks CSV, one binary PNG per instance) --
+
+class OpenImagesSamples(Samples):
+    """One sample per image of the masks CSV; its label paints the image's instance masks (paint_openimages), and
+    pixels no mask covers get the raw id one past the last class, which the format ignores."""
+
+    def __init__(self, cfg):
+        label_names, _ = read_class_descriptions(cfg.path(cfg.class_descriptions))
+        per_image = read_openimages_masks(cfg.path(cfg.masks_csv), {ln: i for i, ln in enumerate(label_names)})
+        # mask names stay strings (joined at load time): the train CSV has 2.7M masks and every worker holds them
+        self.masks_dir, self.unlabelled = cfg.path(cfg.masks), len(label_names)
+        self.items = [(cfg.path(cfg.images) / f"{image_id}.jpg", masks) for image_id, masks in per_image.items()]
+        check_exist([p for image, masks in self.items for p in [image] + [self.masks_dir / m for m, _ in masks]],
+                    f"source {cfg.name} ({cfg.path(cfg.masks_csv)})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, i: int) -> Path:
+        return self.items[i][0]
+
+    def label(self, i: int, size: tuple[int, int]):
+        masks = [(self.masks_dir / mask, raw_id) for mask, raw_id in self.items[i][1]]
+        return paint_openimages(size, masks, self.unlabelled), masks[0][0]
+
+
+# -- coco_boxes: a COCO-format box JSON (Objects365) and, for the box loss, the CLIP box-target cache of clip_image.py --
+
+class CocoBoxSamples(Samples):
+    """One sample per image of the JSON (load_coco_boxes order); no masks, boxes with their CLIP targets."""
+
+    def __init__(self, cfg):
+        json_path = cfg.path(cfg.boxes_json)
+        self.boxes_of = load_coco_boxes(json_path)  # {file: ((K, 4), [name] * K)}
+        self.items = [(cfg.path(cfg.images) / file_name, file_name) for file_name in self.boxes_of]
+        if not self.items:
+            raise DataError(f"{json_path}: no images")
+        self.targets_path = cfg.path(cfg.box_targets)
+        check_exist([image for image, _ in self.items] + [self.targets_path], f"source {cfg.name} ({json_path})")
+        self.raw_id = {name: i for i, name in enumerate(coco_category_names(json_path))}
+        cache = torch.load(self.targets_path, map_location="cpu", weights_only=True)
+        self.targets = cache["targets"]  # {file: (K, C)} in load_coco_boxes order
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, i: int) -> Path:
+        return self.items[i][0]
+
+    def boxes(self, i: int):
+        file_name = self.items[i][1]
+        boxes, names = self.boxes_of[file_name]
+        targets = self.targets.get(file_name)
+        if targets is None or targets.shape[0] != boxes.shape[0]:
+            got = "none" if targets is None else f"{targets.shape[0]} rows"
+            raise DataError(f"{self.targets_path}: {file_name} needs {boxes.shape[0]} box targets "
+                            f"(load_coco_boxes order), the cache has {got}")
+        return boxes, torch.tensor([self.raw_id[n] for n in names], dtype=torch.int64), targets.float()
+
+
+@dataclass(frozen=True)
+class Format:
+    required: tuple            # SourceConfig fields it needs; a tuple of names inside means exactly one of them
+    class_names: Callable      # cfg -> [class name]; list index = raw class id
+    open: Callable             # cfg -> samples (see above)
+    ignore: Callable = lambda cfg, n: []  # (cfg, number of classes) -> raw ids that carry no label
+
+
+FORMATS = {
+    "id": Format(("list", ("names", "class_names")),
+                 lambda cfg: list(cfg.class_names) if cfg.class_names else read_names(cfg.path(cfg.names)),
+                 lambda cfg: ListSamples(cfg, read_id_label), ignore=lambda cfg, n: [int(i) for i in cfg.ignore]),
+    "color": Format(("list", "colors"), lambda cfg: color_codes(cfg.colors)[2], open_color_list),
+    "openimages": Format(("images", "masks", "masks_csv", "class_descriptions"),
+                         lambda cfg: read_class_descriptions(cfg.path(cfg.class_descriptions))[1],
+                         OpenImagesSamples, ignore=lambda cfg, n: [n]),  # painted where no mask lies
+    "coco_boxes": Format(("images", "boxes_json"), lambda cfg: coco_category_names(cfg.path(cfg.boxes_json)),
+                         CocoBoxSamples),
+}

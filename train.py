@@ -24,7 +24,9 @@ from checkpoints import find_resume, load_pretrained, save_checkpoint
 from labels import LabelTable, load_label_spec, load_label_table
 from losses import compute_losses
 from model import ModelConfig, build_model
+from sampler import BalancedSampler
 from settings import parse_settings, print_settings
+from transforms import TrainTransform
 
 
 @dataclass
@@ -136,10 +138,10 @@ def main(argv=None):
         raise ValueError(f"label table {s.label_table} has width {table.embeddings.shape[1]}, "
                          f"embed_dim is {s.embed_dim}")
     label_emb = table.embeddings.to(device)  # (N, D), frozen: the text side is never trained
-    dataset = data.MultiSourceDataset(sources, spec, table, data.TrainTransform(
+    dataset = data.MultiSourceDataset(sources, spec, table, TrainTransform(
         short_side=s.short_side, crop_size=s.crop_size, scale_range=(s.scale_min, s.scale_max)),
         seed=s.seed, skip_bad=s.skip_bad)
-    sampler = data.BalancedSampler(dataset.source_sizes, [src.weight for src in sources], batch_size=s.batch_size,
+    sampler = BalancedSampler(dataset.source_sizes, [src.weight for src in sources], batch_size=s.batch_size,
                                    rank=rank, world_size=world, seed=s.seed)
 
     # ---- model and optimizer --------------------------------------------------------------------------------------

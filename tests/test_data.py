@@ -8,6 +8,9 @@ import data
 import labels
 from data_fixtures import (COLORS, ROW, SPEC, TABLE, shared_sources, write_coco_boxes, write_color_dataset,
                            write_id_dataset, write_openimages)
+from readers import DataError, load_coco_boxes
+from sampler import BalancedSampler
+from transforms import TrainTransform
 
 
 def id_source(root, **kw):
@@ -108,7 +111,7 @@ def test_unknown_colour_names_path_and_colour(tmp_path):
     cfg = data.SourceConfig.from_dict(dict(name="facade", root=str(tmp_path), list="train.txt", encoding="color",
                                            colors=COLORS, taxonomy="toy-colors"))
     ds = data.MultiSourceDataset([cfg], SPEC, TABLE)
-    with pytest.raises(data.DataError, match=r"labels/1.png: colour 7:8:9 at \(x=5, y=3\)"):
+    with pytest.raises(DataError, match=r"labels/1.png: colour 7:8:9 at \(x=5, y=3\)"):
         ds[1]
 
 
@@ -132,7 +135,7 @@ def test_openimages_masks_resize_overlap_and_unlabelled(tmp_path):
 
 def test_load_coco_boxes_and_box_source(tmp_path):
     targets = write_coco_boxes(tmp_path)
-    boxes = data.load_coco_boxes(tmp_path / "o365.json")
+    boxes = load_coco_boxes(tmp_path / "o365.json")
     assert list(boxes) == ["o1.jpg", "o2.jpg"]
     xyxy, names = boxes["o1.jpg"]
     assert xyxy.dtype == torch.float32 and names == ["car", "junk", "person"]
@@ -157,7 +160,7 @@ def test_box_cache_row_mismatch_is_an_error(tmp_path):
     cfg = data.SourceConfig.from_dict(dict(name="o365", root=str(tmp_path), encoding="coco_boxes", kind="boxes",
                                            taxonomy="toy-o365", images="images", boxes_json="o365.json",
                                            box_targets="targets.pt"))
-    with pytest.raises(data.DataError, match="o1.jpg needs 3 box targets"):
+    with pytest.raises(DataError, match="o1.jpg needs 3 box targets"):
         data.MultiSourceDataset([cfg], SPEC, TABLE)[0]
 
 
@@ -167,11 +170,11 @@ def test_truncated_image(tmp_path):
     write_id_dataset(tmp_path)
     path = tmp_path / "img/1.png"
     path.write_bytes(path.read_bytes()[:200])
-    ds = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE, data.TrainTransform(crop_size=16))
-    with pytest.raises(data.DataError, match=r"img/1.png: unreadable or truncated image"):
+    ds = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE, TrainTransform(crop_size=16))
+    with pytest.raises(DataError, match=r"img/1.png: unreadable or truncated image"):
         ds[1]
     (tmp_path / "img/2.png").write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match=r"img/2.png: unreadable image"):
+    with pytest.raises(DataError, match=r"img/2.png: unreadable image"):
         ds[2]
 
 
@@ -179,7 +182,7 @@ def test_label_image_size_mismatch(tmp_path):
     write_id_dataset(tmp_path)
     Image.fromarray(np.zeros((30, 41), np.uint8)).save(tmp_path / "ann/0.png")
     ds = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
-    with pytest.raises(data.DataError, match=r"ann/0.png: label size 41x30 differs from image size 40x30"):
+    with pytest.raises(DataError, match=r"ann/0.png: label size 41x30 differs from image size 40x30"):
         ds[0]
 
 
@@ -189,7 +192,7 @@ def test_label_value_outside_names(tmp_path):
     lab[0, 0], lab[1, 1] = 4, 200  # 4 classes (0..3) and ignore 255: 4 and 200 are neither
     Image.fromarray(lab).save(tmp_path / "ann/2.png")
     ds = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
-    with pytest.raises(data.DataError, match=r"ann/2.png: label values \[4, 200\] are neither class ids 0..3"):
+    with pytest.raises(DataError, match=r"ann/2.png: label values \[4, 200\] are neither class ids 0..3"):
         ds[2]
 
 
@@ -197,7 +200,7 @@ def test_missing_files_listed_at_start(tmp_path):
     write_id_dataset(tmp_path, n=3)
     (tmp_path / "img/0.png").unlink()
     (tmp_path / "ann/2.png").unlink()
-    with pytest.raises(data.DataError, match=r"2 listed file\(s\) do not exist") as err:
+    with pytest.raises(DataError, match=r"2 listed file\(s\) do not exist") as err:
         data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
     assert "img/0.png" in str(err.value) and "ann/2.png" in str(err.value) and "source ids" in str(err.value)
 
@@ -205,27 +208,27 @@ def test_missing_files_listed_at_start(tmp_path):
 def test_empty_list_and_malformed_line(tmp_path):
     write_id_dataset(tmp_path)
     (tmp_path / "train.txt").write_text("\n")
-    with pytest.raises(data.DataError, match=r"train.txt: the list is empty"):
+    with pytest.raises(DataError, match=r"train.txt: the list is empty"):
         data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
     (tmp_path / "train.txt").write_text("img/0.png\n")
-    with pytest.raises(data.DataError, match=r"train.txt:1: expected `image_path label_path`"):
+    with pytest.raises(DataError, match=r"train.txt:1: expected `image_path label_path`"):
         data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
 
 
 def test_skip_bad_replaces_and_counts_across_workers(tmp_path):
     write_id_dataset(tmp_path, n=4)
     (tmp_path / "img/1.png").write_bytes(b"broken")
-    ds = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE, data.TrainTransform(crop_size=16),
+    ds = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE, TrainTransform(crop_size=16),
                                  skip_bad=True)
     sample = ds[(0, 1, 0, 5)]
     assert sample["key"] == (0, 2) and len(sample["skipped"]) == 1 and "img/1.png" in sample["skipped"][0]
-    sampler = data.BalancedSampler([4], batch_size=2, batches_per_epoch=4)  # 8 draws: sample 1 drawn twice
+    sampler = BalancedSampler([4], batch_size=2, batches_per_epoch=4)  # 8 draws: sample 1 drawn twice
     loader = data.make_loader(ds, sampler, workers=1)  # the count must cross the worker process boundary
     batches = list(loader)
     assert all(b["image"].shape == (2, 3, 16, 16) for b in batches)  # replaced, not dropped
     assert data.skipped_count(loader) == 2 and data.skipped_count(loader) == 0
-    strict = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE, data.TrainTransform(crop_size=16))
-    with pytest.raises(data.DataError):
+    strict = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE, TrainTransform(crop_size=16))
+    with pytest.raises(DataError):
         strict[1]
 
 
@@ -240,18 +243,18 @@ def test_merged_camvid_labelmefacade_batch(shared_dir):
     sources = [data.SourceConfig.from_dict(d) for d in shared_sources(shared_dir)]
     keys = data.source_label_keys(sources, spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "test")
-    still = data.TrainTransform(short_side=0, crop_size=768, scale_range=(1.0, 1.0), p_flip=0, p_jitter=0, p_blur=0,
+    still = TrainTransform(short_side=0, crop_size=768, scale_range=(1.0, 1.0), p_flip=0, p_jitter=0, p_blur=0,
                                 p_noise=0, p_jpeg=0)
     ds = data.MultiSourceDataset(sources, spec, table, still)
     assert ds.source_sizes == [367, 100]
-    sampler = data.BalancedSampler(ds.source_sizes, batch_size=4, seed=3)
+    sampler = BalancedSampler(ds.source_sizes, batch_size=4, seed=3)
     batch = next(iter(data.make_loader(ds, sampler, workers=0)))
     assert sorted(batch["source"]) == ["camvid", "camvid", "labelmefacade", "labelmefacade"]
     assert batch["image"].shape == (4, 3, 768, 768) and batch["target"].shape == (4, 768, 768)
     checked = {"pole": 0, "window": 0, "black": 0}
     for b, (s, i) in enumerate(batch["key"]):
         target = batch["target"][b].numpy()
-        label_path = ds.sources[s].items[i][1]
+        label_path = ds.sources[s].samples.pairs[i][1]
         if batch["source"][b] == "camvid":
             raw = np.array(Image.open(label_path))  # (360, 480) ids in names.txt order, 11 = unlabelled
             names = (shared_dir / "data/camvid-11/names.txt").read_text().split()
@@ -276,7 +279,7 @@ def test_merged_camvid_labelmefacade_batch(shared_dir):
     assert all(checked.values()), checked  # each kind of spot check really ran
     # the CamVid pixels in full: every one is LUT[raw]
     s, i = next(k for k, src in zip(batch["key"], batch["source"]) if src == "camvid")
-    raw = np.array(Image.open(ds.sources[s].items[i][1]))
+    raw = np.array(Image.open(ds.sources[s].samples.pairs[i][1]))
     b = batch["key"].index((s, i))
     assert np.array_equal(batch["target"][b, :360, :480].numpy(), ds.sources[s].lut[raw])
 

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 import predict as pr
-from data import eval_image
+from transforms import eval_image
 from inference import Protocol
 from labels import LabelTable, load_label_spec, save_label_table
 from model import ModelConfig, build_model
@@ -30,7 +30,7 @@ class ColourModel(nn.Module):
 
 
 def colour_emb(names):
-    """(N, 3) label embeddings: each name's pure colour as data.eval_image normalises it."""
+    """(N, 3) label embeddings: each name's pure colour as transforms.eval_image normalises it."""
     px = np.array([[RGB[n] for n in names]], np.uint8)                    # (1, N, 3)
     return F.normalize(eval_image(Image.fromarray(px))[:, 0].T, dim=1)    # (3, 1, N) -> (N, 3)
 

@@ -11,6 +11,7 @@ from data_fixtures import SPEC, TABLE, shared_sources, write_id_dataset
 from transforms import TrainTransform, eval_image, hflip_boxes
 
 STILL = dict(p_jitter=0, p_blur=0, p_noise=0, p_jpeg=0)  # geometry only
+from sampler import BalancedSampler
 
 
 def real_dataset(shared_dir, transform):
@@ -24,7 +25,8 @@ def test_label_values_are_a_subset_plus_ignore(shared_dir):
     ds = real_dataset(shared_dir, TrainTransform())  # the paper's settings, every augmentation on by its chance
     for s, i, draw in [(0, 5, 0), (0, 300, 1), (1, 7, 2), (1, 99, 3)]:
         src = ds.sources[s]
-        raw_rows = set(np.unique(src._target(i, Image.open(src.items[i][0]).size)).tolist())
+        image = src.samples.image(i)
+        raw_rows = set(np.unique(src._target(i, image, Image.open(image).size)).tolist())
         sample = ds[(s, i, 0, draw)]
         assert sample["image"].shape == (3, 640, 640) and sample["target"].shape == (640, 640)
         assert sample["image"].dtype == torch.float32 and sample["target"].dtype == torch.int64
@@ -43,7 +45,7 @@ def test_plan_is_reproducible_per_seed_epoch_draw(shared_dir):
 
 def test_same_sample_in_a_worker_process(shared_dir):
     ds = real_dataset(shared_dir, TrainTransform(crop_size=128, short_side=256))
-    sampler = data.BalancedSampler(ds.source_sizes, batch_size=2, batches_per_epoch=2)
+    sampler = BalancedSampler(ds.source_sizes, batch_size=2, batches_per_epoch=2)
     keys = list(sampler)
     in_worker = list(data.make_loader(ds, sampler, workers=1))
     for batch_keys, batch in zip(keys, in_worker):

@@ -21,6 +21,8 @@ import yaml
 
 import data
 import labels
+from sampler import BalancedSampler
+from transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +61,7 @@ def main():
     sources = config_sources(Path(args.config))
     keys = data.source_label_keys(sources, spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "bench (rows only)")
-    transform = data.TrainTransform(short_side=args.short_side, crop_size=args.crop)
+    transform = TrainTransform(short_side=args.short_side, crop_size=args.crop)
     ds = data.MultiSourceDataset(sources, spec, table, transform, seed=0)
     print(f"settings: {transform}")
     print(f"cpu: {os.cpu_count()} cores visible; python {sys.version.split()[0]}, torch {torch.__version__}")
@@ -69,7 +71,7 @@ def main():
     for s, src in enumerate(ds.sources):
         per_source[src.cfg.name] = rate(lambda k: ds[(s, k % len(src), 0, k)], n)
         print(f"  {src.cfg.name:14s} decode+augment: {per_source[src.cfg.name]:6.1f} images/s per worker")
-    sampler = data.BalancedSampler(ds.source_sizes, batch_size=args.batch_size, seed=0)
+    sampler = BalancedSampler(ds.source_sizes, batch_size=args.batch_size, seed=0)
     batches = [b for _, b in zip(range(n // args.batch_size + 1), sampler)]
     mixed = rate(lambda k: data.collate([ds[key] for key in batches[k % len(batches)]]),
                  n // args.batch_size) * args.batch_size
