@@ -4,19 +4,16 @@
   L_LD  loss_coarse  (eqs. 4-5)  coarse masks: per image, the highest `drop_fraction` of pixel losses get w_i = 0.
   L_WD  loss_boxes   (eqs. 6-7)  boxes: L1 between the normalised RoI-pooled box embedding and a CLIP image embedding.
 
-`compute_losses` wires them to the batch contract (data.py's collate) and returns DETR-style named terms; the total is
-a weighted sum. Everything is computed in fp32 (float64 stays float64, for gradcheck) with autocast switched off:
+L_HD and L_LD take per-pixel NLLs (pixel_nll of the cosine logits, eqs. 1-2) so that each source's images are scored
+against that source's labels only. `compute_losses` wires the three to the batch contract (data.py's collate) and
+returns DETR-style named terms; the total is a weighted sum with the weights of train.py's settings (the paper's
+total is L_HD + L_LD + L_WD; the auxiliary head's weight is mmseg's for its FCN auxiliary head). Everything is computed in fp32 (float64 stays float64, for gradcheck) with autocast switched off:
 log-softmax over hundreds of labels at scale 100 and the ranking of the coarse loss are not safe in fp16.
 """
 import torch
 import torch.nn.functional as F
 
 from model import similarity, upsample_logits  # cosine x scale; the project's one bilinear resize rule
-
-# The paper's total is L_HD + L_LD + L_WD. The auxiliary head (SSIW's auxi_net on stage 3) is weighted like mmseg's
-# FCN auxiliary head; it is not in the paper.
-DEFAULT_WEIGHTS = {"dense": 1.0, "coarse": 1.0, "boxes": 1.0, "aux": 0.4}  # keyed by term name without "loss_"
-DROP_FRACTION = 0.3  # L_LD: share of each coarse image's valid pixels with the highest loss that is dropped
 
 # Where the label-resolution loss meets the 1/4-resolution embeddings. tools/bench_losses.py, L_HD forward+backward
 # at 238 labels, 640x640 labels, D=512, batch 2, CPU (peak = ru_maxrss growth; full table in its docstring):
@@ -26,9 +23,9 @@ DROP_FRACTION = 0.3  # L_LD: share of each coarse image's valid pixels with the 
 # Default "logits": it supervises every labelled pixel at its own resolution (thin poles and boundaries survive,
 # unlike "labels") for about a quarter of the memory and time of "embeddings", whose D=512 channels at
 # full resolution (upsampled, normalised, then contracted) outweigh the N=238 logit channels. It is also mmseg's
-# practice and model.py's stated resize policy. "labels" is the option for memory-bound runs.
+# practice and model.py's stated resize policy. "labels" is the option for memory-bound runs (train.py's
+# `loss_resize` setting).
 RESIZE_MODES = ("logits", "embeddings", "labels")
-DEFAULT_RESIZE = "logits"
 
 
 def _fp32(x):
@@ -48,13 +45,13 @@ def pixel_nll(logits, target):
     return nll.masked_fill(~valid, 0.0), valid
 
 
-def dense_from_nll(nll, valid):
-    """L_HD from per-pixel NLL: sum over valid pixels / M (M over the whole batch, like cross-entropy with
+def loss_dense(nll, valid):
+    """L_HD (eqs. 1-3) from per-pixel NLL (pixel_nll), both (B, H, W): sum over valid pixels / M (M over the whole batch, like cross-entropy with
     ignore_index). An all-ignored batch gives 0 that is still connected to the graph."""
     return nll.sum() / valid.sum().clamp(min=1)
 
 
-def coarse_keep(nll, valid, drop_fraction=DROP_FRACTION):
+def coarse_keep(nll, valid, drop_fraction):
     """w_i of eq. 4 as a bool mask (B, H, W): in each image, drop exactly floor(drop_fraction * M_img) of its M_img
     valid pixels, those with the highest loss (the adaptive threshold mu is that image's order statistic).
 
@@ -76,22 +73,12 @@ def coarse_keep(nll, valid, drop_fraction=DROP_FRACTION):
     return keep.reshape(valid.shape)
 
 
-def coarse_from_nll(nll, valid, drop_fraction=DROP_FRACTION):
-    """L_LD from per-pixel NLL (eq. 5): sum of the kept pixels' NLL / M, with M = all valid pixels of the batch's
+def loss_coarse(nll, valid, drop_fraction):
+    """L_LD (eqs. 4-5) from per-pixel NLL (pixel_nll), both (B, H, W): sum of the kept pixels' NLL / M, with M = all valid pixels of the batch's
     coarse images, dropped ones included. That is eq. 5 as written (the same M as eq. 3, the weights w_i inside the
     sum): a kept pixel gets the same gradient weight 1/M as in L_HD, and the term is ~(1 - drop_fraction) of a mean."""
     keep = coarse_keep(nll, valid, drop_fraction)
     return (nll * keep).sum() / valid.sum().clamp(min=1)
-
-
-def loss_dense(logits, target):
-    """L_HD (eqs. 1-3). logits (B, N, H, W) = cos(V_i, e_j) * scale; target (B, H, W) int64, -1 = ignore."""
-    return dense_from_nll(*pixel_nll(logits, target))
-
-
-def loss_coarse(logits, target, drop_fraction=DROP_FRACTION):
-    """L_LD (eqs. 4-5). Shapes as `loss_dense`; see `coarse_keep` for ties and `coarse_from_nll` for 1/M."""
-    return coarse_from_nll(*pixel_nll(logits, target), drop_fraction)
 
 
 def _bilinear_axis(coords, size):
@@ -172,7 +159,7 @@ def downsample_labels(target, size):
     return F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].long()
 
 
-def source_nll(emb, label_emb, scale, target, resize=DEFAULT_RESIZE):
+def source_nll(emb, label_emb, scale, target, resize):
     """Per-pixel NLL of images that share one label set. emb (b, D, h, w) pixel embeddings; label_emb (n, D) that
     set's label embeddings; target (b, H, W) local indices in [0, n) or -1. Returns (nll, valid) (b, H, W), or
     (b, h, w) for resize="labels"; see RESIZE_MODES."""
@@ -223,20 +210,20 @@ def _mask_terms(emb, batch, label_emb, scale, resize, drop_fraction):
             if sel.any():
                 parts[kind].append((nll[sel], valid[sel]))
     zero = _fp32(emb).sum() * 0.0  # a term with no image still reaches every parameter, and is finite
-    dense = dense_from_nll(*(torch.cat(t) for t in zip(*parts["dense"]))) if parts["dense"] else zero
-    coarse = (coarse_from_nll(*(torch.cat(t) for t in zip(*parts["coarse"])), drop_fraction)
+    dense = loss_dense(*(torch.cat(t) for t in zip(*parts["dense"]))) if parts["dense"] else zero
+    coarse = (loss_coarse(*(torch.cat(t) for t in zip(*parts["coarse"])), drop_fraction)
               if parts["coarse"] else zero)
     return dense, coarse
 
 
-def compute_losses(out, batch, label_emb, scale, weights, resize=DEFAULT_RESIZE, drop_fraction=DROP_FRACTION):
+def compute_losses(out, batch, label_emb, scale, weights, resize, drop_fraction):
     """All loss terms of one batch, DETR-style.
 
     out: the model's train-mode dict {"emb": (B, D, H/4, W/4), "aux": (B, D, H/16, W/16)?, "box": (B, C, H/4, W/4)?};
     batch: data.py's collate contract (target (B, H, W) table rows or -1, kind, source, label_rows, boxes (P, 5),
     box_targets (P, C)); label_emb (N, D) the label table; scale exp(logit_scale) (clamped by the model); weights
-    {"dense", "coarse", "boxes", "aux": weight} (see DEFAULT_WEIGHTS). Dense images give L_HD, coarse ones L_LD,
-    boxes L_WD. Returns {"loss": weighted total, "loss_dense", "loss_coarse", "loss_boxes", "loss_aux" (when out has
+    {"dense", "coarse", "boxes", "aux": weight}; resize one of RESIZE_MODES; drop_fraction L_LD's share of dropped
+    pixels per image. Dense images give L_HD, coarse ones L_LD, boxes L_WD. Returns {"loss": weighted total, "loss_dense", "loss_coarse", "loss_boxes", "loss_aux" (when out has
     "aux": L_HD + L_LD on the aux map)}; terms without images are 0 and still connected to the graph."""
     unknown = set(batch["kind"]) - {"dense", "coarse", "boxes"}
     if unknown:

@@ -22,7 +22,7 @@ import data
 import distributed
 from checkpoints import find_resume, load_pretrained, save_checkpoint
 from labels import LabelTable, load_label_spec, load_label_table
-from losses import compute_losses
+from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from sampler import BalancedSampler
 from settings import parse_settings, print_settings
@@ -52,8 +52,9 @@ class TrainSettings:
     weight_dense: float = 1.0
     weight_coarse: float = 1.0
     weight_boxes: float = 1.0
-    weight_aux: float = 0.4
+    weight_aux: float = 0.4        # the auxiliary head's (mmseg's FCN auxiliary weight; not in the paper)
     coarse_drop: float = 0.3       # fraction of the highest-loss pixels dropped per image (L_LD)
+    loss_resize: str = "logits"    # logits | embeddings | labels (~4x less memory): losses.RESIZE_MODES
     # optimisation
     optimizer: str = "adamw"       # adamw (SegFormer) | sgd (HRNet)
     lr: float = 6e-5
@@ -107,6 +108,8 @@ def onehot_table(keys, dim):
 
 def main(argv=None):
     s = parse_settings(TrainSettings, argv)
+    if s.loss_resize not in RESIZE_MODES:
+        raise ValueError(f"settings: loss_resize must be one of {RESIZE_MODES}, got {s.loss_resize!r}")
 
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
@@ -222,7 +225,7 @@ def main(argv=None):
         with autocast:
             out = model(batch["image"])
         terms = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside
-                               drop_fraction=s.coarse_drop)
+                               resize=s.loss_resize, drop_fraction=s.coarse_drop)
         if not torch.isfinite(terms["loss"]):
             values = {k: round(v.item(), 4) for k, v in terms.items()}
             raise FloatingPointError(f"non-finite loss at step {step}: {values}; sources {batch['source']}")

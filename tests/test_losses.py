@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (DEFAULT_WEIGHTS, coarse_from_nll, coarse_keep, compute_losses, downsample_labels, loss_boxes,
-                    loss_coarse, loss_dense, pixel_nll, roi_align, source_nll)
+from losses import (coarse_keep, compute_losses, downsample_labels, loss_boxes, loss_coarse, loss_dense, pixel_nll,
+                    roi_align, source_nll)
 
 
 # ------------------------------------------------------------------------------------------------ L_HD (eqs. 1-3)
@@ -18,14 +18,14 @@ def test_dense_hand_values():
     target = torch.tensor([[[2, 0, -1]]])
     nll0 = math.log(math.exp(1) + math.exp(2) + math.exp(0)) - 0.0  # -log softmax(1, 2, 0)[2]
     nll1 = math.log(math.exp(0) + math.exp(3) + math.exp(0)) - 0.0  # -log softmax(0, 3, 0)[0]
-    assert loss_dense(logits, target).item() == pytest.approx((nll0 + nll1) / 2, rel=1e-6)
+    assert loss_dense(*pixel_nll(logits, target)).item() == pytest.approx((nll0 + nll1) / 2, rel=1e-6)
     nll, valid = pixel_nll(logits, target)
     assert valid.tolist() == [[[True, True, False]]] and nll[0, 0, 2].item() == 0.0
 
 
 def test_dense_all_ignored_is_zero_with_finite_gradient():
     logits = torch.randn(2, 4, 3, 3, requires_grad=True)
-    loss = loss_dense(logits, torch.full((2, 3, 3), -1))
+    loss = loss_dense(*pixel_nll(logits, torch.full((2, 3, 3), -1)))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() == 0
 
@@ -38,7 +38,7 @@ def test_temperature_gradient_matches_hand_derivation():
     z = torch.einsum("bdhw,nd->bnhw", emb, lab)  # cosines (B, N, H, W)
     target = torch.randint(-1, 6, (2, 3, 4))
     t = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
-    loss_dense(z * t.exp(), target).backward()
+    loss_dense(*pixel_nll(z * t.exp(), target)).backward()
     s = math.exp(t.item())
     p = torch.softmax(s * z, dim=1)
     valid = target >= 0
@@ -46,7 +46,7 @@ def test_temperature_gradient_matches_hand_derivation():
     expected = -(s / valid.sum().item()) * ((z_true - (p * z).sum(1))[valid]).sum()
     assert t.grad.item() == pytest.approx(expected.item(), rel=1e-10)
     # and by finite differences
-    f = lambda tt: loss_dense(z * math.exp(tt), target).item()  # noqa: E731
+    f = lambda tt: loss_dense(*pixel_nll(z * math.exp(tt), target)).item()  # noqa: E731
     assert t.grad.item() == pytest.approx((f(t.item() + 1e-6) - f(t.item() - 1e-6)) / 2e-6, rel=1e-5)
 
 
@@ -58,8 +58,9 @@ def test_coarse_hand_values():
     logits = torch.stack([d, torch.zeros(5)]).reshape(1, 2, 1, 5)
     target = torch.tensor([[[0, 0, 0, 0, -1]]])  # 4 valid pixels: floor(0.3 * 4) = 1 dropped (d = -2)
     nll = [math.log1p(math.exp(-x)) for x in (4.0, 1.0, 0.5)]
-    assert loss_coarse(logits, target, 0.3).item() == pytest.approx(sum(nll) / 4, rel=1e-6)  # 1/M over all valid
-    assert loss_coarse(logits, target, 0.0).item() == pytest.approx(loss_dense(logits, target).item(), rel=1e-6)
+    nll_map, valid = pixel_nll(logits, target)
+    assert loss_coarse(nll_map, valid, 0.3).item() == pytest.approx(sum(nll) / 4, rel=1e-6)  # 1/M over all valid
+    assert loss_coarse(nll_map, valid, 0.0).item() == pytest.approx(loss_dense(nll_map, valid).item(), rel=1e-6)
 
 
 def test_drop_rule_exact_fraction_per_image_not_per_batch():
@@ -84,16 +85,16 @@ def test_drop_rule_ties_broken_by_raster_order():
     nll, valid = torch.ones(1, 2, 5), torch.ones(1, 2, 5, dtype=torch.bool)
     keep = coarse_keep(nll, valid, 0.3)  # 10 valid, 3 dropped: the first three in raster order
     assert keep.flatten().tolist() == [False] * 3 + [True] * 7
-    assert coarse_from_nll(nll, valid, 0.3).item() == pytest.approx(7 / 10)
+    assert loss_coarse(nll, valid, 0.3).item() == pytest.approx(7 / 10)
 
 
 def test_coarse_all_ignored_and_bad_fraction():
     logits = torch.randn(1, 3, 2, 2, requires_grad=True)
-    loss = loss_coarse(logits, torch.full((1, 2, 2), -1))
+    loss = loss_coarse(*pixel_nll(logits, torch.full((1, 2, 2), -1)), 0.3)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
     with pytest.raises(ValueError, match="drop_fraction"):
-        loss_coarse(logits, torch.zeros(1, 2, 2, dtype=torch.long), 1.0)
+        loss_coarse(*pixel_nll(logits, torch.zeros(1, 2, 2, dtype=torch.long)), 1.0)
 
 
 # ------------------------------------------------------------------------------------------------------- roi_align
@@ -224,8 +225,8 @@ def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     target = torch.randint(-1, 4, (2, 3, 5), generator=gen)
-    assert torch.autograd.gradcheck(lambda lg: loss_dense(lg, target), (logits,))
-    assert torch.autograd.gradcheck(lambda lg: loss_coarse(lg, target, 0.3), (logits,))
+    assert torch.autograd.gradcheck(lambda lg: loss_dense(*pixel_nll(lg, target)), (logits,))
+    assert torch.autograd.gradcheck(lambda lg: loss_coarse(*pixel_nll(lg, target), 0.3), (logits,))
     fmap = torch.randn(2, 3, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     boxes = torch.tensor([[0, 1.3, 2.2, 20.1, 17.7], [1, -2.0, 3.1, 9.4, 30.0], [1, 24.5, 0.2, 27.9, 2.6]],
                          dtype=torch.float64)
@@ -258,6 +259,13 @@ def _batch(dtype=torch.float32, seed=0):
     return out, batch, label_emb
 
 
+WEIGHTS = {"dense": 1.0, "coarse": 1.0, "boxes": 1.0, "aux": 0.4}  # train.py's defaults
+
+
+def _losses(out, batch, label_emb, scale, weights=WEIGHTS):
+    return compute_losses(out, batch, label_emb, scale, weights, resize="logits", drop_fraction=0.3)
+
+
 def _local(target, rows):
     local = torch.full_like(target, -1)
     for j, r in enumerate(rows.tolist()):
@@ -268,7 +276,7 @@ def _local(target, rows):
 def test_compute_losses_matches_per_source_cross_entropy():
     out, batch, label_emb = _batch()
     scale = torch.tensor(12.0)
-    terms = compute_losses(out, batch, label_emb, scale, DEFAULT_WEIGHTS)
+    terms = _losses(out, batch, label_emb, scale)
 
     def logits(i):  # image i against its own source's rows only, upsampled to the labels
         e = F.normalize(out["emb"][i:i + 1], dim=1)
@@ -300,7 +308,7 @@ def test_compute_losses_gradcheck_and_temperature_gradient():
     t = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
 
     def f(emb, t):
-        return compute_losses({"emb": emb, "box": out["box"]}, batch, label_emb, t.exp(), DEFAULT_WEIGHTS)["loss"]
+        return _losses({"emb": emb, "box": out["box"]}, batch, label_emb, t.exp())["loss"]
 
     assert torch.autograd.gradcheck(f, (out["emb"], t))
 
@@ -310,7 +318,7 @@ def test_compute_losses_degenerate_batches_are_finite():
     out = {k: v.requires_grad_() for k, v in out.items()}
     batch["target"][:] = -1  # every image all-ignored
     batch["boxes"], batch["box_targets"], batch["box_rows"] = torch.zeros(0, 5), torch.zeros(0, 6), torch.zeros(0)
-    terms = compute_losses(out, batch, label_emb, torch.tensor(100.0), DEFAULT_WEIGHTS)
+    terms = _losses(out, batch, label_emb, torch.tensor(100.0))
     terms["loss"].backward()
     assert all(v.item() == 0.0 for v in terms.values())
     assert all(torch.isfinite(v.grad).all() for v in out.values())
@@ -319,14 +327,14 @@ def test_compute_losses_degenerate_batches_are_finite():
     batch["kind"] = ["boxes"] * 4
     batch["boxes"] = torch.zeros(0, 5)
     batch["box_targets"] = torch.zeros(0, 6)
-    terms = compute_losses({"emb": out["emb"]}, batch, label_emb, 10.0, DEFAULT_WEIGHTS)
+    terms = _losses({"emb": out["emb"]}, batch, label_emb, 10.0)
     assert set(terms) == {"loss", "loss_dense", "loss_coarse", "loss_boxes"}
     assert terms["loss"].item() == 0.0
     # a box head but a batch without any box keys
     for key in ("boxes", "box_rows", "box_targets"):
         del batch[key]
     box = out["box"].requires_grad_()
-    terms = compute_losses({"emb": out["emb"], "box": box}, batch, label_emb, 10.0, DEFAULT_WEIGHTS)
+    terms = _losses({"emb": out["emb"], "box": box}, batch, label_emb, 10.0)
     terms["loss"].backward()
     assert terms["loss_boxes"].item() == 0.0 and torch.isfinite(box.grad).all()
 
@@ -335,7 +343,7 @@ def test_compute_losses_under_bf16_autocast_is_fp32():
     out, batch, label_emb = _batch()
     out = {k: v.bfloat16() for k, v in out.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms = compute_losses(out, batch, label_emb, torch.tensor(50.0), DEFAULT_WEIGHTS)
+        terms = _losses(out, batch, label_emb, torch.tensor(50.0))
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
 
 
@@ -343,15 +351,15 @@ def test_compute_losses_bad_input_raises():
     out, batch, label_emb = _batch()
     batch["target"][0, 0, 0] = 1  # row 1 is not in source A's label set
     with pytest.raises(ValueError, match=r"\['A'\].*\[1\]"):
-        compute_losses(out, batch, label_emb, 10.0, DEFAULT_WEIGHTS)
+        _losses(out, batch, label_emb, 10.0)
     out, batch, label_emb = _batch()
     with pytest.raises(KeyError, match="aux"):
-        compute_losses(out, batch, label_emb, 10.0, {"dense": 1.0, "coarse": 1.0, "boxes": 1.0})
+        _losses(out, batch, label_emb, 10.0, {"dense": 1.0, "coarse": 1.0, "boxes": 1.0})
     with pytest.raises(ValueError, match="no box head"):
-        compute_losses({"emb": out["emb"]}, batch, label_emb, 10.0, DEFAULT_WEIGHTS)
+        _losses({"emb": out["emb"]}, batch, label_emb, 10.0)
     batch["kind"][0] = "points"
     with pytest.raises(ValueError, match="points"):
-        compute_losses(out, batch, label_emb, 10.0, DEFAULT_WEIGHTS)
+        _losses(out, batch, label_emb, 10.0)
 
 
 def test_resize_modes():

@@ -166,6 +166,23 @@ def test_non_finite_loss_stops_with_step_terms_and_sources(setup, monkeypatch):
         train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'nan'}"])
 
 
+def test_loss_settings_reach_the_losses(setup, monkeypatch):
+    class Seen(Exception):
+        pass
+
+    def record(out, batch, label_emb, scale, weights, **options):
+        raise Seen(weights, options)
+
+    monkeypatch.setattr(train, "compute_losses", record)
+    with pytest.raises(Seen) as seen:
+        train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'options'}", "--loss_resize=labels",
+                    "--coarse_drop=0.25", "--weight_aux=0.5"])
+    weights, options = seen.value.args
+    assert options == {"resize": "labels", "drop_fraction": 0.25} and weights["aux"] == 0.5
+    with pytest.raises(ValueError, match="loss_resize must be one of"):
+        train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'options'}", "--loss_resize=pixels"])
+
+
 def test_poly_schedule_by_hand():
     s = train.TrainSettings(lr=1.0, warmup_steps=4, max_steps=10, poly_power=1.0)
     assert [train.poly_lr(i, s) for i in (0, 3)] == [0.25, 1.0]

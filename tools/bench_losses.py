@@ -7,7 +7,7 @@
 Usage: python -m tools.bench_losses [--labels 238 --size 640 --dim 512 --batch 2 --repeats 3 --device cpu|cuda]
 
 Only the loss path is measured: random embeddings (B, D, H/4, W/4) that require grad, a random label table (N, D),
-random targets (B, H, W) with 10% ignored, losses.source_nll + dense_from_nll, then backward to the embeddings. Each
+random targets (B, H, W) with 10% ignored, losses.source_nll + loss_dense, then backward to the embeddings. Each
 variant runs in its own subprocess, so one variant's freed-but-kept heap cannot hide the next one's peak.
 Peak memory: on CPU the growth of resource.getrusage(RUSAGE_SELF).ru_maxrss (peak resident set, which sees torch's
 allocations; tracemalloc would not) from just before the first forward+backward to just after it; on CUDA
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from losses import RESIZE_MODES, dense_from_nll, source_nll
+from losses import RESIZE_MODES, loss_dense, source_nll
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def run_variant(mode, args):
     scale = torch.tensor(1 / 0.07, device=device)
 
     def step():
-        loss = dense_from_nll(*source_nll(emb, label_emb, scale, target, mode))
+        loss = loss_dense(*source_nll(emb, label_emb, scale, target, mode))
         loss.backward()
         emb.grad = None
         if device.type == "cuda":
@@ -61,7 +61,7 @@ def run_variant(mode, args):
 
     # one tiny pass first, so that one-time allocations (thread pools, autograd engine, kernels) are not counted
     tiny = torch.randn(1, D, 2, 2, device=device, requires_grad=True)
-    dense_from_nll(*source_nll(tiny, label_emb, scale, target[:1, :8, :8], mode)).backward()
+    loss_dense(*source_nll(tiny, label_emb, scale, target[:1, :8, :8], mode)).backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
