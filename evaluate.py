@@ -12,7 +12,7 @@ from __future__ import annotations  # EvalSettings has a field named `list`, whi
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ EVAL_CONFIGS = REPO / "configs" / "eval"
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(Protocol):      # + the inference protocol's settings (inference.Protocol)
     dataset: str = "camvid-11"     # a name in configs/eval/ or a path to a dataset YAML (data.SourceConfig fields)
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
@@ -41,13 +41,6 @@ class EvalSettings:
                                    # checkpoint's own training table, unless clip_weights is given
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
-    base_size: int = 720           # shorter side before inference (MSeg: 360, 480, 720, 1080)
-    crop_size: int = 640           # sliding window (SSIW/SegFormer 640, MSeg's PSPNet/HRNet 713)
-    stride_ratio: float = 2 / 3    # window stride as a fraction of crop_size
-    scales: list = field(default_factory=lambda: [1.0])  # multi-scale: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-    flip: bool = False             # average with the horizontally flipped input
-    sliding: bool = True           # sliding window (True) or the whole image at once
-    window_batch: int = 4          # windows per forward pass
     max_images: int = 0            # evaluate the first N images only (0 = all)
     save_pred: str = ""            # folder for id PNGs and overlays with a legend ("" = none)
     out_dir: str = "out/eval"      # results JSON + markdown
@@ -184,8 +177,6 @@ def write_results(out_dir, stem, result, class_names, keys):
 
 def main(argv=None):
     s = parse_settings(EvalSettings, argv)
-    if s.mode not in ("sentence", "word"):
-        raise ValueError(f"--mode must be sentence or word, got {s.mode!r}")
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
     if master:
@@ -193,14 +184,13 @@ def main(argv=None):
 
     spec = load_label_spec()
     dataset = EvalDataset(load_dataset_config(s.dataset, s.root, s.list), spec, s.max_images)
+    texts = label_texts(spec, dataset.keys, s.mode)
     model, ckpt = load_checkpoint(s.checkpoint, device)
     if s.embeddings and s.mode == "word" and master:
         print("note: --mode only picks what --clip_weights embeds; a saved table is used as it was made")
-    texts = label_texts(spec, dataset.keys, s.mode)
     label_emb = label_embeddings(dataset.keys, texts, s.embeddings, s.clip_weights, device,  # (N, D)
                                  ckpt.get("label_table"))
     check_width(ckpt, label_emb, "the label embeddings")
-    proto = Protocol.from_settings(s)
     scale = float(model.scale().detach())
     if master:
         print(f"{dataset.name}: {len(dataset)} images, {len(dataset.keys)} classes evaluated "
@@ -212,14 +202,14 @@ def main(argv=None):
     def save(stem, image, pred):  # raw dataset ids, so the PNGs compare directly with the label files
         save_prediction(s.save_pred, stem, to_uint8(image), class_ids[pred].numpy(), dataset.names)
     start = time.time()
-    conf = evaluate_images(model, dataset, label_emb, scale, proto, rank, world, s.print_every,
+    conf = evaluate_images(model, dataset, label_emb, scale, s, rank, world, s.print_every,
                            save if s.save_pred else None)
     seconds = time.time() - start
     if master:
         metrics = metrics_from_confusion(conf)
         stem = f"{dataset.name}_{s.base_size}_{'ms' if len(s.scales) > 1 else 'ss'}{'_flip' if s.flip else ''}_{s.mode}"
         result = {"dataset": dataset.name, "checkpoint": s.checkpoint, "step": ckpt.get("step"),
-                  "labels": s.embeddings or f"{s.clip_weights} ({s.mode})", "protocol": asdict(proto),
+                  "labels": s.embeddings or f"{s.clip_weights} ({s.mode})", "protocol": s.protocol(),
                   "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds,
                   "processes": world, "device": str(device), "class_names": dataset.class_names,
                   "keys": dataset.keys, "metrics": metrics, "confusion": conf.tolist()}

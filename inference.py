@@ -33,17 +33,18 @@ from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass
 class Protocol:
-    base_size: int = 720           # 0 = keep the image's own size
-    crop_size: int = 640
-    stride_ratio: float = 2 / 3
-    scales: list = field(default_factory=lambda: [1.0])
-    flip: bool = False
-    sliding: bool = True
-    window_batch: int = 4
+    """The inference settings; evaluate.py's and predict.py's settings extend it, so each is defined once."""
+    base_size: int = 720           # shorter side before inference (MSeg: 360, 480, 720, 1080; 0 = the image's own)
+    crop_size: int = 640           # sliding window (SSIW/SegFormer 640, MSeg's PSPNet/HRNet 713)
+    stride_ratio: float = 2 / 3    # window stride as a fraction of crop_size
+    scales: list = field(default_factory=lambda: [1.0])  # multi-scale: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    flip: bool = False             # average with the horizontally flipped input
+    sliding: bool = True           # sliding window (True) or the whole image at once
+    window_batch: int = 4          # windows per forward pass
 
-    @classmethod
-    def from_settings(cls, s):
-        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+    def protocol(self) -> dict:
+        """Just the protocol's fields (for results files), also of a subclass's settings."""
+        return {f.name: getattr(self, f.name) for f in fields(Protocol)}
 
 
 WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels

@@ -18,6 +18,7 @@ import yaml
 LABELS_YAML = Path(__file__).resolve().parent / "label_sentences.yaml"
 IGNORE = "ignore"
 SENTENCE_PREFIX = "An image of"
+TEXT_MODES = ("sentence", "word")  # what a label table embeds: the sentence, or the bare name
 SECTIONS = ("labels", "datasets", "mseg_universal")
 KEY_RE = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
 
@@ -106,14 +107,20 @@ def dataset_label_keys(spec: LabelSpec, dataset: str, class_names: list[str]) ->
     return [None if mapping[n] == IGNORE else mapping[n] for n in class_names]
 
 
-def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence") -> list[str]:
-    """The text to embed for each key: its sentence, or (mode="word") the key itself with underscores -> spaces."""
-    if mode not in ("sentence", "word"):
-        raise ValueError(f"unknown label text mode {mode!r} (expected 'sentence' or 'word')")
-    unknown = [k for k in keys if k not in spec.sentences]
-    if unknown:
+def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence", extra: dict[str, str] | None = None,
+                unknown_as_word: bool = False) -> list[str]:
+    """The text to embed for each key. mode "sentence": its sentence from `extra` ({key: sentence}, e.g. a user's
+    file) or else from label_sentences.yaml; mode "word": the key itself with underscores -> spaces. A key with no
+    sentence anywhere raises, unless unknown_as_word (predict.py's free-form labels), which embeds it as a word."""
+    if mode not in TEXT_MODES:
+        raise ValueError(f"unknown label text mode {mode!r} (expected one of {TEXT_MODES})")
+    extra = extra or {}
+    unknown = [k for k in keys if k not in extra and k not in spec.sentences]
+    if unknown and not unknown_as_word:
         raise KeyError(f"unknown label key(s) {unknown}")
-    return [spec.sentences[k] if mode == "sentence" else k.replace("_", " ") for k in keys]
+    if mode == "word":
+        return [k.replace("_", " ") for k in keys]
+    return [extra.get(k) or spec.sentences.get(k) or k.replace("_", " ") for k in keys]
 
 
 @dataclass

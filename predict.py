@@ -16,7 +16,7 @@ Inference is inference.py's MSeg protocol (evaluate.py's settings). Writes to ou
                            (k, D) and `mean` (D,) so that emb_D ~= basis.T @ emb + mean.
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import yaml
 from checkpoints import check_width, load_checkpoint
 from inference import Protocol, infer, label_embeddings, resize_short_side, save_prediction
 from distributed import pick_device
-from labels import load_label_spec
+from labels import label_texts, load_label_spec
 from readers import decode_rgb, open_image
 from settings import parse_settings, print_settings
 from transforms import eval_image
@@ -37,7 +37,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
-class PredictSettings:
+class PredictSettings(Protocol):   # + the inference protocol's settings (inference.Protocol)
     images: str = ""               # a folder, an image, or comma-separated images
     labels: str = ""               # comma-separated labels, e.g. "deer,grass,sky" (label i -> id i)
     sentences: str = ""            # YAML {label: sentence}; wins over label_sentences.yaml
@@ -46,13 +46,6 @@ class PredictSettings:
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     unknown_below: float = -1.0    # cosine similarity under which a pixel is unknown (255); -1 = never
-    base_size: int = 720           # shorter side for inference (0 = the image's own)
-    crop_size: int = 640
-    stride_ratio: float = 2 / 3
-    scales: list = field(default_factory=lambda: [1.0])
-    flip: bool = False
-    sliding: bool = True
-    window_batch: int = 4
     out_dir: str = "out/predict"
     export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
@@ -79,18 +72,13 @@ def list_images(spec):
 
 def label_texts_for(labels, sentences="", mode="sentence", spec=None):
     """The text to embed per label: --sentences YAML, then label_sentences.yaml, then the label as a word."""
-    if mode not in ("sentence", "word"):
-        raise ValueError(f"--mode must be sentence or word, got {mode!r}")
     user = {}
     if sentences:
         user = yaml.safe_load(Path(sentences).read_text()) or {}
         bad = {k: v for k, v in user.items() if not isinstance(v, str)} if isinstance(user, dict) else user
         if bad:
             raise ValueError(f"{sentences}: expected a mapping {{label: sentence}}, got {bad!r:.200}")
-    known = (spec or load_label_spec()).sentences
-    if mode == "word":
-        return [label.replace("_", " ") for label in labels]
-    return [user.get(label) or known.get(label) or label.replace("_", " ") for label in labels]
+    return label_texts(spec or load_label_spec(), labels, mode, extra=user, unknown_as_word=True)
 
 
 def ids_from_scores(prob, cos=None, unknown_below=-1.0):
@@ -180,7 +168,7 @@ def main(argv=None):
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
          "unknown": UNKNOWN if s.unknown_below > -1 else None, "checkpoint": s.checkpoint,
          "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})"}, indent=2) + "\n")
-    predict_images(model, paths, labels, label_emb, float(model.scale().detach()), Protocol.from_settings(s),
+    predict_images(model, paths, labels, label_emb, float(model.scale().detach()), s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)
     print(f"wrote {len(paths)} id maps and overlays to {out_dir}")
 

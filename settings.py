@@ -49,7 +49,9 @@ def parse_settings(cls, argv=None):
     if any(arg in ("-h", "--help") for arg in argv):
         script = sys.modules.get("__main__")
         print((script.__doc__ or "").strip(), "\n\nSettings (defaults; override with a YAML file and --key=value):\n")
-        print(inspect.getsource(cls))  # the dataclass itself: names, defaults and their one-line comments
+        for klass in reversed(cls.__mro__):  # the dataclass itself and those it extends: names, defaults, comments
+            if dataclasses.is_dataclass(klass):
+                print(inspect.getsource(klass))
         sys.exit(0)
     for arg in argv:
         if arg.startswith("--"):
