@@ -108,6 +108,57 @@ def test_other_datasets_map_fully(spec, shared_dir):
     assert with_void == [None] + dataset_label_keys(spec, "nyuv2-40", NYU40)
 
 
+def read_tsv(path) -> list[list[str]]:
+    """Rows after the header, split on tabs only: names keep their trailing spaces (Objects365 "Formula 1 ")."""
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").split("\n")[1:] if line]
+
+
+def test_weak_sources_map_fully(spec, shared_dir):
+    lists = shared_dir / "data/class-lists"
+    oi = read_tsv(lists / "openimages_v6_segmentation_classes.tsv")  # [mid, display name]
+    mids = [mid for mid, _ in oi]
+    assert len(mids) == len(set(mids)) == 350
+    assert set(spec.datasets["openimages"]) == set(mids)  # keyed by MID, nothing else in the taxonomy
+    names = [name for _, name in read_tsv(lists / "objects365_v2_classes.tsv")]
+    assert len(names) == len(set(names)) == 365
+    assert set(spec.datasets["objects365"]) == set(names)  # exactly, trailing spaces included
+    assert {"Cigar/Cigarette ", "Formula 1 ", "Table Tennis ", "Campel", "Moniter/TV"} <= set(names)
+    for d in ("openimages", "objects365"):
+        assert IGNORE not in spec.datasets[d].values(), d  # every class of both sources is trained on
+
+
+def test_weak_sources_by_hand(spec, shared_dir):
+    oi = {name: mid for mid, name in read_tsv(shared_dir / "data/class-lists/openimages_v6_segmentation_classes.tsv")}
+    o = {name: spec.datasets["openimages"][mid] for name, mid in oi.items()}
+    assert (o["Cattle"], o["Mouse"], o["Computer mouse"], o["Toy"], o["Tank"], o["Man"], o["Person"]) == (
+        "cow", "mouse_animal", "mouse", "plaything_other", "military_tank", "man", "person")
+    s = spec.datasets["objects365"]
+    assert (s["Moniter/TV"], s["Trash bin Can"], s["Chair"], s["Other Shoes"], s["Barrel/bucket"], s["Campel"],
+            s["Formula 1 "]) == ("tv_monitor", "trash_can", "chair", "shoe_other", "barrel_bucket", "camel", "race_car")
+    # the same concept gets the same key in both sources
+    for oi_name, o365_name in [("Waste container", "Trash bin Can"), ("Flying disc", "Frisbee"), ("Tap", "Faucet"),
+                               ("Football", "Soccer"), ("Drill (Tool)", "Electric Drill"), ("Camel", "Campel"),
+                               ("Mobile phone", "Cell Phone"), ("Tablet computer", "Tablet")]:
+        assert o[oi_name] == s[o365_name], (oi_name, o365_name)
+
+
+def test_paper_extra_labels_come_from_weak_sources(spec, shared_dir):
+    # ssiw_label_list.tsv ids 194..237 are the paper's 44 extra labels; its README: 42 of them are OpenImages
+    # segmentation class names (ignoring case and SSIW's "(which is a type of animal)" glosses)
+    lists = shared_dir / "data/class-lists"
+    extras = [row[1] for row in read_tsv(lists / "ssiw_label_list.tsv") if 194 <= int(row[0]) <= 237]
+    words = [re.sub(r"\(which is a type of animal\)$", "", label).strip() for label in extras]
+    assert [w.replace(" ", "_") for w in words] == PAPER_LABELS[194:]
+    oi = {name.lower(): mid for mid, name in read_tsv(lists / "openimages_v6_segmentation_classes.tsv")}
+    by_name = [w for w in words if w in oi]
+    assert len(by_name) == 42 and sorted(set(words) - set(by_name)) == ["drill", "musical instrument"]
+    for w in by_name:  # the OpenImages class of that name maps to that label
+        assert spec.datasets["openimages"][oi[w]] == w.replace(" ", "_"), w
+    assert spec.datasets["openimages"][oi["drill (tool)"]] == "drill"
+    reached = set(spec.datasets["openimages"].values()) | set(spec.datasets["objects365"].values())
+    assert [k for k in PAPER_LABELS[194:] if k not in reached] == ["musical_instrument"]
+
+
 def test_eval_sets_are_one_to_one(spec):
     # evaluation needs one label key per evaluated class, or two classes could not be told apart
     for d in ["camvid-11", "kitti-19", "voc2012", "pascal-context-60", "scannet-20", "wilddash-19", "camvid-segnet",
