@@ -1,10 +1,12 @@
 """label_sentences.yaml coverage and validation, dataset mappings, label-table I/O (labels.py)."""
 import csv
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from labels import (IGNORE, LabelSpec, LabelTable, dataset_label_keys, label_texts, load_label_spec,
                     load_label_table, save_label_table)
@@ -106,6 +108,150 @@ def test_other_datasets_map_fully(spec, shared_dir):
     assert set(spec.datasets["nyuv2-40"]) == set(NYU40) | {"void"}  # void: the releases with 0 = void, 1..40
     with_void = dataset_label_keys(spec, "nyuv2-40", ["void"] + NYU40)
     assert with_void == [None] + dataset_label_keys(spec, "nyuv2-40", NYU40)
+
+
+def read_tsv(path) -> list[list[str]]:
+    """Rows after the header, split on tabs only: names keep their trailing spaces (Objects365 "Formula 1 ")."""
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").split("\n")[1:] if line]
+
+
+def test_weak_sources_map_fully(spec, shared_dir):
+    lists = shared_dir / "data/class-lists"
+    oi = read_tsv(lists / "openimages_v6_segmentation_classes.tsv")  # [mid, display name]
+    mids = [mid for mid, _ in oi]
+    assert len(mids) == len(set(mids)) == 350
+    assert set(spec.datasets["openimages"]) == set(mids)  # keyed by MID, nothing else in the taxonomy
+    names = [name for _, name in read_tsv(lists / "objects365_v2_classes.tsv")]
+    assert len(names) == len(set(names)) == 365
+    assert set(spec.datasets["objects365"]) == set(names)  # exactly, trailing spaces included
+    assert {"Cigar/Cigarette ", "Formula 1 ", "Table Tennis ", "Campel", "Moniter/TV"} <= set(names)
+    for d in ("openimages", "objects365"):
+        assert IGNORE not in spec.datasets[d].values(), d  # every class of both sources is trained on
+
+
+def test_weak_sources_by_hand(spec, shared_dir):
+    oi = {name: mid for mid, name in read_tsv(shared_dir / "data/class-lists/openimages_v6_segmentation_classes.tsv")}
+    o = {name: spec.datasets["openimages"][mid] for name, mid in oi.items()}
+    assert (o["Cattle"], o["Mouse"], o["Computer mouse"], o["Toy"], o["Tank"], o["Man"], o["Person"]) == (
+        "cow", "mouse_animal", "mouse", "plaything_other", "military_tank", "man", "person")
+    s = spec.datasets["objects365"]
+    assert (s["Moniter/TV"], s["Trash bin Can"], s["Chair"], s["Other Shoes"], s["Barrel/bucket"], s["Campel"],
+            s["Formula 1 "]) == ("tv_monitor", "trash_can", "chair", "shoe_other", "barrel_bucket", "camel", "race_car")
+    # the same concept gets the same key in both sources
+    for oi_name, o365_name in [("Waste container", "Trash bin Can"), ("Flying disc", "Frisbee"), ("Tap", "Faucet"),
+                               ("Football", "Soccer"), ("Drill (Tool)", "Electric Drill"), ("Camel", "Campel"),
+                               ("Mobile phone", "Cell Phone"), ("Tablet computer", "Tablet")]:
+        assert o[oi_name] == s[o365_name], (oi_name, o365_name)
+
+
+def test_paper_extra_labels_come_from_weak_sources(spec, shared_dir):
+    # ssiw_label_list.tsv ids 194..237 are the paper's 44 extra labels; its README: 42 of them are OpenImages
+    # segmentation class names (ignoring case and SSIW's "(which is a type of animal)" glosses)
+    lists = shared_dir / "data/class-lists"
+    extras = [row[1] for row in read_tsv(lists / "ssiw_label_list.tsv") if 194 <= int(row[0]) <= 237]
+    words = [re.sub(r"\(which is a type of animal\)$", "", label).strip() for label in extras]
+    assert [w.replace(" ", "_") for w in words] == PAPER_LABELS[194:]
+    oi = {name.lower(): mid for mid, name in read_tsv(lists / "openimages_v6_segmentation_classes.tsv")}
+    by_name = [w for w in words if w in oi]
+    assert len(by_name) == 42 and sorted(set(words) - set(by_name)) == ["drill", "musical instrument"]
+    for w in by_name:  # the OpenImages class of that name maps to that label
+        assert spec.datasets["openimages"][oi[w]] == w.replace(" ", "_"), w
+    assert spec.datasets["openimages"][oi["drill (tool)"]] == "drill"
+    reached = set(spec.datasets["openimages"].values()) | set(spec.datasets["objects365"].values())
+    assert [k for k in PAPER_LABELS[194:] if k not in reached] == ["musical_instrument"]
+
+
+# The open-vocabulary benchmark suite (issue 14): configs/eval/<name>.yaml -> (class count, ignore id of its label maps)
+OV_BENCHMARKS = {"ade20k-847": (847, 65535), "pascal-context-459": (459, 65535), "ade20k-150-ov": (150, 255),
+                 "pascal-context-59": (59, 255), "voc-20": (20, 255)}
+EVAL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
+
+
+def eval_config(name: str) -> dict:
+    return yaml.safe_load((EVAL_CONFIGS / f"{name}.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", OV_BENCHMARKS)
+def test_ov_benchmark_configs(spec, name):
+    d = eval_config(name)
+    count, ignore = OV_BENCHMARKS[name]
+    names = d["class_names"]
+    assert d["name"] == name and d["encoding"] == "id" and d["ignore"] == [ignore]
+    assert d.get("root") is None and d.get("list") is None  # the user passes --root / --list
+    assert len(names) == len(set(names)) == count
+    keys = dataset_label_keys(spec, d["taxonomy"], names)  # KeyError names an unmapped class
+    assert None not in keys  # every class of the benchmark is evaluated
+    assert len(set(keys)) == count  # one key per class: evaluate.py would merge classes that share one
+    if d["taxonomy"] == name:  # a taxonomy of its own holds exactly the benchmark's classes
+        assert set(spec.datasets[name]) == set(names)
+
+
+def test_ov_ade847_list():
+    names = eval_config("ade20k-847")["class_names"]
+    # trainIds of ADE20K_SEM_SEG_FULL_CATEGORIES (Mask2Former register_ade20k_full.py), spot-checked by hand
+    assert [names[i] for i in (0, 7, 11, 150, 500, 838, 846)] == [
+        "wall", "bed", "person, individual, someone, somebody, mortal, soul", "blanket, cover", "cat", "sea star",
+        "adding machine, totalizer, totaliser"]
+    assert sum("," in n for n in names) > 200  # synonym lists kept as the benchmark spells them
+
+
+def test_ov_pascal_context_lists(spec, shared_dir):
+    lists = shared_dir / "data/mseg-lists/dataset_lists"
+    pc460 = read_names(lists / "pascal-context-460/pascal-context-460_names.txt")
+    pc459 = eval_config("pascal-context-459")["class_names"]
+    assert pc460[0] == "unlabeled" and pc459 == pc460[1:]  # labels.txt order, tif id = label - 1
+    pc60 = read_names(lists / "pascal-context-60/pascal-context-60_names.txt")
+    pc59 = eval_config("pascal-context-59")["class_names"]
+    assert pc59 == [n for n in pc60 if n != "background"]
+    # detectron2 ids of PC-59 are its raw labels in ascending order, i.e. the PC-459 order
+    assert [n for n in pc459 if n in set(pc59)] == pc59
+    # the same 59 concepts keep their keys inside PC-459
+    assert dataset_label_keys(spec, "pascal-context-459", pc59) == dataset_label_keys(spec, "pascal-context-60", pc59)
+    voc = read_names(lists / "voc2012/voc2012_names.txt")
+    assert eval_config("voc-20")["class_names"] == [n for n in voc if n != "background"] == voc[1:]
+
+
+# ADE-150 classes whose ADE-847 class is not the one whose first synonym is the same word
+ADE150_TO_847 = {"pot": "pot, flowerpot", "screen": "screen, silver screen, projection screen",
+                 "crt screen": "screen, crt screen", "glass": "glass, drinking glass",
+                 "washer": "washer, automatic washer, washing machine", "pier": "pier, wharf, wharfage, dock",
+                 "step": "step, stair", "stairs": "stairs, steps", "basket": "basket, handbasket", "bag": "bag"}
+
+
+def test_ov_ade150_list_and_keys(spec, shared_dir):
+    lists = shared_dir / "data/mseg-lists/dataset_lists"
+    a151 = read_names(lists / "ade20k-151/ade20k-151_names.txt")
+    a150 = eval_config("ade20k-150-ov")["class_names"]
+    assert a151[0] == "unlabeled" and a150 == a151[1:]  # objectInfo150 order, png id = label - 1
+    # MSeg's ade20k-150 training set: the same classes, in alphabetical order
+    assert sorted(a150) == read_names(lists / "ade20k-150/ade20k-150_names.txt")
+    a847 = eval_config("ade20k-847")["class_names"]
+    by_first = {}
+    for n in a847:
+        by_first.setdefault(n.split(",")[0], []).append(n)
+    ov, full = spec.datasets["ade20k-150-ov"], spec.datasets["ade20k-847"]
+    for n in a150:  # the same ADE annotation class gets the same key in both benchmarks
+        counterpart = ADE150_TO_847.get(n) or by_first[n][0]
+        assert n in ADE150_TO_847 or len(by_first[n]) == 1, n
+        assert ov[n] == full[counterpart], n
+
+
+def test_ov_same_concept_same_key(spec, shared_dir):
+    oi = {name: mid for mid, name in read_tsv(shared_dir / "data/class-lists/openimages_v6_segmentation_classes.tsv")}
+    d = spec.datasets
+    same = [(d["openimages"][oi["Computer mouse"]], d["ade20k-847"]["mouse, computer mouse"],
+             d["pascal-context-459"]["mouse"], d["pascal-context-60"]["mouse"]),
+            (d["objects365"]["Sneakers"], d["ade20k-847"]["gym shoe, sneaker, tennis shoe"]),
+            (d["objects365"]["Surveillance Camera"], d["ade20k-847"]["security camera"],
+             d["pascal-context-459"]["surveillance camera"]),
+            (d["openimages"][oi["Tap"]], d["objects365"]["Faucet"], d["ade20k-847"]["faucet, spigot"],
+             d["pascal-context-459"]["faucet"]),
+            (d["openimages"][oi["Waste container"]], d["ade20k-847"][
+                "ashcan, trash can, garbage can, wastebin, ash bin, ash-bin, ashbin, dustbin, trash barrel, trash bin"],
+             d["pascal-context-459"]["trash bin"]),
+            (d["pascal-context-459"]["musical instrument"], "musical_instrument")]
+    for keys in same:
+        assert len(set(keys)) == 1, keys
 
 
 def test_eval_sets_are_one_to_one(spec):
