@@ -41,8 +41,28 @@ def start(cmd, log, cwd=REPO, env=ENV):
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
+def children(pid):
+    """{pid: environment} of the processes whose parent is `pid` (torchrun's workers: each in a session of its own)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:  # the fields after (command name): state, ppid
+                found[int(stat.parent.name)] = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):  # the process ended while we read it
+            continue
+    return found
+
+
 def finish(proc, log, timeout=600):
-    proc.wait(timeout=timeout)
+    """Wait for a launcher; on a timeout kill it and its workers (they would outlive the test) and fail."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.args} still ran after {timeout} s: {Path(log).read_text()[-4000:]}")
     text = Path(log).read_text()
     assert proc.returncode == 0, text[-4000:]
     return text
@@ -135,11 +155,11 @@ def test_every_collective_of_training_and_evaluation_gets_a_tensor_on_the_run_de
     out = tmp_path / "run"
     records = probe(2, "train.py", [str(setup / "config.yaml"), "--out_dir", str(out), "--max_steps", "2"],
                     tmp_path, device)
-    labelled = write_mseg_camvid(tmp_path / "Camvid")
+    camvid = tmp_path / "Camvid"
+    labelled = write_mseg_camvid(camvid)
     records += probe(2, "evaluate.py", ["--dataset", "camvid", "--checkpoint", str(out / "ckpt_00000002.pt"),
-                                        "--root", str(tmp_path / "Camvid"), "--list", str(tmp_path / "Camvid" / "val.txt"),
-                                        "--base_size", "64", "--crop_size", "64", "--out_dir", str(tmp_path / "eval")],
-                     tmp_path, device)
+                                        "--root", str(camvid), "--list", str(camvid / "val.txt"), "--base_size", "64",
+                                        "--crop_size", "64", "--out_dir", str(tmp_path / "eval")], tmp_path, device)
     backends = {r["backend"] for r in records if r["fn"] == "init_process_group"}
     assert backends == {"gloo" if device == "cpu" else "cpu:gloo,cuda:nccl"}
     handed = [(r["fn"], *t) for r in records for t in r.get("tensors", [])]
@@ -184,22 +204,20 @@ def worker_pid(launcher, rank, timeout=60):
     """The pid of the torchrun worker of `rank`: a child process of the launcher with RANK=rank in its environment."""
     start_time = time.time()
     while time.time() - start_time < timeout:
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # fields after the command name
-                environ = (stat.parent / "environ").read_bytes().split(b"\0")
-            except (OSError, IndexError, ValueError):  # the process ended while we read it
-                continue
-            if parent == launcher and f"RANK={rank}".encode() in environ:
-                return int(stat.parent.name)
+        for pid, environ in children(launcher).items():
+            if f"RANK={rank}".encode() in environ:
+                return pid
         time.sleep(0.05)
     raise AssertionError(f"no worker of rank {rank} under launcher {launcher}")
 
 
 def test_elastic_restart_after_sigkill_resumes_and_ends_bit_identical(setup, two_nodes):
     out, log = setup / "elastic", setup / "elastic.log"
+    # torch 2.13's c10d rendezvous hands the restarted workers the store of the first attempt, stale keys included:
+    # their process group then dials the dead workers' ports (3 restarts of 4 failed here; pytorch/pytorch#135712)
+    env = dict(ENV, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     proc = start([*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max_restarts=1", "train.py",
-                  str(setup / "config.yaml"), f"--out_dir={out}", "--resume=auto", "--batch_size=2", *SGD], log)
+                  str(setup / "config.yaml"), f"--out_dir={out}", "--resume=auto", "--batch_size=2", *SGD], log, env=env)
     wait_for_file(out / "ckpt_00000003.pt", proc, log)
     os.kill(worker_pid(proc.pid, rank=0), signal.SIGKILL)
     assert not (out / f"ckpt_{STEPS:08d}.pt").exists(), "the run finished before a worker could be killed"
@@ -250,10 +268,8 @@ def test_the_design_cards_command_lines_as_written(setup, tmp_path):
     config.update(batch_size=1, max_steps=2, save_every=2, out_dir="runs/card")  # paths in it are absolute
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
 
-    trained = subprocess.run([*TORCHRUN, "--nproc_per_node=8", "train.py", "config.yaml"], cwd=tmp_path, env=ENV,
-                             capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    assert "step 2/2" in trained.stdout
+    log = tmp_path / "train.log"
+    assert "step 2/2" in finish(start([*TORCHRUN, "--nproc_per_node=8", "train.py", "config.yaml"], log, tmp_path), log)
     assert final(tmp_path / "runs" / "card", 2)["sampler"]["global_batch"] == 8  # 8 processes x 1 image
 
     as_written = subprocess.run([sys.executable, "evaluate.py", "--dataset", "camvid"], cwd=tmp_path, env=ENV,
