@@ -26,10 +26,13 @@ def setup(device_name="auto"):
     device = pick_device(device_name)
     if "RANK" not in os.environ:
         return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
+    if device.type == "cuda":  # one GPU per process, current before NCCL starts so its communicator uses it
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+    # NCCL reduces CUDA tensors only; gloo on the CPU side too, so a CPU tensor handed to a collective (an object
+    # collective, a barrier, a counter someone reduces where it was made) works instead of failing at run time.
+    # What train.py and evaluate.py reduce stays on the training device, on NCCL's fast path.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -1,5 +1,6 @@
 """Zero-shot evaluation of a checkpoint on a segmentation dataset, with MSeg's test protocol.
 
+    python evaluate.py --dataset camvid --root DATA --list LIST --checkpoint CKPT  # camvid = MSeg's camvid-11
     python evaluate.py --dataset=camvid-11 --root=DATA --list=LIST --checkpoint=CKPT --embeddings=TABLE.pt
     python evaluate.py --dataset=configs/eval/camvid-segnet-shared.yaml --checkpoint=CKPT --clip_weights=ViT-B-32.pt
     torchrun --nproc_per_node=2 evaluate.py ...                     # images split over ranks, confusion all-reduced
@@ -33,7 +34,8 @@ EVAL_CONFIGS = REPO / "configs" / "eval"
 
 @dataclass
 class EvalSettings(Protocol):      # + the inference protocol's settings (inference.Protocol)
-    dataset: str = "camvid-11"     # a name in configs/eval/ or a path to a dataset YAML (data.SourceConfig fields)
+    dataset: str = "camvid-11"     # a name in configs/eval/ (an MSeg set also without its class count: camvid =
+                                   # camvid-11) or a path to a dataset YAML (data.SourceConfig fields)
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
     checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
@@ -73,25 +75,59 @@ def metrics_from_confusion(conf):
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset: a data.SourceConfig in YAML (configs/eval/*.yaml), read by data.Source
 
-def load_dataset_config(name_or_path, root="", list_path=""):
-    """configs/eval/<name>.yaml or a YAML path -> data.SourceConfig. The YAML holds SourceConfig fields (name, root,
-    list, names | class_names, taxonomy, encoding, ignore, colors); a relative root in it is relative to the
-    repository, --root/--list (relative to the working directory) override it."""
+def dataset_yaml(name_or_path):
+    """configs/eval/<name>.yaml, or an MSeg test set by its name without the class count (camvid -> camvid-11.yaml,
+    kitti -> kitti-19.yaml), or a YAML path as given."""
     path = Path(name_or_path)
-    if not path.suffix:
-        path = EVAL_CONFIGS / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in EVAL_CONFIGS.glob("*.yaml"))
-            raise FileNotFoundError(f"unknown dataset {name_or_path!r}: no {path} (known: {known}; or give a YAML path)")
+    if path.suffix:
+        return path
+    path = EVAL_CONFIGS / f"{name_or_path}.yaml"
+    counted = [p for p in EVAL_CONFIGS.glob(f"{name_or_path}-*.yaml") if p.stem[len(name_or_path) + 1:].isdigit()]
+    if path.is_file() or len(counted) != 1:
+        return path
+    return counted[0]
+
+
+def yaml_header(path):
+    """The comment lines a dataset YAML opens with: what the dataset is, where it comes from, its layout."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append("  " + line[1:].removeprefix(" "))
+    return "\n".join(lines)
+
+
+def not_found(path, kind="file"):
+    """What is wrong with a required path, for an error message."""
+    return f"{path} is not a {kind}" if path else "not given"
+
+
+def load_dataset_config(name_or_path, root="", list_path="", also_missing=()):
+    """A dataset name (see dataset_yaml) or YAML path -> data.SourceConfig. The YAML holds SourceConfig fields (name,
+    root, list, names | class_names, taxonomy, encoding, ignore, colors); a relative root in it is relative to the
+    repository, --root/--list (relative to the working directory) override it.
+
+    Raises one message for everything missing, `also_missing` (what the caller found missing, e.g. the checkpoint)
+    included: what to pass and, for the data, the YAML's header, which says where the dataset comes from."""
+    path = dataset_yaml(name_or_path)
+    if not path.is_file():
+        known = sorted(p.stem for p in EVAL_CONFIGS.glob("*.yaml"))
+        raise FileNotFoundError(f"unknown dataset {name_or_path!r}: no {path} (known: {known}; or give a YAML path)")
     d = yaml.safe_load(path.read_text())
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of data.SourceConfig fields")
     d["root"] = str(Path(root).resolve()) if root else (str(REPO / d["root"]) if d.get("root") else "")
     d["list"] = str(Path(list_path).resolve()) if list_path else (d.get("list") or "")
+    missing = []
     if not d["root"] or not Path(d["root"]).is_dir():
-        raise FileNotFoundError(f"{path}: dataset root {d['root'] or '(unset)'} is not a folder; set it with --root=DIR")
+        missing.append(f"--root DIR         the dataset's root folder ({not_found(d['root'], 'folder')})")
     if not d["list"] or not Path(d["root"], d["list"]).is_file():
-        raise FileNotFoundError(f"{path}: list file {d['list'] or '(unset)'} not found; set it with --list=FILE")
+        missing.append(f"--list FILE        its list of `image label` lines, paths relative to the root "
+                       f"({not_found(d['list'])})")
+    if missing or also_missing:
+        where = f"\n{d.get('name', path.stem)}, from {path}:\n{yaml_header(path)}" if missing else ""
+        raise FileNotFoundError("evaluate.py needs\n  " + "\n  ".join([*also_missing, *missing]) + where)
     return data.SourceConfig.from_dict(d)
 
 
@@ -149,8 +185,10 @@ def evaluate_images(model, samples, label_emb, scale, proto, rank=0, world=1, pr
             eta = (len(mine) - j) / rate
             print(f"[{j * world:>5}/{len(samples)}] {rate * world:.2f} images/s, ETA {eta // 60:.0f}m{eta % 60:02.0f}s",
                   flush=True)
-    if distributed.is_distributed():
+    if distributed.is_distributed():  # NCCL reduces CUDA tensors only: reduce on the device the model runs on
+        conf = conf.to(label_emb.device)
         dist.all_reduce(conf)  # gloo and NCCL both sum int64
+        conf = conf.cpu()
     return conf
 
 
@@ -183,7 +221,9 @@ def main(argv=None):
         print_settings(s)
 
     spec = load_label_spec()
-    dataset = EvalDataset(load_dataset_config(s.dataset, s.root, s.list), spec, s.max_images)
+    no_checkpoint = [] if Path(s.checkpoint).is_file() else [  # said together with any missing data, before any work
+        f"--checkpoint CKPT  a checkpoint written by train.py ({not_found(s.checkpoint)})"]
+    dataset = EvalDataset(load_dataset_config(s.dataset, s.root, s.list, no_checkpoint), spec, s.max_images)
     texts = label_texts(spec, dataset.keys, s.mode)
     model, ckpt = load_checkpoint(s.checkpoint, device)
     if s.embeddings and s.mode == "word" and master:

@@ -1,17 +1,20 @@
 """Dataset-balanced distributed batch sampler.
 
 The paper balances "all datasets in a mini-batch so each accounts for almost equal ratio". Here the unit is the
-*global* batch of G = batch_size * world_size draws, defined independently of the world size:
+*global* batch of G = batch_size * world_size * accum_steps draws (one optimizer step), defined independently of how
+it is split over processes and micro-batches:
 
   1. per global batch b, each source's count: floor(G * w_i), the remainder given to sources drawn (per batch, without
      replacement) with probability proportional to the fractional parts, so counts average to G * w_i;
   2. each source's draws come from its own endless stream of fresh permutations (a small source is re-drawn with a
      new shuffle each time it runs out);
-  3. the G draws are interleaved round-robin across sources, and rank r takes the slice [r*B, (r+1)*B).
+  3. the G draws are interleaved round-robin across sources; rank r takes the slice [r*A*B, (r+1)*A*B) and yields
+     it as A = accum_steps micro-batches of B.
 
-So the union over ranks of global batch b is exactly what one process with batch size G draws, and each rank's
-local batch is itself as balanced as B allows. Everything is a pure function of (seed, epoch, sizes, weights, G);
-the rank and world size only choose the slice. The resume position is the number of global batches consumed.
+So the union over ranks and micro-batches of global batch b is exactly what one process with batch size G draws
+(1 process x 8 micro-batches of 2 draws what 8 processes x 2 do), and each micro-batch is itself as balanced as B
+allows. Everything is a pure function of (seed, epoch, sizes, weights, G); the rank, world size and accum_steps only
+choose the slices. The resume position is the number of global batches consumed.
 """
 import math
 
@@ -20,15 +23,16 @@ import torch
 
 
 class BalancedSampler(torch.utils.data.Sampler):
-    """Batch sampler (pass as DataLoader(batch_sampler=...)): yields this rank's batches of keys
-    (source index, sample index, epoch, draw), draw = position of the sample in the epoch's global stream.
+    """Batch sampler (pass as DataLoader(batch_sampler=...)): yields this rank's micro-batches of keys
+    (source index, sample index, epoch, draw), draw = position of the sample in the epoch's global stream;
+    accum_steps micro-batches per global batch.
 
     sizes: samples per source; weights: sampling weight per source (None = equal);
     batches_per_epoch: 0 = enough global batches that the source largest relative to its share is drawn ~once.
     """
 
     def __init__(self, sizes, weights=None, batch_size: int = 2, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 batches_per_epoch: int = 0):
+                 batches_per_epoch: int = 0, accum_steps: int = 1):
         if not sizes or min(sizes) <= 0:
             raise ValueError(f"BalancedSampler: every source needs at least one sample, got sizes {list(sizes)}")
         weights = [1.0] * len(sizes) if weights is None else [float(w) for w in weights]
@@ -39,7 +43,8 @@ class BalancedSampler(torch.utils.data.Sampler):
         self.sizes = [int(n) for n in sizes]
         self.shares = np.asarray(weights) / sum(weights)  # (S,)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.global_batch = batch_size * world_size
+        self.accum_steps = accum_steps
+        self.global_batch = batch_size * world_size * accum_steps
         self.num_batches = batches_per_epoch or math.ceil(max(n / s for n, s in zip(self.sizes, self.shares))
                                                           / self.global_batch)
         self.epoch = 0
@@ -96,14 +101,16 @@ class BalancedSampler(torch.utils.data.Sampler):
         return self._batches(self.epoch, self.consumed)  # start captured now, not at the first next()
 
     def _batches(self, epoch: int, start: int):
-        B, r = self.batch_size, self.rank
+        B, A = self.batch_size, self.accum_steps
         for b in range(start, self.num_batches):
-            draws = self.global_batch_at(epoch, b)[r * B:(r + 1) * B]
-            first = b * self.global_batch + r * B
-            yield [(s, i, epoch, first + j) for j, (s, i) in enumerate(draws)]
+            draws = self.global_batch_at(epoch, b)
+            for m in range(A):
+                first = (self.rank * A + m) * B  # this micro-batch's offset in the global batch
+                yield [(s, i, epoch, b * self.global_batch + first + j)
+                       for j, (s, i) in enumerate(draws[first:first + B])]
 
     def __len__(self) -> int:
-        return self.num_batches - self.consumed
+        return (self.num_batches - self.consumed) * self.accum_steps  # micro-batches still to come this epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch (a no-op for the epoch a checkpoint was loaded into)."""
@@ -120,8 +127,8 @@ class BalancedSampler(torch.utils.data.Sampler):
                 "shares": self.shares.tolist(), "global_batch": self.global_batch, "num_batches": self.num_batches}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at the next global batch. The world size may differ from the saved run's as long as the global
-        batch is the same (the stream does not depend on it)."""
+        """Continue at the next global batch. The world size and accum_steps may differ from the saved run's as long
+        as the global batch is the same (the stream does not depend on them)."""
         for key in ("seed", "sizes", "global_batch", "num_batches"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"sampler state: {key} {state[key]} differs from this run's {getattr(self, key)}")

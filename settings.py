@@ -1,4 +1,7 @@
-"""Settings for the scripts: a dataclass of defaults, overridden by a YAML file and then by --key=value flags.
+"""Settings for the scripts: a dataclass of defaults, overridden by a YAML file and then by flags.
+
+Flags are `--key=value` or `--key value`; a bool setting also takes `--key` alone (= true). An argument starting with
+`--` is always a flag, never a value; negative numbers (`--lr -1`) are values.
 
 nanoGPT's configurator without `exec`: every override is type-checked against the default's type and an unknown
 key raises, naming the key and where it came from. train.py and evaluate.py each open with their own dataclass.
@@ -38,7 +41,8 @@ def _parse_flag_value(text):
 
 
 def parse_settings(cls, argv=None):
-    """Build `cls` from its defaults, then an optional YAML file (first positional argument), then --key=value flags.
+    """Build `cls` from its defaults, then an optional YAML file (first positional argument), then flags
+    (--key=value, --key value, --flag for a bool).
 
     Returns the settings instance. Raises on unknown keys, wrong types, or malformed flags.
     """
@@ -48,17 +52,29 @@ def parse_settings(cls, argv=None):
     overrides = []  # (key, value, where)
     if any(arg in ("-h", "--help") for arg in argv):
         script = sys.modules.get("__main__")
-        print((script.__doc__ or "").strip(), "\n\nSettings (defaults; override with a YAML file and --key=value):\n")
+        print((script.__doc__ or "").strip(), "\n\nSettings (defaults; override with a YAML file and --key=value or "
+              "--key value):\n")
         for klass in reversed(cls.__mro__):  # the dataclass itself and those it extends: names, defaults, comments
             if dataclasses.is_dataclass(klass):
                 print(inspect.getsource(klass))
         sys.exit(0)
-    for arg in argv:
+    i = 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
         if arg.startswith("--"):
-            if "=" not in arg:
-                raise ValueError(f"flag {arg!r}: write it as --key=value")
-            key, text = arg[2:].split("=", 1)
+            key, eq, text = arg[2:].partition("=")
             key = key.replace("-", "_")
+            if not eq:  # --key value, or a bool's --key alone
+                if key not in fields:
+                    raise KeyError(f"flag {arg}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
+                after = argv[i] if i < len(argv) else None
+                if isinstance(getattr(settings, key), bool) and str(after).lower() not in ("true", "false"):
+                    text = "true"  # --flag alone; what follows is not its value
+                elif after is None or after.startswith("--"):
+                    raise ValueError(f"flag {arg} needs a value: {arg} VALUE or {arg}=VALUE")
+                else:
+                    text, i = after, i + 1
+                arg = f"{arg} {text}"
             if key in fields and isinstance(getattr(settings, key), str):
                 value = text  # a string setting takes the flag's text as written (--name=3 is the name "3")
             else:

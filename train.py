@@ -2,6 +2,7 @@
 
     python train.py configs/demo_synthetic.yaml [--key=value ...]              # one process, CPU or one GPU
     torchrun --nproc_per_node=8 train.py configs/ssiw_segformer_b5.yaml      # DDP: NCCL on CUDA, gloo on CPU
+    python train.py configs/ssiw_segformer_b5.yaml --accum_steps 8           # 1 GPU, the same global batch of 16
 
 Reads top to bottom: settings -> distributed/device -> label table -> data -> model -> optimizer -> resume -> loop.
 """
@@ -38,7 +39,8 @@ class TrainSettings:
     short_side: int = 1080         # resize the shorter edge to this before random scaling
     scale_min: float = 0.5         # random scale range, relative to short_side
     scale_max: float = 2.0
-    batch_size: int = 2            # images per process per step
+    batch_size: int = 2            # images per process per micro-batch
+    accum_steps: int = 1           # micro-batches per optimizer step: global batch = batch_size x processes x this
     workers: int = 4               # DataLoader workers per process
     skip_bad: bool = False         # count and skip unreadable samples instead of stopping
     # model
@@ -110,6 +112,8 @@ def main(argv=None):
     s = parse_settings(TrainSettings, argv)
     if s.loss_resize not in RESIZE_MODES:
         raise ValueError(f"settings: loss_resize must be one of {RESIZE_MODES}, got {s.loss_resize!r}")
+    if s.accum_steps < 1:
+        raise ValueError(f"settings: accum_steps must be at least 1, got {s.accum_steps}")
 
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
@@ -145,7 +149,7 @@ def main(argv=None):
         short_side=s.short_side, crop_size=s.crop_size, scale_range=(s.scale_min, s.scale_max)),
         seed=s.seed, skip_bad=s.skip_bad)
     sampler = BalancedSampler(dataset.source_sizes, [src.weight for src in sources], batch_size=s.batch_size,
-                                   rank=rank, world_size=world, seed=s.seed)
+                              rank=rank, world_size=world, seed=s.seed, accum_steps=s.accum_steps)
 
     # ---- model and optimizer --------------------------------------------------------------------------------------
     model_args = ModelConfig(backbone=s.backbone, embed_dim=s.embed_dim, aux_head=s.aux_head,
@@ -207,8 +211,8 @@ def main(argv=None):
     batches = iter(loader)
     t0, seen = time.time(), 0
     while step < s.max_steps:
-        try:
-            batch = next(batches)
+        try:  # one global batch: accum_steps micro-batches, never split across epochs by the sampler
+            micro_batches = [next(batches) for _ in range(s.accum_steps)]
         except StopIteration:  # epoch done: report skips, reshuffle
             if master and dataset.skip_bad:
                 print(f"epoch {sampler.epoch}: skipped {data.skipped_count(loader)} bad samples")
@@ -218,19 +222,29 @@ def main(argv=None):
         lr = poly_lr(step, s)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        batch = data.to_device(batch, device)
         # dropout and drop-path draw from the global generator: reseeding it from (seed, step, rank) makes every step's
         # randomness a pure function of the step, so a resumed run needs no saved RNG state (data has its own seeds)
         torch.manual_seed(s.seed + step * world + rank)
-        with autocast:
-            out = model(batch["image"])
-        terms = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside
-                               resize=s.loss_resize, drop_fraction=s.coarse_drop)
-        if not torch.isfinite(terms["loss"]):
-            values = {k: round(v.item(), 4) for k, v in terms.items()}
-            raise FloatingPointError(f"non-finite loss at step {step}: {values}; sources {batch['source']}")
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
+        mean_terms = {}  # over the micro-batches: what the global batch's loss was
+        for micro, batch in enumerate(micro_batches):
+            batch = data.to_device(batch, device)
+            last = micro == len(micro_batches) - 1
+            # gradients add up locally; DDP all-reduces them once, in the last micro-batch's backward
+            with model.no_sync() if world > 1 and not last else nullcontext():
+                with autocast:
+                    out = model(batch["image"])
+                terms = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside
+                                       resize=s.loss_resize, drop_fraction=s.coarse_drop)
+                if not torch.isfinite(terms["loss"]):
+                    values = {k: round(v.item(), 4) for k, v in terms.items()}
+                    raise FloatingPointError(f"non-finite loss at step {step}: {values}; sources {batch['source']}")
+                # each micro-batch's loss is its mean: dividing by their number makes the sum the global batch's mean
+                scaler.scale(terms["loss"] / s.accum_steps).backward()
+            for k, v in terms.items():
+                mean_terms[k] = mean_terms.get(k, 0.0) + v.detach().float() / s.accum_steps
+            seen += len(batch["source"]) * world
+        terms = mean_terms
         if s.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
@@ -238,7 +252,6 @@ def main(argv=None):
         scaler.update()
         step += 1
         sampler.advance()  # one more global batch consumed: this is the position a resume continues from
-        seen += len(batch["source"]) * world
 
         if step % s.log_every == 0 or step == s.max_steps:
             logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
@@ -247,13 +260,13 @@ def main(argv=None):
                 rate = seen / elapsed
                 record = {"step": step, "lr": lr, "images_per_s": rate, "scale": raw_model.scale().item(),
                           **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)}}  # + 0.0: no "-0.0" terms
-                eta = (s.max_steps - step) * s.batch_size * world / max(rate, 1e-9)
+                eta = (s.max_steps - step) * s.batch_size * world * s.accum_steps / max(rate, 1e-9)
                 losses = " ".join(f"{k} {record[k]:.4f}" for k in sorted(terms))
                 print(f"step {step}/{s.max_steps} | {losses} | lr {lr:.2e} | {rate:.1f} img/s | "
                       f"eta {eta / 60:.1f} min", flush=True)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-        stop_now = torch.tensor([0 if stop["signal"] is None else 1])
+        stop_now = torch.tensor([0 if stop["signal"] is None else 1], device=device)  # NCCL: CUDA tensors only
         if world > 1:
             dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         if step % s.save_every == 0 or step == s.max_steps or stop_now.item():

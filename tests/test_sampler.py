@@ -33,6 +33,18 @@ def test_union_over_ranks_is_the_single_process_global_batch(world):
         assert len(set(large)) == len(large) == 8
 
 
+@pytest.mark.parametrize("world,accum", [(1, 8), (2, 4), (4, 2)])
+def test_micro_batches_draw_what_a_larger_world_draws(world, accum):
+    """Per optimizer step, `world` processes x `accum` micro-batches of 2 draw exactly what 8 processes x 2 draw: the
+    same samples with the same draw ids (so the same augmentation); micro-batch m of rank r is rank r*accum + m's."""
+    eight = [run(BalancedSampler(SIZES, batch_size=2, rank=r, world_size=8, seed=4)) for r in range(8)]
+    for r in range(world):
+        mine = run(BalancedSampler(SIZES, batch_size=2, rank=r, world_size=world, seed=4, accum_steps=accum))
+        assert len(mine) == len(eight[0]) * accum
+        for m in range(accum):
+            assert mine[m::accum] == eight[r * accum + m]
+
+
 @pytest.mark.parametrize("world", [1, 2, 8])
 def test_every_global_batch_is_balanced(world):
     G = 24
@@ -104,6 +116,20 @@ def test_resume_mid_epoch_continues_with_the_next_batch(world, new_world):
     full = sampler(new_world - 1, new_world)
     full.set_epoch(2)
     assert run(resumed) == run(full)
+
+
+def test_resume_with_another_split_of_the_same_global_batch():
+    # 8 processes x 2 checkpoint after 5 global batches; 1 process x 8 micro-batches of 2 continues with the sixth
+    first = BalancedSampler(SIZES, batch_size=2, rank=3, world_size=8, seed=2)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+        first.advance()
+    resumed = BalancedSampler(SIZES, batch_size=2, seed=2, accum_steps=8)
+    resumed.load_state_dict(first.state_dict())
+    whole = run(BalancedSampler(SIZES, batch_size=2, seed=2, accum_steps=8))
+    assert len(resumed) == len(whole) - 5 * 8
+    assert run(resumed) == whole[5 * 8:]
 
 
 def test_state_mismatch_is_refused():

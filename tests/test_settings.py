@@ -39,9 +39,23 @@ def test_wrong_types_raise(flag):
         parse_settings(Demo, [flag])
 
 
+def test_key_space_value_and_a_bare_bool_flag(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 2\nname: yaml\n")
+    argv = ["--steps", "7", str(path), "--amp", "--name", "3", "--scales", "[0.5, 1.0]", "--lr", "-1"]
+    assert parse_settings(Demo, argv) == Demo(lr=-1.0, steps=7, name="3", amp=True, scales=[0.5, 1.0])
+    assert parse_settings(Demo, argv) == parse_settings(Demo, ["--steps=7", str(path), "--amp=true", "--name=3",
+                                                               "--scales=[0.5, 1.0]", "--lr=-1"])
+    assert parse_settings(Demo, ["--amp", "false"]).amp is False and parse_settings(Demo, ["--amp"]).amp is True
+    assert parse_settings(Demo, ["--amp", str(path)]) == Demo(lr=2.0, name="yaml", amp=True)  # a file, not its value
+
+
 def test_flag_without_value_and_missing_file_raise(tmp_path):
-    with pytest.raises(ValueError, match="--key=value"):
-        parse_settings(Demo, ["--steps"])
+    for argv in (["--steps"], ["--name", "--steps=3"]):  # an argument starting with -- is a flag, never a value
+        with pytest.raises(ValueError, match=f"{argv[0]} needs a value: {argv[0]} VALUE or {argv[0]}=VALUE"):
+            parse_settings(Demo, argv)
+    with pytest.raises(KeyError, match="'stepz'"):
+        parse_settings(Demo, ["--stepz", "3"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         parse_settings(Demo, [str(tmp_path / "nope.yaml")])
 
