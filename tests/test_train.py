@@ -135,24 +135,23 @@ def test_bf16_autocast_runs_on_cpu(setup):
 
 def test_half_written_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
     good = tmp_path / "ckpt_00000001.pt"
-    save_checkpoint(good, {"step": 1}, keep_last=3)
+    save_checkpoint(good, {"step": 1, "model": {}, "optimizer": {}}, keep_last=3)
 
     def dies_midway(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path / "ckpt_00000002.pt", {"step": 2}, keep_last=3)
+        save_checkpoint(tmp_path / "ckpt_00000002.pt", {"step": 2, "model": {}, "optimizer": {}}, keep_last=3)
     monkeypatch.undo()
-    assert not (tmp_path / "ckpt_00000002.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # no ckpt_2, no temp file left behind
     assert torch.load(good)["step"] == 1
-    (tmp_path / ".ckpt_00000002.pt.tmp").unlink()
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     for step in range(1, 6):
-        save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", {"step": step}, keep_last=2)
+        save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", {"step": step, "model": {}, "optimizer": {}}, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
 
 
@@ -179,7 +178,7 @@ def test_loss_settings_reach_the_losses(setup, monkeypatch):
                     "--coarse_drop=0.25", "--weight_aux=0.5"])
     weights, options = seen.value.args
     assert options == {"resize": "labels", "drop_fraction": 0.25} and weights["aux"] == 0.5
-    with pytest.raises(ValueError, match="loss_resize must be one of"):
+    with pytest.raises(ValueError, match="loss_resize='pixels' must be one of"):
         train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'options'}", "--loss_resize=pixels"])
 
 
