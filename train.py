@@ -73,7 +73,7 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 20
     save_every: int = 1000
-    keep_last: int = 3
+    keep_last: int = 3             # newest checkpoints kept (and always the one before the newest)
     resume: str = ""               # "" | "auto" (latest checkpoint in out_dir) | a checkpoint path
     device: str = "auto"           # auto | cpu | cuda
 

@@ -23,7 +23,8 @@ import torch
 import yaml
 from PIL import Image
 
-from errors import ConfigError, DataError, run_main
+from checkpoints import save_checkpoint
+from errors import ConfigError, DataError, DivergedError, run_main
 from labels import LabelTable, load_label_spec, save_label_table
 from sampler import BalancedSampler
 from tools.synthetic_data import write_split
@@ -460,3 +461,27 @@ def test_expected_errors_are_one_line_and_exit_2_bugs_keep_their_traceback(capsy
         assert capsys.readouterr().err == f"error: {error}\n"
     with pytest.raises(ValueError, match="a shape bug"):  # a bare ValueError is a bug, not bad input
         run_main(fails(ValueError("a shape bug")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pruning and the state check, in process (save_checkpoint)
+
+def state(step, value=1.0):
+    return {"step": step, "model": {"w": torch.full((2,), value)}, "optimizer": {"state": {0: {"v": torch.ones(2)}}}}
+
+
+def test_pruning_keeps_the_checkpoint_before_the_newest_and_never_the_new_one(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", state(step), keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    # resumed from an older checkpoint while newer ones of an earlier run exist: the new one is never pruned
+    save_checkpoint(tmp_path / "ckpt_00000001.pt", state(1), keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt", "ckpt_00000002.pt", "ckpt_00000003.pt"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_state_is_neither_written_nor_prunes(tmp_path, value):
+    save_checkpoint(tmp_path / "ckpt_00000001.pt", state(1), keep_last=1)
+    with pytest.raises(DivergedError, match=r"step 2: .* 1 tensors \(e\.g\. model\.w\); ckpt_00000002\.pt is not written"):
+        save_checkpoint(tmp_path / "ckpt_00000002.pt", state(2, value), keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000001.pt"]
