@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,9 @@ import yaml
 from PIL import Image
 
 from checkpoints import save_checkpoint
+from data_fixtures import write_tiny_run
 from errors import ConfigError, DataError, DivergedError, run_main
-from labels import LabelTable, load_label_spec, save_label_table
 from sampler import BalancedSampler
-from tools.synthetic_data import write_split
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_STEPS = 3  # the good run every resume case starts from: ckpt_00000001..3.pt
@@ -46,17 +44,7 @@ def world(tmp_path_factory):
     """Six 64x48 synthetic scenes, a random 32-d label table, a config for a tiny MiT-B0 run, that run's three
     checkpoints (good/), an evaluation dataset YAML, a text file and a pickle of a Python object."""
     root = tmp_path_factory.mktemp("faults")
-    write_split(root / "data", "train", 6, np.random.default_rng(0), 64, 48)
-    keys = sorted(load_label_spec().sentences)
-    emb = torch.nn.functional.normalize(torch.randn(len(keys), 32, generator=torch.Generator().manual_seed(0)), dim=1)
-    save_label_table(root / "table.pt", LabelTable(keys, keys, emb, "random test table"))
-    street = {"root": str(root / "data" / "street-ids"), "list": "train.txt", "names": "names.txt",
-              "taxonomy": "camvid-segnet", "encoding": "id", "ignore": [11]}
-    config = {"sources": [dict(street, name="a"), dict(street, name="b")], "label_table": str(root / "table.pt"),
-              "crop_size": 32, "short_side": 48, "scale_min": 1.0, "scale_max": 1.2, "batch_size": 2, "workers": 0,
-              "backbone": "mit_b0", "embed_dim": 32, "drop_path_rate": 0.0, "dropout": 0.0, "lr": 1e-3,
-              "warmup_steps": 2, "max_steps": GOOD_STEPS, "log_every": 1, "save_every": 1, "keep_last": 5}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    street = write_tiny_run(root, max_steps=GOOD_STEPS, keep_last=5)["sources"][0]
     done = run(["train.py", str(root / "config.yaml"), f"--out_dir={root / 'good'}"])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (root / "eval.yaml").write_text(yaml.safe_dump(dict(street, name="street")))

@@ -7,15 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 import train
 from checkpoints import save_checkpoint
-from labels import LabelTable, load_label_spec, save_label_table
-from tools.synthetic_data import write_split
+from data_fixtures import write_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -23,21 +20,9 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Synthetic id-PNG data (no ignore pixels, images larger than the crop: every rank sees the same pixel count),
-    a random 32-d label table and a config for a tiny MiT-B0 run."""
+    """Synthetic data, a random label table and a config for a tiny MiT-B0 run (data_fixtures.write_tiny_run)."""
     root = tmp_path_factory.mktemp("train")
-    write_split(root / "data", "train", 6, np.random.default_rng(0), 64, 48)
-    spec = load_label_spec()
-    keys = sorted(spec.sentences)
-    emb = torch.nn.functional.normalize(torch.randn(len(keys), 32, generator=torch.Generator().manual_seed(0)), dim=1)
-    save_label_table(root / "table.pt", LabelTable(keys, keys, emb, "random test table"))
-    street = {"root": str(root / "data" / "street-ids"), "list": "train.txt", "names": "names.txt",
-              "taxonomy": "camvid-segnet", "encoding": "id", "ignore": [11]}
-    config = {"sources": [dict(street, name="a"), dict(street, name="b")], "label_table": str(root / "table.pt"),
-              "crop_size": 32, "short_side": 48, "scale_min": 1.0, "scale_max": 1.2, "batch_size": 2, "workers": 0,
-              "backbone": "mit_b0", "embed_dim": 32, "drop_path_rate": 0.0, "dropout": 0.0, "lr": 1e-3,
-              "warmup_steps": 2, "max_steps": STEPS, "log_every": 1, "save_every": 1, "keep_last": 20}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_run(root, max_steps=STEPS)
     return root
 
 
