@@ -183,10 +183,8 @@ def main(argv=None):
     groups = param_groups(model, s)
     if s.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
-    elif s.optimizer == "sgd":
+    else:  # sgd: validate() allows no other
         optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
-    else:
-        raise ValueError(f"settings: optimizer must be adamw or sgd, got {s.optimizer!r}")
 
     # ---- resume ---------------------------------------------------------------------------------------------------
     step = 0
