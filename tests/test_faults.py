@@ -58,7 +58,7 @@ def world(tmp_path_factory):
 
 @dataclass
 class Case:
-    category: str              # settings | data | files | faults | evaluate/predict
+    category: str              # settings | data | files | evaluate/predict | tools | faults
     name: str
     argv: list                 # a script and its arguments; {world}, {case}, {config} are filled in
     culprit: str               # regex the last line must match (stderr's on failure, stdout's on success)
@@ -75,15 +75,6 @@ def train(*flags, config="{world}/config.yaml"):
     return ["train.py", config, "--out_dir={case}/out", *flags]
 
 
-def with_config(**changes):
-    """prepare: the world's config with top-level changes, as {case}/config.yaml."""
-    def prepare(world, case):
-        config = yaml.safe_load((world / "config.yaml").read_text())
-        config.update(changes)
-        (case / "config.yaml").write_text(yaml.safe_dump(config))
-    return prepare
-
-
 def broken_data(damage, **source_changes):
     """prepare: a private copy of the data, damaged by damage(folder), that source a reads (b reads the original)."""
     def prepare(world, case):
@@ -96,13 +87,9 @@ def broken_data(damage, **source_changes):
     return prepare
 
 
-def good_run_copy(also=None):
-    """prepare: a copy of the good run as this case's out_dir (then also(world, case), if given)."""
-    def prepare(world, case):
-        shutil.copytree(world / "good", case / "out")
-        if also:
-            also(world, case)
-    return prepare
+def good_run_copy(world, case):
+    """prepare: a copy of the good run as this case's out_dir."""
+    shutil.copytree(world / "good", case / "out")
 
 
 def good_checkpoints_kept(*steps):
@@ -147,7 +134,7 @@ def checkpoint_without(*keys):
 def poisoned_optimizer(world, case):
     """The good run's latest checkpoint with one Adam second moment set to inf: the loss stays finite (the weights
     are), the update is zero, and the state stays non-finite."""
-    shutil.copytree(world / "good", case / "out")
+    good_run_copy(world, case)
     path = case / "out" / f"ckpt_{GOOD_STEPS:08d}.pt"
     ckpt = torch.load(path, weights_only=True)
     ckpt["optimizer"]["state"][5]["exp_avg_sq"].fill_(float("inf"))
@@ -217,10 +204,10 @@ CASES = [
     Case("settings", "onehot_too_narrow", train("--label_table=onehot", "--embed_dim=4"),
          r"onehot needs at most embed_dim=4 labels"),
     Case("settings", "resume_past_max_steps", train("--resume=auto", "--max_steps=2"),
-         rf"ckpt_{GOOD_STEPS:08d}\.pt is at step {GOOD_STEPS}, past max_steps=2", prepare=good_run_copy(),
+         rf"ckpt_{GOOD_STEPS:08d}\.pt is at step {GOOD_STEPS}, past max_steps=2", prepare=good_run_copy,
          check=good_checkpoints_kept(1, 2, 3)),
     Case("settings", "resume_at_max_steps", train("--resume=auto"), r"the run is complete \(max_steps=3\)", code=0,
-         prepare=good_run_copy(), check=good_checkpoints_kept(1, 2, 3)),
+         prepare=good_run_copy, check=good_checkpoints_kept(1, 2, 3)),
     # ---- data: the file named
     Case("data", "image_garbage", train(config="{case}/config.yaml"), r"images/train_000\d\.png: unreadable image",
          prepare=broken_data(write("images/*.png", b"not a png"))),
@@ -290,13 +277,13 @@ CASES = [
          r"--labels='': give 1\.\.254 distinct"),
     Case("evaluate/predict", "predict_image_missing", [*PREDICT, "--images={case}/nope.png", "--checkpoint=" + CKPT],
          r"no such file\(s\) \['.*nope\.png'\]"),
-    Case("evaluate/predict", "synthetic_data_small_size", ["-m", "tools.synthetic_data", "--out={case}/syn",
-                                                           "--size", "64x48", "--train", "8"],
+    Case("tools", "synthetic_data_small_size", ["-m", "tools.synthetic_data", "--out={case}/syn",
+                                                "--size", "64x48", "--train", "8"],
          r"wrote SYNTHETIC data \(8 train \+ 16 val scenes, 64x48\)", code=0),
     # ---- faults: a diverged run, a poisoned state, a full disk, a killed run's lock
     Case("faults", "diverged_after_resume", train("--resume=auto", "--lr=1e30", "--max_steps=8", "--keep_last=1"),
          rf"non-finite loss at step {GOOD_STEPS + 1}.*renamed ckpt_{GOOD_STEPS + 1:08d}\.pt\.diverged; "
-         rf"--resume=auto continues from .*ckpt_{GOOD_STEPS:08d}\.pt", prepare=good_run_copy(),
+         rf"--resume=auto continues from .*ckpt_{GOOD_STEPS:08d}\.pt", prepare=good_run_copy,
          check=assert_diverged_set_aside),
     Case("faults", "non_finite_optimizer_state", train("--resume=auto", "--max_steps=8"),
          rf"step {GOOD_STEPS + 1}: the model/optimizer state holds NaN or inf in 1 tensors "
@@ -304,7 +291,7 @@ CASES = [
          check=good_checkpoints_kept(1, 2, 3)),
     Case("faults", "disk_full_on_save", [*FILES_UP_TO_1MB, *train("--resume=auto", "--max_steps=8")],
          rf"could not write checkpoint .*ckpt_{GOOD_STEPS + 1:08d}\.pt: File too large; the older checkpoints are kept",
-         prepare=good_run_copy(), check=good_checkpoints_kept(1, 2, 3)),
+         prepare=good_run_copy, check=good_checkpoints_kept(1, 2, 3)),
     Case("faults", "stale_lock_taken_over", train("--max_steps=1"),
          r"run\.lock: taking over from a run that did not exit normally \(pid 999999 on a-dead-host", code=0,
          anywhere=True, prepare=stale_lock, check=assert_stale_lock_taken_over),
@@ -351,7 +338,7 @@ def test_matrix_counts():
     for case in CASES:
         counts[case.category] = counts.get(case.category, 0) + 1
     assert len({str(c) for c in CASES}) == len(CASES)
-    assert set(counts) == {"settings", "data", "files", "evaluate/predict", "faults"}, counts
+    assert set(counts) == {"settings", "data", "files", "evaluate/predict", "tools", "faults"}, counts
 
 
 # ---------------------------------------------------------------------------------------------------------------
