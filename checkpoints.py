@@ -3,12 +3,20 @@ our own training checkpoints (atomic save, resume lookup, rebuilding a model fro
 
     load_pretrained(model, "mit_b5.pth")             # NVlabs ImageNet, SegFormer, SSIW, HRNet: format from the keys
     model, ckpt = load_checkpoint("runs/x/ckpt_00001000.pt", device)   # train.py's own: model_args + strict weights
+
+Every file is read by errors.read_torch_file: tensors and plain Python only, and a file that is not what it should be
+raises WeightsError naming it, what it should be and where such files come from.
 """
+import atexit
+import fcntl
 import os
+import socket
+import time
 from pathlib import Path
 
 import torch
 
+from errors import ConfigError, DivergedError, InputError, WeightsError, read_torch_file
 from hrnet import remap_hrnet_key
 from model import ModelConfig, SegModel, build_model
 from segformer import remap_head_key, remap_mit_key
@@ -17,6 +25,12 @@ from segformer import remap_head_key, remap_mit_key
 # ----------------------------------------------------------------------------------------------------------------
 # Public checkpoints. Each format has a remap: public key -> (our key, None) or (None, why it is dropped);
 # (None, None) means an unknown key, which raises. NEW lists the parts of our model a format does not cover.
+
+PRETRAINED = ("pretrained weights: a state dict such as NVlabs' mit_b0..mit_b5.pth or a SegFormer segmentation "
+              "checkpoint, the authors' segformer_7data.pth, HRNet's ImageNet or segmentation weights (README: "
+              "Public weights and data), or a train.py checkpoint")
+CHECKPOINT = "a train.py checkpoint (ckpt_*.pt in a training run's out_dir)"
+
 
 def _mit_imagenet(k):  # NVlabs mit_b*.pth: raw state dict with a 1000-class `head`
     if k.startswith("head."):
@@ -100,7 +114,7 @@ def _detect_format(keys, path):
         return "hrnet_imagenet"
     if has("backbone.") and has("decoder."):
         return "ours"
-    raise ValueError(f"{path}: unrecognised checkpoint layout (first keys: {list(keys)[:5]})")
+    raise WeightsError(f"{path}: unrecognised checkpoint layout (first keys: {list(keys)[:5]})")
 
 
 def _group(keys):
@@ -124,13 +138,14 @@ def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
     ImageNet backbone). Anything else raises, naming the key. Returns {"format", "loaded", "dropped": {key: why},
     "new": [our keys left as initialised], "logit_scale": loaded value or None}.
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_torch_file(path, PRETRAINED)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # mmcv/mmseg, SSIW and HRNet's checkpoint.pth.tar
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # our own training checkpoints
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (optionally under 'state_dict' or 'model')")
+        raise WeightsError(f"{path}: not a state dict of tensors (optionally under 'state_dict' or 'model'); "
+                           f"expected {PRETRAINED}")
     wrapper = "module." if all(k.startswith("module.") for k in obj) else ""  # DataParallel / DDP
     obj = {k[len(wrapper):]: v for k, v in obj.items()}
     fmt = _detect_format(obj.keys(), path)
@@ -143,23 +158,23 @@ def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
         ours, why = remap(k)
         if ours is None:
             if why is None:
-                raise KeyError(f"{where}: unexpected key {wrapper + k!r}")
+                raise WeightsError(f"{where}: unexpected key {wrapper + k!r}")
             dropped[wrapper + k] = why  # reported as named in the file
             continue
         if ours not in own:
-            raise KeyError(f"{where}: key {wrapper + k!r} maps to {ours!r}, which this model does not have")
+            raise WeightsError(f"{where}: key {wrapper + k!r} maps to {ours!r}, which this model does not have")
         if ours == "logit_scale" and v.numel() == 1:
             v = v.reshape(())  # saved as () or (1,) depending on how the criterion made it
         if v.shape != own[ours].shape:
-            raise ValueError(f"{where}: key {wrapper + k!r} has shape {tuple(v.shape)}, our {ours!r} needs "
-                             f"{tuple(own[ours].shape)}")
+            raise WeightsError(f"{where}: key {wrapper + k!r} has shape {tuple(v.shape)}, our {ours!r} needs "
+                               f"{tuple(own[ours].shape)}")
         if ours in loaded:
-            raise KeyError(f"{where}: two checkpoint keys map to {ours!r} (second: {wrapper + k!r})")
+            raise WeightsError(f"{where}: two checkpoint keys map to {ours!r} (second: {wrapper + k!r})")
         loaded[ours] = v
     new = [k for k in own if k not in loaded]
     missing = [k for k in new if not k.startswith(new_ok)]
     if missing:
-        raise KeyError(f"{where}: checkpoint lacks {len(missing)} tensors of ours, e.g. {missing[:5]}")
+        raise WeightsError(f"{where}: checkpoint lacks {len(missing)} tensors of ours, e.g. {missing[:5]}")
     model.load_state_dict({**own, **loaded}, strict=True)
 
     if verbose:
@@ -175,14 +190,63 @@ def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Our own training checkpoints: one dict {model, optimizer, scaler, step, sampler, config, model_args, label_table}
 
+def nonfinite_tensors(obj, name: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in a nested dict/list/tuple that hold NaN or inf."""
+    if torch.is_tensor(obj):
+        return [name] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [bad for k, v in items for bad in nonfinite_tensors(v, f"{name}.{k}" if name else str(k))]
+
+
 def save_checkpoint(path, payload, keep_last):
-    """Write atomically (temp file + rename: a kill mid-write never replaces a good file), then prune old ones."""
+    """Write `payload` to path atomically, then prune older ckpt_*.pt beyond keep_last.
+
+    - A NaN or inf anywhere in the model or optimizer state raises DivergedError naming the step, before anything is
+      written or pruned: a diverged run never replaces a good checkpoint.
+    - Temp file (named by the pid, so two writers never share one), fsync, rename: a kill mid-write never leaves a
+      half-written ckpt_*.pt. A failed write (disk full, quota) removes the temp file, keeps every older checkpoint
+      and raises OSError naming the checkpoint and the cause.
+    - Pruning keeps the keep_last newest, and always the one before the new one: the new state has not trained a
+      step yet and may be finite yet diverging (weights of 1e30 after a huge lr); the one before it has trained.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
+    bad = nonfinite_tensors({"model": payload["model"], "optimizer": payload["optimizer"]})
+    if bad:
+        raise DivergedError(f"step {payload['step']}: the model/optimizer state holds NaN or inf in {len(bad)} "
+                            f"tensors (e.g. {', '.join(bad[:3])}); {path.name} is not written and the older "
+                            f"checkpoints are kept. Resume from the last one with a lower lr or grad_clip")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk or quota may only show here
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__  # torch reports a failed write as a RuntimeError raised while handling it
+        if cause is not None:
+            raise OSError(cause.errno, f"could not write checkpoint {path}: {cause.strerror or cause}; the older "
+                                       f"checkpoints are kept") from e
+        raise
+    older = [p for p in sorted(path.parent.glob("ckpt_*.pt")) if p.name < path.name]
+    for old in older[:max(len(older) - max(keep_last - 1, 1), 0)]:
         old.unlink()
+
+
+def set_aside(path) -> str:
+    """Rename a checkpoint whose state gave a non-finite loss to <name>.diverged (kept to inspect; --resume=auto
+    and pruning skip it). Returns a sentence saying so, for the error message."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    aside = path.with_name(path.name + ".diverged")
+    os.replace(path, aside)
+    previous = find_resume("auto", path.parent)
+    return (f"{path.name}, which holds that state, is renamed {aside.name}; --resume=auto continues from "
+            f"{previous or 'scratch'}")
 
 
 def find_resume(resume, out_dir):
@@ -193,16 +257,34 @@ def find_resume(resume, out_dir):
     return str(found[-1]) if found else ""
 
 
+RESUME_KEYS = ("model", "optimizer", "scaler", "step", "sampler", "model_args", "label_table")
+
+
+def read_checkpoint(path, need=("model", "model_args")) -> dict:
+    """A train.py checkpoint as a dict; WeightsError naming the path and the keys of `need` it lacks."""
+    ckpt = read_torch_file(path, CHECKPOINT)
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise WeightsError(f"{path}: not a train.py checkpoint, it lacks {missing}; expected {CHECKPOINT} "
+                           f"(public weights are given with --pretrained)")
+    return ckpt
+
+
 def load_checkpoint(path, device):
     """Rebuild the model from a train.py checkpoint alone (model_args + strict state dict). Returns (model, ckpt)."""
     if not path:
-        raise ValueError("--checkpoint is required")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain Python only: no code runs
-    missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise KeyError(f"{path}: not a train.py checkpoint, it lacks {missing}")
-    model = build_model(ModelConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])  # strict: a mismatch means another model, not something to paper over
+        raise ConfigError("--checkpoint is required")
+    ckpt = read_checkpoint(path)
+    try:
+        config = ModelConfig(**ckpt["model_args"])
+    except TypeError as e:  # written by another version of ModelConfig
+        raise WeightsError(f"{path}: model_args {ckpt['model_args']} do not fit this code's ModelConfig ({e})"
+                           ) from None
+    model = build_model(config)
+    try:
+        model.load_state_dict(ckpt["model"])  # strict: a mismatch means another model, not something to paper over
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: its weights do not fit its own model_args: {e}") from None
     return model.to(device).eval(), ckpt
 
 
@@ -210,4 +292,55 @@ def check_width(ckpt, label_emb, what):
     """The label embeddings must be as wide as the model's pixel embeddings."""
     width = ckpt["model_args"].get("embed_dim")
     if width != label_emb.shape[1]:
-        raise ValueError(f"{what} has width {label_emb.shape[1]}, the checkpoint's pixel embeddings {width}")
+        raise WeightsError(f"{what} has width {label_emb.shape[1]}, the checkpoint's pixel embeddings {width}")
+
+
+_LOCKS = {}  # out_dir (resolved) -> lock file held by this process
+
+
+def lock_run_dir(out_dir):
+    """Claim out_dir for this process until it exits: no other training run can write in it meanwhile.
+
+    An exclusive flock on out_dir/run.lock, which the kernel releases when the process ends however it ends (kill -9
+    included), so a dead run never blocks a new one. The file names its holder (pid, host, start); a live holder
+    makes this raise InputError naming it. The name is cleared at a normal exit, so a name found on taking the lock
+    is that of a run that was killed: it is reported as taken over, and the temp files of checkpoint writes it left
+    behind are removed. Only the process that writes checkpoints and log.jsonl (torchrun's rank 0) takes it; a
+    process calling train.main twice (tests) keeps the lock it has.
+    """
+    key = os.path.realpath(out_dir)
+    if key in _LOCKS:
+        return
+    path = Path(out_dir) / "run.lock"
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "one that is just starting"
+        f.close()
+        raise InputError(f"{out_dir} is in use by another training run ({holder}); two runs in one out_dir would "
+                         f"overwrite each other's checkpoints: give this one another --out_dir, or stop the other")
+    except OSError as e:  # a file system without locks (e.g. Lustre mounted without -o flock)
+        f.close()
+        print(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run in {out_dir}")
+        return
+    previous = f.read().strip()
+    if previous:
+        print(f"{path}: taking over from a run that did not exit normally ({previous})")
+    for tmp in Path(out_dir).glob(".ckpt_*.tmp"):
+        print(f"{out_dir}: removing {tmp.name}, a checkpoint write that was interrupted")
+        tmp.unlink()
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+@atexit.register
+def _release_locks():
+    """At a normal exit (also by an exception, or SIGTERM's clean stop): clear the holder's name, then unlock."""
+    for f in _LOCKS.values():
+        f.seek(0)
+        f.truncate()
+        f.close()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
+from errors import WeightsError, run_main
 from readers import load_coco_boxes
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
@@ -124,14 +125,14 @@ def load_image_tower(path, device="cpu") -> VisionTransformer:
     raw, fmt = read_clip_state_dict(path)
     sd = drop_by_prefix(raw, SKIP_PREFIXES[fmt], f"clip_image: {path} ({fmt})", "non-image-tower")
     if any(k.startswith(OPENAI_RESNET_MARKERS) for k in sd):
-        raise NotImplementedError(f"{path}: a CLIP ResNet image tower (keys visual.layer1.*, visual.attnpool.*); "
-                                  f"only the ViT towers are implemented (ViT-B/32, ViT-B/16, ViT-L/14)")
+        raise WeightsError(f"{path}: a CLIP ResNet image tower (keys visual.layer1.*, visual.attnpool.*); "
+                           f"only the ViT towers are implemented (ViT-B/32, ViT-B/16, ViT-L/14)")
     try:
         sd = hf_to_ours(sd) if fmt == "hf" else openai_to_ours(sd)
         model = VisionTransformer(config_from_state_dict(sd))
         model.load_state_dict(sd, strict=True)  # copies into fp32 parameters (OpenAI's .pt files hold fp16)
     except (KeyError, RuntimeError) as e:
-        raise RuntimeError(f"{path}: weights do not fit a CLIP ViT image tower: {e}. {WHERE_TO_GET}") from e
+        raise WeightsError(f"{path}: weights do not fit a CLIP ViT image tower: {e}. {WHERE_TO_GET}") from e
     return model.to(device).eval()
 
 
@@ -236,4 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import ConfigError, WeightsError, read_torch_file, run_main
+
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 WHERE_TO_GET = ("Get OpenAI CLIP .pt files from the URLs in openai/CLIP clip/clip.py (ViT-B/32: https://"
@@ -126,8 +128,8 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
         ids = [tok.sot] + tok.encode(text) + [tok.eot]
         if len(ids) > context_length:
             if not truncate:
-                raise ValueError(f"text {_short(text)!r} is {len(ids)} tokens (with start/end markers), more than "
-                                 f"context_length={context_length}; shorten it or pass truncate=True")
+                raise ConfigError(f"text {_short(text)!r} is {len(ids)} tokens (with start/end markers), more than "
+                                  f"context_length={context_length}; shorten it or pass truncate=True")
             ids = ids[:context_length - 1] + [tok.eot]
         rows.append(ids + [0] * (context_length - len(ids)))
     return torch.tensor(rows, dtype=torch.long).view(len(texts), context_length)
@@ -287,17 +289,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except ValueError:
         header = None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (no JSON header of the size its first 8 bytes give)")
+        raise WeightsError(f"{path}: not a safetensors file (no JSON header of the size its first 8 bytes give)")
     header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, supported: {list(SAFETENSORS_DTYPES)}")
+            raise WeightsError(f"{path}: tensor {name} has dtype {info['dtype']}, "
+                               f"supported: {list(SAFETENSORS_DTYPES)}")
         begin, end = (8 + n + o for o in info["data_offsets"])
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         if end > len(data) or end - begin != dtype.itemsize * torch.Size(info["shape"]).numel():
-            raise ValueError(f"{path}: tensor {name} has data_offsets {info['data_offsets']} that do not fit "
-                             f"shape {info['shape']} {info['dtype']} or the file")
+            raise WeightsError(f"{path}: tensor {name} has data_offsets {info['data_offsets']} that do not fit "
+                               f"shape {info['shape']} {info['dtype']} or the file")
         # copy each tensor's bytes out so it owns aligned memory and the file buffer can be freed
         t = torch.frombuffer(data[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"])
@@ -325,19 +328,16 @@ def read_clip_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
     elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         sd = torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's TorchScript archive
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot be read as a CLIP checkpoint ({type(e).__name__}: {e}). "
-                             f"{WHERE_TO_GET}") from e
+        sd = read_torch_file(path, f"CLIP weights (an OpenAI CLIP .pt, or an HF model.safetensors or "
+                                   f"pytorch_model.bin). {WHERE_TO_GET}")
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}. {WHERE_TO_GET}")
+        raise WeightsError(f"{path}: expected a state dict, got {type(sd).__name__}. {WHERE_TO_GET}")
     if any(k.startswith("text_model.") for k in sd):
         return dict(sd), "hf"
     if "token_embedding.weight" in sd:
         return dict(sd), "openai"
-    raise ValueError(f"{path}: no CLIP text tower keys (OpenAI: token_embedding.weight, transformer.resblocks.*; "
-                     f"HF: text_model.*); first keys are {list(sd)[:5]}. {WHERE_TO_GET}")
+    raise WeightsError(f"{path}: no CLIP text tower keys (OpenAI: token_embedding.weight, transformer.resblocks.*; "
+                       f"HF: text_model.*); first keys are {list(sd)[:5]}. {WHERE_TO_GET}")
 
 
 # Keys that are not the text tower, dropped by name (and counted in the log): never a silent filter.
@@ -404,7 +404,7 @@ def load(path, device="cpu") -> TextTransformer:
         model = TextTransformer(config_from_state_dict(sd))
         model.load_state_dict(sd, strict=True)  # copies into fp32 parameters (OpenAI's .pt files hold fp16)
     except (KeyError, RuntimeError) as e:
-        raise RuntimeError(f"{path}: weights do not fit a CLIP text tower: {e}. {WHERE_TO_GET}") from e
+        raise WeightsError(f"{path}: weights do not fit a CLIP text tower: {e}. {WHERE_TO_GET}") from e
     return model.to(device).eval()
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -448,4 +448,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

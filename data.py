@@ -20,10 +20,17 @@ lines (mseg-api mseg/dataset_lists/<name>/list/train.txt), relative to each data
 Workers and skips: DataLoader workers are separate processes, so a counter bumped there never reaches the trainer.
 With skip_bad, a bad sample is replaced by the next sample of its source (batch size and balance stay intact, which
 DDP needs) and its error message rides in the batch under "skipped"; `make_loader`'s wrapper counts them in the main
-process and `skipped_count(loader)` reports them once per epoch.
+process as the batches reach the trainer (`loader.skipped`), and train.py sums the counts of all ranks.
+
+Workers and signals: SIGTERM or SIGINT sent to the whole process group (Ctrl-C, `kill -- -PGID`) or to every process
+of a job (batch schedulers) reaches the workers too. They ignore it: the trainer finishes its step, checkpoints, and
+shuts them down itself (worker_ignores_stop_signals).
 """
 from __future__ import annotations  # the field named `list` below would otherwise shadow the builtin in annotations
 
+import os
+import signal
+import threading
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -31,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from errors import ConfigError, LabelKeyError
 from labels import dataset_label_keys
 from readers import FORMATS, DataError, decode_rgb, open_image
 from sampler import BalancedSampler
@@ -67,40 +75,40 @@ class SourceConfig:
         known = {f.name: f for f in fields(cls)}
         for key, value in d.items():
             if key not in known:
-                raise ValueError(f"source {name}: unknown key {key!r} (known: {', '.join(known)})")
+                raise ConfigError(f"source {name}: unknown key {key!r} (known: {', '.join(known)})")
             f = known[key]
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             expected = str if default is MISSING else type(default)  # name and root have no default
             if expected is float and isinstance(value, int):
                 value = float(value)
             if not isinstance(value, expected) or isinstance(value, bool):
-                raise ValueError(f"source {name}: {key} must be {expected.__name__}, got {value!r}")
+                raise ConfigError(f"source {name}: {key} must be {expected.__name__}, got {value!r}")
         for key in ("name", "root"):
             if key not in d:
-                raise ValueError(f"source {name}: missing required key {key!r}")
+                raise ConfigError(f"source {name}: missing required key {key!r}")
         cfg = cls(**{k: float(v) if k == "weight" else v for k, v in d.items()})
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         if self.encoding not in FORMATS:
-            raise ValueError(f"source {self.name}: encoding must be one of {tuple(FORMATS)}, got {self.encoding!r}")
+            raise ConfigError(f"source {self.name}: encoding must be one of {tuple(FORMATS)}, got {self.encoding!r}")
         if self.kind not in KINDS:
-            raise ValueError(f"source {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"source {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
         if not all(isinstance(i, int) and 0 <= i < 65536 for i in self.ignore):
-            raise ValueError(f"source {self.name}: ignore must list raw ids in 0..65535, got {self.ignore}")
+            raise ConfigError(f"source {self.name}: ignore must list raw ids in 0..65535, got {self.ignore}")
         if not self.weight > 0:
-            raise ValueError(f"source {self.name}: weight must be > 0, got {self.weight}")
+            raise ConfigError(f"source {self.name}: weight must be > 0, got {self.weight}")
         for need in FORMATS[self.encoding].required:
             if isinstance(need, tuple):
                 if sum(bool(getattr(self, key)) for key in need) != 1:
-                    raise ValueError(f"source {self.name}: encoding {self.encoding} needs exactly one of {need}")
+                    raise ConfigError(f"source {self.name}: encoding {self.encoding} needs exactly one of {need}")
             elif not getattr(self, need):
-                raise ValueError(f"source {self.name}: encoding {self.encoding} needs {need!r}")
+                raise ConfigError(f"source {self.name}: encoding {self.encoding} needs {need!r}")
         if (self.kind == "boxes") != (self.encoding == "coco_boxes"):
-            raise ValueError(f"source {self.name}: kind boxes goes with encoding coco_boxes (and only with it)")
+            raise ConfigError(f"source {self.name}: kind boxes goes with encoding coco_boxes (and only with it)")
         if self.kind == "boxes" and not self.box_targets:
-            raise ValueError(f"source {self.name}: encoding {self.encoding} needs 'box_targets'")
+            raise ConfigError(f"source {self.name}: encoding {self.encoding} needs 'box_targets'")
 
     def path(self, rel: str) -> Path:
         """`rel` joined to root (absolute paths are kept)."""
@@ -133,7 +141,7 @@ class Source:
         keys = dataset_label_keys(spec, cfg.taxonomy or cfg.name, self.class_names)  # KeyError names the class
         missing = sorted({k for k in keys if k is not None and k not in row_of})
         if missing:
-            raise KeyError(f"source {cfg.name}: label keys {missing} are not in the label table")
+            raise LabelKeyError(f"source {cfg.name}: label keys {missing} are not in the label table")
         rows = [row_of[k] if k is not None else -1 for k in keys]
         self.label_rows = torch.tensor(sorted({r for r in rows if r >= 0}), dtype=torch.int64)
         n = len(self.class_names)
@@ -212,7 +220,7 @@ class MultiSourceDataset(torch.utils.data.Dataset):
                  seed: int = 0, skip_bad: bool = False, max_retries: int = 10):
         names = [cfg.name for cfg in sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"source names must be unique, got {names}")
+            raise ConfigError(f"source names must be unique, got {names}")
         row_of = {key: row for row, key in enumerate(table.names)}
         self.sources = [Source(cfg, spec, row_of) for cfg in sources]
         self.source_sizes = [len(s) for s in self.sources]
@@ -274,18 +282,43 @@ def collate(samples: list[dict]) -> dict:
 
 
 class Loader:
-    """A DataLoader plus the main-process count of replaced bad samples (read it with `skipped_count`)."""
+    """A DataLoader plus the number of bad samples replaced in the batches it has yielded (`skipped`, counted in the
+    main process); the first `show` messages are printed as they arrive."""
 
-    def __init__(self, loader: DataLoader):
-        self.loader, self.skipped = loader, []
+    def __init__(self, loader: DataLoader, show: int = 10):
+        self.loader, self.skipped, self.show = loader, 0, show
 
     def __iter__(self):
         for batch in self.loader:
-            self.skipped.extend(batch["skipped"])
+            for message in batch["skipped"]:
+                self.skipped += 1
+                if self.skipped <= self.show:
+                    more = " (further skips are counted, not shown)" if self.skipped == self.show else ""
+                    print(f"skipped: {message}{more}", flush=True)
             yield batch
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore SIGINT, and SIGTERM from anyone but the parent.
+
+    A group-wide SIGTERM would otherwise kill the workers mid-step and the trainer would die with "DataLoader worker
+    ... is killed by signal" instead of finishing the step and checkpointing. SIGTERM from the parent still ends the
+    worker, as torch's own handler does: torch and multiprocessing use it to stop workers that did not exit, and a
+    worker ignoring it would hang the trainer's exit. Python handlers do not see the sender, so SIGTERM is blocked
+    and taken by a thread that waits for it with its sender's pid.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the thread below inherits the mask
+
+    def wait_for_parent_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+    threading.Thread(target=wait_for_parent_sigterm, daemon=True).start()
 
 
 def make_loader(dataset: MultiSourceDataset, sampler: BalancedSampler, workers: int = 4, pin_memory: bool = False,
@@ -293,19 +326,12 @@ def make_loader(dataset: MultiSourceDataset, sampler: BalancedSampler, workers: 
     """The DataLoader training uses. Persistent workers keep each worker's opened sources across epochs (the
     epoch rides in the sampler's keys, so nothing in a worker goes stale); prefetch_factor 4 keeps a few batches
     queued to absorb slow decodes (large JPEGs, many OpenImages masks). tools/bench_data.py measures the workers
-    needed."""
+    needed. Workers ignore stop signals meant for the trainer (worker_ignores_stop_signals)."""
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=pin_memory, persistent_workers=workers > 0,
-                        prefetch_factor=prefetch_factor if workers > 0 else None)
+                        prefetch_factor=prefetch_factor if workers > 0 else None,
+                        worker_init_fn=worker_ignores_stop_signals)
     return Loader(loader)
-
-
-def skipped_count(loader: Loader, show: int = 5) -> int:
-    """Bad samples replaced since the last call (prints the first `show` messages); resets the count."""
-    for message in loader.skipped[:show]:
-        print(f"  skipped: {message}")
-    n, loader.skipped = len(loader.skipped), []
-    return n
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 import data
 import distributed
 from checkpoints import check_width, load_checkpoint
+from errors import ConfigError, run_main
 from inference import Protocol, infer, label_embeddings, save_prediction, to_uint8
 from labels import dataset_label_keys, label_texts, load_label_spec
 from readers import FORMATS
-from settings import parse_settings, print_settings
+from settings import parse_settings, print_settings, read_yaml
 
 REPO = Path(__file__).resolve().parent
 EVAL_CONFIGS = REPO / "configs" / "eval"
@@ -114,9 +114,9 @@ def load_dataset_config(name_or_path, root="", list_path="", also_missing=()):
     if not path.is_file():
         known = sorted(p.stem for p in EVAL_CONFIGS.glob("*.yaml"))
         raise FileNotFoundError(f"unknown dataset {name_or_path!r}: no {path} (known: {known}; or give a YAML path)")
-    d = yaml.safe_load(path.read_text())
+    d = read_yaml(path)
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping of data.SourceConfig fields")
+        raise ConfigError(f"{path}: expected a mapping of data.SourceConfig fields")
     d["root"] = str(Path(root).resolve()) if root else (str(REPO / d["root"]) if d.get("root") else "")
     d["list"] = str(Path(list_path).resolve()) if list_path else (d.get("list") or "")
     missing = []
@@ -262,4 +262,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import clip_text
+from errors import ConfigError
 from labels import LabelTable, load_label_table
 from model import similarity, upsample_logits
+from settings import require
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -45,6 +47,14 @@ class Protocol:
     def protocol(self) -> dict:
         """Just the protocol's fields (for results files), also of a subclass's settings."""
         return {f.name: getattr(self, f.name) for f in fields(Protocol)}
+
+    def validate(self):
+        """The protocol's settings in range (parse_settings calls this, also for evaluate's and predict's)."""
+        require(self, "crop_size window_batch", lambda v: v >= 1, "must be >= 1")
+        require(self, "base_size", lambda v: v >= 0, "must be >= 0")
+        require(self, "stride_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
+        require(self, "scales", lambda v: v and all(type(x) in (int, float) and x > 0 for x in v),
+                "must be a non-empty list of positive numbers")
 
 
 WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels
@@ -219,6 +229,6 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", 
         emb = table.embeddings[table.rows(keys)]                          # (N, D)
         print(f"label embeddings: {len(keys)} rows of the checkpoint's training table ({table.encoder})")
     else:
-        raise ValueError("no label embeddings: give --embeddings=TABLE (.pt or universal_cat2vec.npy) "
-                         "or --clip_weights=PATH (CLIP weights to embed the label texts)")
+        raise ConfigError("no label embeddings: give --embeddings=TABLE (.pt or universal_cat2vec.npy) "
+                          "or --clip_weights=PATH (CLIP weights to embed the label texts)")
     return F.normalize(emb.float(), dim=-1).to(device)

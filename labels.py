@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+
+from errors import ConfigError, LabelKeyError, WeightsError, read_torch_file
+from settings import read_yaml
 
 LABELS_YAML = Path(__file__).resolve().parent / "label_sentences.yaml"
 IGNORE = "ignore"
@@ -21,20 +23,6 @@ SENTENCE_PREFIX = "An image of"
 TEXT_MODES = ("sentence", "word")  # what a label table embeds: the sentence, or the bare name
 SECTIONS = ("labels", "datasets", "mseg_universal")
 KEY_RE = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that raises on a duplicate mapping key (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass
@@ -47,51 +35,47 @@ class LabelSpec:
 def load_label_spec(path: str | Path = LABELS_YAML) -> LabelSpec:
     """Read and validate label_sentences.yaml. Every error names the file and the offending key."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:  # a file stream, so YAML error marks name the file and line
-            doc = yaml.load(f, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: {e}") from None
+    doc = read_yaml(path)  # strict: a duplicate key raises, naming the file and line
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping with sections {SECTIONS}")
+        raise ConfigError(f"{path}: expected a mapping with sections {SECTIONS}")
     for section in doc:
         if section not in SECTIONS:
-            raise ValueError(f"{path}: unknown top-level section {section!r} (expected {SECTIONS})")
+            raise ConfigError(f"{path}: unknown top-level section {section!r} (expected {SECTIONS})")
     sentences = doc.get("labels") or {}
     if not isinstance(sentences, dict) or not sentences:
-        raise ValueError(f"{path}: section 'labels' must be a non-empty mapping key -> sentence")
+        raise ConfigError(f"{path}: section 'labels' must be a non-empty mapping key -> sentence")
     for key, sentence in sentences.items():
         if not isinstance(key, str) or not KEY_RE.fullmatch(key) or key == IGNORE:
-            raise ValueError(f"{path}: label key {key!r} must be snake_case (and not {IGNORE!r})")
+            raise ConfigError(f"{path}: label key {key!r} must be snake_case (and not {IGNORE!r})")
         if not isinstance(sentence, str) or not sentence.strip():
-            raise ValueError(f"{path}: label {key!r} has a missing or empty sentence")
+            raise ConfigError(f"{path}: label {key!r} has a missing or empty sentence")
         if not sentence.startswith(SENTENCE_PREFIX):
-            raise ValueError(f"{path}: sentence of label {key!r} must start with {SENTENCE_PREFIX!r}: {sentence!r}")
+            raise ConfigError(f"{path}: sentence of label {key!r} must start with {SENTENCE_PREFIX!r}: {sentence!r}")
 
     def check_target(where: str, raw, key) -> None:
         if not isinstance(raw, str):  # e.g. an unquoted `no:` that YAML reads as False
-            raise ValueError(f"{path}: {where}: class name {raw!r} is not a string (quote it)")
+            raise ConfigError(f"{path}: {where}: class name {raw!r} is not a string (quote it)")
         if key != IGNORE and key not in sentences:
-            raise ValueError(f"{path}: {where}: {raw!r} maps to unknown label key {key!r}")
+            raise ConfigError(f"{path}: {where}: {raw!r} maps to unknown label key {key!r}")
 
     datasets = doc.get("datasets") or {}
     if not isinstance(datasets, dict):
-        raise ValueError(f"{path}: section 'datasets' must be a mapping dataset -> {{class name: key}}")
+        raise ConfigError(f"{path}: section 'datasets' must be a mapping dataset -> {{class name: key}}")
     for name, mapping in datasets.items():
         if not isinstance(mapping, dict) or not mapping:
-            raise ValueError(f"{path}: dataset {name!r} must be a non-empty mapping class name -> key")
+            raise ConfigError(f"{path}: dataset {name!r} must be a non-empty mapping class name -> key")
         for raw, key in mapping.items():
             check_target(f"dataset {name!r}", raw, key)
 
     universal = []
     for item in doc.get("mseg_universal") or []:
         if not (isinstance(item, list) and len(item) == 2):
-            raise ValueError(f"{path}: mseg_universal entry {item!r} must be [MSeg name, key]")
+            raise ConfigError(f"{path}: mseg_universal entry {item!r} must be [MSeg name, key]")
         check_target("mseg_universal", *item)
         universal.append((item[0], item[1]))
     dup = sorted(n for n, c in Counter(n for n, _ in universal).items() if c > 1)
     if dup:
-        raise ValueError(f"{path}: mseg_universal: duplicate name(s) {dup}")
+        raise ConfigError(f"{path}: mseg_universal: duplicate name(s) {dup}")
     return LabelSpec(sentences=dict(sentences), datasets={d: dict(m) for d, m in datasets.items()},
                      mseg_universal=universal)
 
@@ -99,11 +83,11 @@ def load_label_spec(path: str | Path = LABELS_YAML) -> LabelSpec:
 def dataset_label_keys(spec: LabelSpec, dataset: str, class_names: list[str]) -> list[str | None]:
     """Label key of each of a dataset's classes, in order (class id = list index); None where the class is ignored."""
     if dataset not in spec.datasets:
-        raise KeyError(f"unknown dataset {dataset!r}; label_sentences.yaml has {sorted(spec.datasets)}")
+        raise LabelKeyError(f"unknown dataset {dataset!r}; label_sentences.yaml has {sorted(spec.datasets)}")
     mapping = spec.datasets[dataset]
     missing = [n for n in class_names if n not in mapping]
     if missing:
-        raise KeyError(f"dataset {dataset!r}: class name(s) {missing} have no mapping in label_sentences.yaml")
+        raise LabelKeyError(f"dataset {dataset!r}: class name(s) {missing} have no mapping in label_sentences.yaml")
     return [None if mapping[n] == IGNORE else mapping[n] for n in class_names]
 
 
@@ -113,11 +97,11 @@ def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence", extra:
     file) or else from label_sentences.yaml; mode "word": the key itself with underscores -> spaces. A key with no
     sentence anywhere raises, unless unknown_as_word (predict.py's free-form labels), which embeds it as a word."""
     if mode not in TEXT_MODES:
-        raise ValueError(f"unknown label text mode {mode!r} (expected one of {TEXT_MODES})")
+        raise ConfigError(f"unknown label text mode {mode!r} (expected one of {TEXT_MODES})")
     extra = extra or {}
     unknown = [k for k in keys if k not in extra and k not in spec.sentences]
     if unknown and not unknown_as_word:
-        raise KeyError(f"unknown label key(s) {unknown}")
+        raise LabelKeyError(f"unknown label key(s) {unknown}")
     if mode == "word":
         return [k.replace("_", " ") for k in keys]
     return [extra.get(k) or spec.sentences.get(k) or k.replace("_", " ") for k in keys]
@@ -139,26 +123,26 @@ class LabelTable:
         index = {n: i for i, n in enumerate(self.names)}
         missing = [k for k in keys if k not in index]
         if missing:
-            raise KeyError(f"label table ({self.encoder}) has no row for {missing}")
+            raise LabelKeyError(f"label table ({self.encoder}) has no row for {missing}")
         return torch.tensor([index[k] for k in keys], dtype=torch.long)
 
 
 def _check_table(names: list[str], sentences: list[str], e: torch.Tensor, where: str) -> None:
     """Raise unless names/sentences/embeddings (N, D) agree in length and the rows are finite and unit-norm."""
     if not isinstance(e, torch.Tensor) or e.ndim != 2 or not e.is_floating_point():
-        raise ValueError(f"{where}: embeddings must be a 2-D float tensor [N, D], got {getattr(e, 'shape', type(e))}")
+        raise WeightsError(f"{where}: embeddings must be a 2-D float tensor [N, D], got {getattr(e, 'shape', type(e))}")
     if not (len(names) == len(sentences) == e.shape[0]):
-        raise ValueError(f"{where}: {len(names)} names, {len(sentences)} sentences, {e.shape[0]} embedding rows")
+        raise WeightsError(f"{where}: {len(names)} names, {len(sentences)} sentences, {e.shape[0]} embedding rows")
     if len(set(names)) != len(names):
-        raise ValueError(f"{where}: duplicate names {sorted(n for n, c in Counter(names).items() if c > 1)}")
+        raise WeightsError(f"{where}: duplicate names {sorted(n for n, c in Counter(names).items() if c > 1)}")
     if not torch.isfinite(e).all():
-        raise ValueError(f"{where}: embeddings contain NaN or inf")
+        raise WeightsError(f"{where}: embeddings contain NaN or inf")
     norms = e.float().norm(dim=1)
     bad = (norms - 1).abs() > 1e-3
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise ValueError(f"{where}: embeddings must be L2-normalised rows; row {i} ({names[i]!r}) has norm "
-                         f"{norms[i].item():.4f} ({int(bad.sum())} rows off by > 1e-3)")
+        raise WeightsError(f"{where}: embeddings must be L2-normalised rows; row {i} ({names[i]!r}) has norm "
+                           f"{norms[i].item():.4f} ({int(bad.sum())} rows off by > 1e-3)")
 
 
 def save_label_table(path: str | Path, table: LabelTable) -> None:
@@ -178,6 +162,10 @@ def save_label_table(path: str | Path, table: LabelTable) -> None:
         raise
 
 
+TABLE = ("a label table: a .pt written by clip_text.py (or labels.save_label_table), or the authors' "
+         "universal_cat2vec.npy")
+
+
 def load_label_table(path: str | Path, spec: LabelSpec | None = None) -> LabelTable:
     """Read a .pt table written by save_label_table, or the authors' universal_cat2vec.npy.
 
@@ -189,23 +177,28 @@ def load_label_table(path: str | Path, spec: LabelSpec | None = None) -> LabelTa
     path = Path(path)
     if path.suffix == ".npy":
         spec = spec or load_label_spec()
-        arr = np.load(path, allow_pickle=False)
+        if not path.is_file():
+            raise WeightsError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}; expected {TABLE}")
+        try:
+            arr = np.load(path, allow_pickle=False)  # numbers only: an array of Python objects could run code
+        except ValueError:  # numpy's message suggests loading unsafely
+            raise WeightsError(f"{path}: not a .npy array of numbers; expected {TABLE}") from None
         keys = [k for _, k in spec.mseg_universal]
         names = [k for k in keys if k != IGNORE]
         if arr.ndim != 2 or arr.shape[0] not in (len(names), len(keys)):
-            raise ValueError(f"{path}: expected a [{len(names)}, D] array in MSeg universal order, got {arr.shape}")
+            raise WeightsError(f"{path}: expected a [{len(names)}, D] array in MSeg universal order, got {arr.shape}")
         emb = torch.from_numpy(np.asarray(arr, dtype=np.float32))  # (194, D), or (195, D) with `unlabeled`
         if emb.shape[0] != len(names):
             emb = emb[torch.tensor([k != IGNORE for k in keys])]  # (195, D) -> (194, D)
         if not torch.isfinite(emb).all() or (emb.norm(dim=1) == 0).any():
-            raise ValueError(f"{path}: array has NaN/inf or all-zero rows")
+            raise WeightsError(f"{path}: array has NaN/inf or all-zero rows")
         emb = torch.nn.functional.normalize(emb, dim=1)
         return LabelTable(names, [""] * len(names), emb, f"ssiw universal_cat2vec ({path.name})")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_torch_file(path, TABLE)
     expected = {"names", "sentences", "embeddings", "encoder"}
     if not isinstance(obj, dict) or set(obj) != expected:
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: expected a dict with keys {sorted(expected)}, got {got}")
+        raise WeightsError(f"{path}: expected a dict with keys {sorted(expected)}, got {got}; expected {TABLE}")
     names, sentences, emb = list(obj["names"]), list(obj["sentences"]), obj["embeddings"]
     _check_table(names, sentences, emb, str(path))  # first with the file's name in the message
     return LabelTable(names, sentences, emb, str(obj["encoder"]))

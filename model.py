@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import ConfigError
 from hrnet import HRNET_WIDTHS, HRNet, HRNetHead
 from segformer import MIT_VARIANTS, MixTransformer, SegFormerHead
 
@@ -58,8 +59,8 @@ class SegModel(nn.Module):
             self.backbone = HRNet(cfg.backbone)
             self.decoder = HRNetHead(self.backbone.dims, cfg.embed_dim, cfg.dropout)
         else:
-            raise ValueError(f"unknown backbone {cfg.backbone!r}; expected one of "
-                             f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS)}")
+            raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected one of "
+                              f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS)}")
         self.aux = AuxHead(self.backbone.dims[2], cfg.embed_dim) if cfg.aux_head else None
         self.box_proj = nn.Conv2d(cfg.embed_dim, cfg.box_dim, 1) if cfg.box_head else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature

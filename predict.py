@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from checkpoints import check_width, load_checkpoint
+from errors import ConfigError, run_main
 from inference import Protocol, infer, label_embeddings, resize_short_side, save_prediction
 from distributed import pick_device
 from labels import label_texts, load_label_spec
 from readers import decode_rgb, open_image
-from settings import parse_settings, print_settings
+from settings import parse_settings, print_settings, read_yaml
 from transforms import eval_image
 
 UNKNOWN = 255
@@ -66,7 +66,7 @@ def list_images(spec):
     stems = [p.stem for p in paths]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
-        raise ValueError(f"--images: several images are named {dup}; their outputs would overwrite each other")
+        raise ConfigError(f"--images: several images are named {dup}; their outputs would overwrite each other")
     return paths
 
 
@@ -74,10 +74,10 @@ def label_texts_for(labels, sentences="", mode="sentence", spec=None):
     """The text to embed per label: --sentences YAML, then label_sentences.yaml, then the label as a word."""
     user = {}
     if sentences:
-        user = yaml.safe_load(Path(sentences).read_text()) or {}
+        user = read_yaml(sentences) or {}
         bad = {k: v for k, v in user.items() if not isinstance(v, str)} if isinstance(user, dict) else user
         if bad:
-            raise ValueError(f"{sentences}: expected a mapping {{label: sentence}}, got {bad!r:.200}")
+            raise ConfigError(f"{sentences}: expected a mapping {{label: sentence}}, got {bad!r:.200}")
     return label_texts(spec or load_label_spec(), labels, mode, extra=user, unknown_as_word=True)
 
 
@@ -117,7 +117,7 @@ def export_npz(path, ids, emb, k, dtype):
     out = {"ids": ids}
     if k:
         if k > emb.shape[0]:
-            raise ValueError(f"--emb_dims={k} exceeds the embedding width {emb.shape[0]}")
+            raise ConfigError(f"--emb_dims={k} exceeds the embedding width {emb.shape[0]}")
         coeffs, basis, mean = reduce_embeddings(emb.cpu(), k)
         out.update(emb=coeffs.numpy().astype(dtype), basis=basis.numpy().astype(dtype), mean=mean.numpy())
     else:
@@ -151,12 +151,12 @@ def main(argv=None):
     s = parse_settings(PredictSettings, argv)
     print_settings(s)
     if s.emb_dtype not in ("float16", "float32"):
-        raise ValueError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")
+        raise ConfigError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")
     device = pick_device(s.device)
     paths = list_images(s.images)
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]
     if not labels or len(set(labels)) != len(labels) or len(labels) >= UNKNOWN:
-        raise ValueError(f"--labels={s.labels!r}: give 1..254 distinct comma-separated labels")
+        raise ConfigError(f"--labels={s.labels!r}: give 1..254 distinct comma-separated labels")
     texts = label_texts_for(labels, s.sentences, s.mode)
     model, ckpt = load_checkpoint(s.checkpoint, device)
     label_emb = label_embeddings(labels, texts, s.embeddings, s.clip_weights, device,  # (N, D)
@@ -174,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

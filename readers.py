@@ -20,14 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from errors import DataError
+
 Image.MAX_IMAGE_PIXELS = 200_000_000  # Mapillary/OpenImages originals are large but legitimate; this still stops bombs
 
 OPENIMAGES_MASK_COLUMNS = ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
                            "PredictedIoU", "Clicks"]
-
-
-class DataError(ValueError):
-    """A problem with one input file (or list line); the message starts with the path."""
 
 
 def read_list(list_path: Path, root: Path) -> list[tuple[Path, Path]]:

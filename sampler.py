@@ -4,8 +4,9 @@ The paper balances "all datasets in a mini-batch so each accounts for almost equ
 *global* batch of G = batch_size * world_size * accum_steps draws (one optimizer step), defined independently of how
 it is split over processes and micro-batches:
 
-  1. per global batch b, each source's count: floor(G * w_i), the remainder given to sources drawn (per batch, without
-     replacement) with probability proportional to the fractional parts, so counts average to G * w_i;
+  1. per global batch b, each source's count: floor(G * w_i), plus one for some sources, so that counts add up to G;
+     a source gets the extra one with probability exactly its fractional part (systematic sampling), so its count
+     averages G * w_i;
   2. each source's draws come from its own endless stream of fresh permutations (a small source is re-drawn with a
      new shuffle each time it runs out);
   3. the G draws are interleaved round-robin across sources; rank r takes the slice [r*A*B, (r+1)*A*B) and yields
@@ -63,12 +64,20 @@ class BalancedSampler(torch.utils.data.Sampler):
         extra = self.global_batch - int(base.sum())
         counts = np.tile(base, (self.num_batches, 1))  # (nb, S)
         if extra:
-            frac = np.maximum(ideal - base, 1e-12)
+            # Systematic sampling, per batch: lay the fractional parts (each < 1, summing to `extra`) end to end in a
+            # random order and pick the sources under the points u, u + 1, ..., u + extra - 1 (u uniform in [0, 1)).
+            # A source is picked with probability exactly its fractional part, and at most once. (Weighted draws
+            # without replacement, e.g. Gumbel top-k, give other inclusion probabilities once extra >= 2 and the
+            # parts differ, and the counts would miss G * w_i.)
+            frac = np.clip(ideal - base, 0.0, None)  # (S,)
             rng = np.random.default_rng([self.seed, epoch, 0])
-            # weighted sampling without replacement per batch (Gumbel top-k): the `extra` largest perturbed scores
-            scores = np.log(frac) + rng.gumbel(size=counts.shape)  # (nb, S)
-            top = np.argsort(-scores, axis=1)[:, :extra]  # (nb, extra)
-            np.add.at(counts, (np.arange(self.num_batches)[:, None], top), 1)
+            order = rng.permuted(np.tile(np.arange(len(frac)), (self.num_batches, 1)), axis=1)  # (nb, S)
+            ends = np.cumsum(frac[order], axis=1)  # (nb, S), last column = extra up to rounding
+            ends *= extra / ends[:, -1:]
+            u = rng.random((self.num_batches, 1))  # (nb, 1)
+            # points below each end, minus points below its start: 0 or 1 per source, `extra` per batch
+            hits = np.ceil(ends - u) - np.ceil(np.concatenate([np.zeros((self.num_batches, 1)), ends[:, :-1]], 1) - u)
+            np.add.at(counts, (np.arange(self.num_batches)[:, None], order), hits.astype(np.int64))
         starts = np.cumsum(counts, axis=0) - counts  # exclusive prefix sum
         self._cache = (epoch, counts, starts)
         return counts, starts

@@ -21,12 +21,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import distributed
-from checkpoints import find_resume, load_pretrained, save_checkpoint
+from checkpoints import (RESUME_KEYS, find_resume, load_pretrained, lock_run_dir, read_checkpoint, save_checkpoint,
+                         set_aside)
+from errors import ConfigError, DivergedError, WeightsError, run_main
 from labels import LabelTable, load_label_spec, load_label_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from sampler import BalancedSampler
-from settings import parse_settings, print_settings
+from settings import one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
 
 
@@ -73,9 +75,25 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 20
     save_every: int = 1000
-    keep_last: int = 3
+    keep_last: int = 3             # newest checkpoints kept (and always the one before the newest)
     resume: str = ""               # "" | "auto" (latest checkpoint in out_dir) | a checkpoint path
     device: str = "auto"           # auto | cpu | cuda
+
+    def validate(self):
+        """Every setting in range (parse_settings calls this): a bad value stops here, named, not deep inside."""
+        require(self, "batch_size accum_steps max_steps log_every save_every keep_last crop_size short_side embed_dim",
+                lambda v: v >= 1, "must be >= 1")
+        require(self, "workers warmup_steps weight_decay poly_power grad_clip weight_dense weight_coarse weight_boxes "
+                "weight_aux", lambda v: v >= 0, "must be >= 0")
+        require(self, "lr head_lr_mult scale_min", lambda v: v > 0, "must be > 0")
+        require(self, "scale_max", lambda v: v >= self.scale_min, f"must be >= scale_min={self.scale_min}")
+        require(self, "coarse_drop drop_path_rate dropout momentum", lambda v: 0 <= v < 1, "must be in [0, 1)")
+        one_of(self, "amp", ("auto", "bf16", "fp16", "off"))
+        one_of(self, "optimizer", ("adamw", "sgd"))
+        one_of(self, "loss_resize", RESIZE_MODES)
+        require(self, "sources", bool, "is empty: list at least one training source")
+        require(self, "label_table", bool, "is not set: give a label table .pt made by clip_text.py, the authors' "
+                "universal_cat2vec.npy, or onehot")
 
 
 def poly_lr(step, s):
@@ -104,16 +122,20 @@ def param_groups(model, s):
 def onehot_table(keys, dim):
     """The ablation's labels: orthonormal one-hot vectors instead of sentence embeddings (needs len(keys) <= dim)."""
     if len(keys) > dim:
-        raise ValueError(f"label_table=onehot needs at most embed_dim={dim} labels, the sources use {len(keys)}")
+        raise ConfigError(f"label_table=onehot needs at most embed_dim={dim} labels, the sources use {len(keys)}")
     return LabelTable(names=list(keys), sentences=list(keys), embeddings=torch.eye(len(keys), dim), encoder="onehot")
+
+
+def count_skipped(loader, device):
+    """Bad samples replaced in the batches trained so far (skip_bad), summed over ranks: every rank must call it."""
+    n = torch.tensor([loader.skipped], dtype=torch.int64, device=device)  # on the device: NCCL reduces CUDA only
+    if distributed.is_distributed():
+        dist.all_reduce(n)
+    return int(n.item())
 
 
 def main(argv=None):
     s = parse_settings(TrainSettings, argv)
-    if s.loss_resize not in RESIZE_MODES:
-        raise ValueError(f"settings: loss_resize must be one of {RESIZE_MODES}, got {s.loss_resize!r}")
-    if s.accum_steps < 1:
-        raise ValueError(f"settings: accum_steps must be at least 1, got {s.accum_steps}")
 
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
@@ -122,6 +144,7 @@ def main(argv=None):
         print("settings:")
         print_settings(s)
         Path(s.out_dir).mkdir(parents=True, exist_ok=True)
+        lock_run_dir(s.out_dir)  # one run per out_dir: a second would overwrite checkpoints, pruning and log.jsonl
     torch.manual_seed(s.seed + rank)
     random.seed(s.seed + rank)
     np.random.seed(s.seed + rank)
@@ -137,13 +160,11 @@ def main(argv=None):
     # ---- label table and data -------------------------------------------------------------------------------------
     spec = load_label_spec()
     sources = [data.SourceConfig.from_dict(d) for d in s.sources]
-    if not sources:
-        raise ValueError("settings: `sources` is empty; list at least one training source")
     keys = data.source_label_keys(sources, spec)  # every label key the sources can name, in a stable order
     table = onehot_table(keys, s.embed_dim) if s.label_table == "onehot" else load_label_table(s.label_table)
     if table.embeddings.shape[1] != s.embed_dim:
-        raise ValueError(f"label table {s.label_table} has width {table.embeddings.shape[1]}, "
-                         f"embed_dim is {s.embed_dim}")
+        raise WeightsError(f"label table {s.label_table} has width {table.embeddings.shape[1]}, "
+                           f"embed_dim is {s.embed_dim}")
     label_emb = table.embeddings.to(device)  # (N, D), frozen: the text side is never trained
     dataset = data.MultiSourceDataset(sources, spec, table, TrainTransform(
         short_side=s.short_side, crop_size=s.crop_size, scale_range=(s.scale_min, s.scale_max)),
@@ -164,32 +185,41 @@ def main(argv=None):
     groups = param_groups(model, s)
     if s.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
-    elif s.optimizer == "sgd":
+    else:  # sgd: validate() allows no other
         optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
-    else:
-        raise ValueError(f"settings: optimizer must be adamw or sgd, got {s.optimizer!r}")
 
     # ---- resume ---------------------------------------------------------------------------------------------------
     step = 0
     resume_path = find_resume(s.resume, s.out_dir)
     if resume_path:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and plain Python only
+        ckpt = read_checkpoint(resume_path, RESUME_KEYS)
         if ckpt["model_args"] != asdict(model_args):
-            raise ValueError(f"{resume_path}: model_args {ckpt['model_args']} differ from this run's {asdict(model_args)}")
+            raise WeightsError(f"{resume_path}: model_args {ckpt['model_args']} differ from this run's "
+                               f"{asdict(model_args)}")
         if ckpt["label_table"]["names"] != table.names:
-            raise ValueError(f"{resume_path}: trained with another label table than {s.label_table}")
+            raise WeightsError(f"{resume_path}: trained with another label table than {s.label_table}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        sampler.load_state_dict(ckpt["sampler"])
+        try:
+            sampler.load_state_dict(ckpt["sampler"])
+        except ValueError as e:  # its only errors: the sources, batch size or seed differ from the checkpoint's
+            raise WeightsError(f"{resume_path}: {e}") from None
+        if step > s.max_steps:
+            raise ConfigError(f"{resume_path} is at step {step}, past max_steps={s.max_steps}")
         if master:
             print(f"resumed from {resume_path} at step {step}")
+            if step == s.max_steps:
+                print(f"the run is complete (max_steps={s.max_steps}): nothing to train; raise max_steps to go on")
+    saved_at = step  # the step of the newest checkpoint: if the next loss is non-finite, its state gave it
     raw_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint():
+        nonlocal saved_at
+        saved_at = step
         if master:
             payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "step": step, "sampler": sampler.state_dict(),
@@ -213,9 +243,7 @@ def main(argv=None):
     while step < s.max_steps:
         try:  # one global batch: accum_steps micro-batches, never split across epochs by the sampler
             micro_batches = [next(batches) for _ in range(s.accum_steps)]
-        except StopIteration:  # epoch done: report skips, reshuffle
-            if master and dataset.skip_bad:
-                print(f"epoch {sampler.epoch}: skipped {data.skipped_count(loader)} bad samples")
+        except StopIteration:  # epoch done: reshuffle
             sampler.set_epoch(sampler.epoch + 1)
             batches = iter(loader)
             continue
@@ -238,7 +266,9 @@ def main(argv=None):
                                        resize=s.loss_resize, drop_fraction=s.coarse_drop)
                 if not torch.isfinite(terms["loss"]):
                     values = {k: round(v.item(), 4) for k, v in terms.items()}
-                    raise FloatingPointError(f"non-finite loss at step {step}: {values}; sources {batch['source']}")
+                    aside = set_aside(Path(s.out_dir) / f"ckpt_{step:08d}.pt") if master and saved_at == step else ""
+                    raise DivergedError(f"non-finite loss at step {step}: {values}; sources {batch['source']}"
+                                        + (f"; {aside}" if aside else ""))
                 # each micro-batch's loss is its mean: dividing by their number makes the sum the global batch's mean
                 scaler.scale(terms["loss"] / s.accum_steps).backward()
             for k, v in terms.items():
@@ -255,15 +285,18 @@ def main(argv=None):
 
         if step % s.log_every == 0 or step == s.max_steps:
             logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
+            n_skipped = count_skipped(loader, device) if s.skip_bad else None
             if master:
                 elapsed = time.time() - t0
                 rate = seen / elapsed
                 record = {"step": step, "lr": lr, "images_per_s": rate, "scale": raw_model.scale().item(),
                           **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)}}  # + 0.0: no "-0.0" terms
+                if s.skip_bad:
+                    record["skipped"] = n_skipped
                 eta = (s.max_steps - step) * s.batch_size * world * s.accum_steps / max(rate, 1e-9)
                 losses = " ".join(f"{k} {record[k]:.4f}" for k in sorted(terms))
                 print(f"step {step}/{s.max_steps} | {losses} | lr {lr:.2e} | {rate:.1f} img/s | "
-                      f"eta {eta / 60:.1f} min", flush=True)
+                      f"eta {eta / 60:.1f} min" + (f" | skipped {n_skipped}" if s.skip_bad else ""), flush=True)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
         stop_now = torch.tensor([0 if stop["signal"] is None else 1], device=device)  # NCCL: CUDA tensors only
@@ -275,6 +308,10 @@ def main(argv=None):
             if master:
                 print(f"stopped by signal at step {step}; checkpoint written")
             break
+    if s.skip_bad:
+        n_skipped = count_skipped(loader, device)
+        if master:
+            print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
     if log_file:
         log_file.close()
     if world > 1:
@@ -285,4 +322,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

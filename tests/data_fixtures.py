@@ -1,13 +1,16 @@
-"""Small on-disk datasets in the exact public formats, for the data tests (written into pytest's tmp_path)."""
+"""Small on-disk datasets in the exact public formats for the data tests, and a tiny training run for the tests of
+train.py (written into pytest's tmp_path)."""
 import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
-from labels import LabelSpec, LabelTable
+from labels import LabelSpec, LabelTable, load_label_spec, save_label_table
+from tools.synthetic_data import write_split
 
 KEYS = ["sky", "road", "car", "person", "window"]
 SPEC = LabelSpec(
@@ -130,3 +133,21 @@ def shared_sources(shared_dir: Path) -> list[dict]:
                  taxonomy="camvid-segnet", ignore=[11]),
             dict(name="labelmefacade", root=str(data / "labelmefacade"), list="train.txt", encoding="color",
                  colors=facade_colors, taxonomy="labelmefacade")]
+
+
+def write_tiny_run(root: Path, **settings) -> dict:
+    """A tiny MiT-B0 training run for train.py's tests: six 64x48 synthetic scenes (no ignore pixels, images larger
+    than the crop: every rank sees the same pixel count) read by two sources, a random 32-d label table of every key,
+    and root/config.yaml (the config below, updated by `settings`). Returns the config."""
+    write_split(root / "data", "train", 6, np.random.default_rng(0), 64, 48)
+    keys = sorted(load_label_spec().sentences)
+    emb = torch.nn.functional.normalize(torch.randn(len(keys), 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    save_label_table(root / "table.pt", LabelTable(keys, keys, emb, "random test table"))
+    street = {"root": str(root / "data" / "street-ids"), "list": "train.txt", "names": "names.txt",
+              "taxonomy": "camvid-segnet", "encoding": "id", "ignore": [11]}
+    config = {"sources": [dict(street, name="a"), dict(street, name="b")], "label_table": str(root / "table.pt"),
+              "crop_size": 32, "short_side": 48, "scale_min": 1.0, "scale_max": 1.2, "batch_size": 2, "workers": 0,
+              "backbone": "mit_b0", "embed_dim": 32, "drop_path_rate": 0.0, "dropout": 0.0, "lr": 1e-3,
+              "warmup_steps": 2, "max_steps": 8, "log_every": 1, "save_every": 1, "keep_last": 20, **settings}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return config

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from clip_image import CLIP_MEAN, CLIP_STD, box_crops, load_image_tower, main, preprocess  # noqa: E402
+from errors import WeightsError  # noqa: E402
 
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
               patch_size=8, hidden_act="quick_gelu")  # heads = width // 64, CLIP's rule
@@ -103,14 +104,14 @@ def test_parity_with_hf_vision_model(fmt, hf_clip, weights, capsys):
 def test_strict_loading_errors(hf_clip, tmp_path):
     sd = _to_openai(hf_clip.state_dict())
     torch.save({**sd, "visual.layer1.0.conv1.weight": torch.zeros(1)}, tmp_path / "rn.pt")
-    with pytest.raises(NotImplementedError, match="ResNet"):
+    with pytest.raises(WeightsError, match="ResNet"):
         load_image_tower(tmp_path / "rn.pt")
     torch.save({**sd, "visual.extra_token": torch.zeros(4)}, tmp_path / "extra.pt")
-    with pytest.raises(RuntimeError, match="extra_token"):
+    with pytest.raises(WeightsError, match="extra_token"):
         load_image_tower(tmp_path / "extra.pt")
     del sd["visual.ln_post.bias"]
     torch.save(sd, tmp_path / "missing.pt")
-    with pytest.raises(RuntimeError, match="ln_post.bias"):
+    with pytest.raises(WeightsError, match="ln_post.bias"):
         load_image_tower(tmp_path / "missing.pt")
 
 

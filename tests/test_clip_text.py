@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import clip_text
+from errors import WeightsError
 from make_tokenizer_fixture import FIXTURE, load_reference, random_texts, reference_tokenize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,17 +287,17 @@ def test_loader_errors_say_what_is_expected(weights, tmp_path):
     with pytest.raises(ValueError, match="model.safetensors: not a safetensors file"):
         clip_text.load(tmp_path / "model.safetensors")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.bin: cannot be read as a CLIP checkpoint"):
+    with pytest.raises(WeightsError, match="junk.bin: not a complete file written by torch.save.*expected CLIP weights"):
         clip_text.load(tmp_path / "junk.bin")
     sd = dict(weights["openai"].state_dict())
     sd["transformer.resblocks.0.attn.extra"] = torch.zeros(1)
     torch.save(sd, tmp_path / "extra.pt")
-    with pytest.raises(RuntimeError, match="Unexpected key.*transformer.resblocks.0.attn.extra"):
+    with pytest.raises(WeightsError, match="Unexpected key.*transformer.resblocks.0.attn.extra"):
         clip_text.load(tmp_path / "extra.pt")
     sd = dict(weights["hf"].state_dict())
     del sd["text_model.encoder.layers.1.mlp.fc2.bias"]
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    with pytest.raises(RuntimeError, match="text_model.encoder.layers.1.mlp.fc2.bias"):
+    with pytest.raises(WeightsError, match="text_model.encoder.layers.1.mlp.fc2.bias"):
         clip_text.load(tmp_path / "pytorch_model.bin")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoints import load_pretrained
+from errors import WeightsError
 from model import ModelConfig, build_model
 
 
@@ -185,7 +186,7 @@ def test_missing_key_raises_naming_it(b0_src, tmp_path):
     src = dict(b0_src)
     del src["block4.1.mlp.dwconv.dwconv.bias"]
     save(src, "raw", tmp_path / "bad.pth")
-    with pytest.raises(KeyError, match=r"stages\.3\.blocks\.1\.mlp\.dwconv\.bias"):
+    with pytest.raises(WeightsError, match=r"stages\.3\.blocks\.1\.mlp\.dwconv\.bias"):
         load_pretrained(build_model(ModelConfig(backbone="mit_b0")), tmp_path / "bad.pth")
 
 
@@ -193,7 +194,7 @@ def test_extra_key_raises_naming_it(b0_src, tmp_path):
     src = dict(b0_src)
     src["block1.0.attn.rel_pos.weight"] = torch.randn(3)
     save(src, "raw", tmp_path / "bad.pth")
-    with pytest.raises(KeyError, match=r"block1\.0\.attn\.rel_pos\.weight"):
+    with pytest.raises(WeightsError, match=r"block1\.0\.attn\.rel_pos\.weight"):
         load_pretrained(build_model(ModelConfig(backbone="mit_b0")), tmp_path / "bad.pth")
 
 

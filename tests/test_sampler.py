@@ -148,3 +148,17 @@ def test_epoch_length_covers_the_largest_source_relative_to_its_share():
     assert len(BalancedSampler(SIZES, batch_size=6)) == 100  # 200 / (1/3) / 6
     assert len(BalancedSampler(SIZES, weights=[1, 1, 2], batch_size=4)) == 100  # 200 / (1/2) / 4
     assert list(itertools.islice(BalancedSampler([3], batch_size=2), 1))[0] != []
+
+
+def test_unequal_weights_with_several_leftover_slots_average_to_the_promised_counts():
+    # G * w = 7 * [1, 2.5, 0.5, 1.5] / 5.5 = [1.27, 3.18, 0.64, 1.91]: floors [1, 3, 0, 1] leave 2 slots for 4 unequal
+    # fractional parts, where draws weighted by the parts (Gumbel top-k) gave the last source 1.786 on average
+    weights = [1, 2.5, 0.5, 1.5]
+    sampler = BalancedSampler([40, 10, 25, 60], weights=weights, batch_size=7, batches_per_epoch=3000)
+    counts = np.array([[sum(1 for s, *_ in batch if s == k) for k in range(4)] for batch in sampler])  # (3000, 4)
+    ideal = 7 * np.array(weights) / sum(weights)
+    assert (counts.sum(1) == 7).all()
+    assert ((counts == np.floor(ideal)) | (counts == np.ceil(ideal))).all()  # each batch as balanced as it can be
+    frac = ideal - np.floor(ideal)
+    standard_error = np.sqrt(frac * (1 - frac) / len(counts))  # per-batch extras are independent Bernoulli(frac)
+    assert (np.abs(counts.mean(0) - ideal) < 4 * standard_error).all(), (counts.mean(0), ideal)

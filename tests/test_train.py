@@ -7,15 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 import train
 from checkpoints import save_checkpoint
-from labels import LabelTable, load_label_spec, save_label_table
-from tools.synthetic_data import write_split
+from data_fixtures import write_tiny_run
+from labels import load_label_spec
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -23,21 +21,9 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Synthetic id-PNG data (no ignore pixels, images larger than the crop: every rank sees the same pixel count),
-    a random 32-d label table and a config for a tiny MiT-B0 run."""
+    """Synthetic data, a random label table and a config for a tiny MiT-B0 run (data_fixtures.write_tiny_run)."""
     root = tmp_path_factory.mktemp("train")
-    write_split(root / "data", "train", 6, np.random.default_rng(0), 64, 48)
-    spec = load_label_spec()
-    keys = sorted(spec.sentences)
-    emb = torch.nn.functional.normalize(torch.randn(len(keys), 32, generator=torch.Generator().manual_seed(0)), dim=1)
-    save_label_table(root / "table.pt", LabelTable(keys, keys, emb, "random test table"))
-    street = {"root": str(root / "data" / "street-ids"), "list": "train.txt", "names": "names.txt",
-              "taxonomy": "camvid-segnet", "encoding": "id", "ignore": [11]}
-    config = {"sources": [dict(street, name="a"), dict(street, name="b")], "label_table": str(root / "table.pt"),
-              "crop_size": 32, "short_side": 48, "scale_min": 1.0, "scale_max": 1.2, "batch_size": 2, "workers": 0,
-              "backbone": "mit_b0", "embed_dim": 32, "drop_path_rate": 0.0, "dropout": 0.0, "lr": 1e-3,
-              "warmup_steps": 2, "max_steps": STEPS, "log_every": 1, "save_every": 1, "keep_last": 20}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_run(root, max_steps=STEPS)
     return root
 
 
@@ -135,24 +121,23 @@ def test_bf16_autocast_runs_on_cpu(setup):
 
 def test_half_written_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
     good = tmp_path / "ckpt_00000001.pt"
-    save_checkpoint(good, {"step": 1}, keep_last=3)
+    save_checkpoint(good, {"step": 1, "model": {}, "optimizer": {}}, keep_last=3)
 
     def dies_midway(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path / "ckpt_00000002.pt", {"step": 2}, keep_last=3)
+        save_checkpoint(tmp_path / "ckpt_00000002.pt", {"step": 2, "model": {}, "optimizer": {}}, keep_last=3)
     monkeypatch.undo()
-    assert not (tmp_path / "ckpt_00000002.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # no ckpt_2, no temp file left behind
     assert torch.load(good)["step"] == 1
-    (tmp_path / ".ckpt_00000002.pt.tmp").unlink()
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     for step in range(1, 6):
-        save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", {"step": step}, keep_last=2)
+        save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", {"step": step, "model": {}, "optimizer": {}}, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
 
 
@@ -179,7 +164,7 @@ def test_loss_settings_reach_the_losses(setup, monkeypatch):
                     "--coarse_drop=0.25", "--weight_aux=0.5"])
     weights, options = seen.value.args
     assert options == {"resize": "labels", "drop_fraction": 0.25} and weights["aux"] == 0.5
-    with pytest.raises(ValueError, match="loss_resize must be one of"):
+    with pytest.raises(ValueError, match="loss_resize='pixels' must be one of"):
         train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'options'}", "--loss_resize=pixels"])
 
 

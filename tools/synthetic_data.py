@@ -77,7 +77,9 @@ def draw_scene(rng, width, height):
 
     for _ in range(int(rng.integers(1, 4))):  # cars on the road
         cw, ch = int(rng.integers(22, 40)), int(rng.integers(10, 16))
-        cx, cy = int(rng.integers(0, width - cw)), int(rng.integers(pavement_top, height - ch))
+        # max(): on small images a car may stick out of the picture (the masks clip it) rather than not fit
+        cx = int(rng.integers(0, max(1, width - cw)))
+        cy = int(rng.integers(pavement_top, max(pavement_top + 1, height - ch)))
         fill((xx >= cx) & (xx < cx + cw) & (yy >= cy) & (yy < cy + ch), "car", rng.integers(30, 230, 3))
 
     image = np.clip(image, 0, 255).astype(np.uint8)
@@ -113,7 +115,12 @@ def main():
     parser.add_argument("--size", default="160x120", help="WIDTHxHEIGHT")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.split("x"))
+    try:
+        width, height = (int(v) for v in args.size.split("x"))
+    except ValueError:
+        parser.error(f"--size {args.size!r}: write it as WIDTHxHEIGHT, e.g. 160x120")
+    if width < 8 or height < 6:
+        parser.error(f"--size {args.size}: the scenes need at least 8x6 pixels")
     out = Path(args.out)
     rng = np.random.default_rng(args.seed)
     write_split(out, "train", args.train, rng, width, height)

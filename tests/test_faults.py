@@ -1,0 +1,462 @@
+"""Bad input and faults, tried as a user tries them: every case runs a script in a subprocess (python train.py ...,
+evaluate.py, predict.py, clip_text.py, clip_image.py, tools.synthetic_data) and checks its exit status (2 for an
+expected error, printed as one `error: ...` line without a traceback), that the last line names the culprit, and
+that nothing good was deleted. The matrix's cases run two at a time (most of each is importing torch); signals, two
+runs in one out_dir and torchrun have their own tests below.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from checkpoints import save_checkpoint
+from data_fixtures import write_tiny_run
+from errors import ConfigError, DataError, DivergedError, run_main
+from sampler import BalancedSampler
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD_STEPS = 3  # the good run every resume case starts from: ckpt_00000001..3.pt
+
+
+def run(argv, cwd=REPO, timeout=300, **popen):
+    """A script as a user runs it: a fresh python, one thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SSIW_TRACEBACK", None)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Six 64x48 synthetic scenes, a random 32-d label table, a config for a tiny MiT-B0 run, that run's three
+    checkpoints (good/), an evaluation dataset YAML, a text file and a pickle of a Python object."""
+    root = tmp_path_factory.mktemp("faults")
+    street = write_tiny_run(root, max_steps=GOOD_STEPS, keep_last=5)["sources"][0]
+    done = run(["train.py", str(root / "config.yaml"), f"--out_dir={root / 'good'}"])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (root / "eval.yaml").write_text(yaml.safe_dump(dict(street, name="street")))
+    (root / "notes.txt").write_text("not a weight file\n")
+    torch.save({"model": {}, "note": Path("x")}, root / "object.pt")  # a Path: not loadable with weights_only
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The matrix
+
+@dataclass
+class Case:
+    category: str              # settings | data | files | evaluate/predict | tools | faults
+    name: str
+    argv: list                 # a script and its arguments; {world}, {case}, {config} are filled in
+    culprit: str               # regex the last line must match (stderr's on failure, stdout's on success)
+    code: int = 2              # expected exit status
+    prepare: Callable = None   # (world, case) -> None: writes the bad input into the case's folder
+    check: Callable = None     # (world, case) -> None: afterwards, e.g. nothing good was deleted
+    anywhere: bool = False     # the culprit may be on any line of stdout (an exit-0 case that reports on its way)
+
+    def __str__(self):
+        return f"{self.category}-{self.name}"
+
+
+def train(*flags, config="{world}/config.yaml"):
+    return ["train.py", config, "--out_dir={case}/out", *flags]
+
+
+def broken_data(damage, **source_changes):
+    """prepare: a private copy of the data, damaged by damage(folder), that source a reads (b reads the original)."""
+    def prepare(world, case):
+        folder = case / "data"
+        shutil.copytree(world / "data" / "street-ids", folder)
+        damage(folder)
+        config = yaml.safe_load((world / "config.yaml").read_text())
+        config["sources"][0].update(root=str(folder), **source_changes)
+        (case / "config.yaml").write_text(yaml.safe_dump(config))
+    return prepare
+
+
+def good_run_copy(world, case):
+    """prepare: a copy of the good run as this case's out_dir."""
+    shutil.copytree(world / "good", case / "out")
+
+
+def good_checkpoints_kept(*steps):
+    """check: these checkpoints of the good run are still there and load; no temp file is left."""
+    def check(world, case):
+        for step in steps:
+            ckpt = torch.load(case / "out" / f"ckpt_{step:08d}.pt", weights_only=True)
+            assert ckpt["step"] == step
+        assert not list((case / "out").glob(".*.tmp"))
+    return check
+
+
+def write(pattern, content):
+    """damage: overwrite the files matching pattern (every one: a run of a few steps reads only some)."""
+    def damage(folder):
+        for path in folder.glob(pattern):
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return damage
+
+
+def truncate(pattern):
+    def damage(folder):
+        for path in folder.glob(pattern):
+            path.write_bytes(path.read_bytes()[:200])
+    return damage
+
+
+def relabel(pattern, change):
+    def damage(folder):
+        for path in folder.glob(pattern):
+            Image.fromarray(change(np.array(Image.open(path)))).save(path)
+    return damage
+
+
+def checkpoint_without(*keys):
+    def prepare(world, case):
+        ckpt = torch.load(world / "good" / f"ckpt_{GOOD_STEPS:08d}.pt", weights_only=True)
+        torch.save({k: v for k, v in ckpt.items() if k not in keys}, case / "partial.pt")
+    return prepare
+
+
+def poisoned_optimizer(world, case):
+    """The good run's latest checkpoint with one Adam second moment set to inf: the loss stays finite (the weights
+    are), the update is zero, and the state stays non-finite."""
+    good_run_copy(world, case)
+    path = case / "out" / f"ckpt_{GOOD_STEPS:08d}.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["optimizer"]["state"][5]["exp_avg_sq"].fill_(float("inf"))
+    torch.save(ckpt, path)
+
+
+def stale_lock(world, case):
+    (case / "out").mkdir()
+    (case / "out" / "run.lock").write_text("pid 999999 on a-dead-host, started 2020-01-01 00:00:00\n")
+    (case / "out" / ".ckpt_00000001.pt.999999.tmp").write_bytes(b"half a checkpoint")
+
+
+def assert_stale_lock_taken_over(world, case):
+    assert not list((case / "out").glob(".*.tmp"))
+    assert (case / "out" / "run.lock").read_text() == ""  # released at the normal exit
+
+
+def assert_diverged_set_aside(world, case):
+    good_checkpoints_kept(GOOD_STEPS)(world, case)
+    assert (case / "out" / f"ckpt_{GOOD_STEPS + 1:08d}.pt.diverged").is_file()
+    assert not (case / "out" / f"ckpt_{GOOD_STEPS + 1:08d}.pt").exists()
+
+
+def assert_skips_logged(world, case):
+    records = [json.loads(line) for line in (case / "out" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped"] == 1
+
+
+EVAL = ["evaluate.py", "--dataset={world}/eval.yaml", "--base_size=48", "--sliding=false", "--max_images=1",
+        "--out_dir={case}/eval"]
+PREDICT = ["predict.py", "--images={world}/data/street-ids/images/train_0000.png", "--labels=sky,road",
+           "--base_size=48", "--sliding=false", "--out_dir={case}/pred"]
+CKPT = f"{{world}}/good/ckpt_{GOOD_STEPS:08d}.pt"
+# runs the script after it, with writes past 1 MB failing (EFBIG: "File too large"), as a full quota fails them
+FILES_UP_TO_1MB = ["-c", "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+                         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
+
+CASES = [
+    # ---- settings: checked right after parsing, the setting and its value named
+    Case("settings", "batch_size_0", train("--batch_size=0"), r"batch_size=0 must be >= 1"),
+    Case("settings", "save_every_0", train("--save_every=0"), r"save_every=0 must be >= 1"),
+    Case("settings", "log_every_0", train("--log_every=0"), r"log_every=0 must be >= 1"),
+    Case("settings", "keep_last_0", train("--keep_last=0"), r"keep_last=0 must be >= 1"),
+    Case("settings", "max_steps_negative", train("--max_steps=-1"), r"max_steps=-1 must be >= 1"),
+    Case("settings", "scale_min_above_max", train("--scale_min=2", "--scale_max=1"),
+         r"scale_max=1\.0 must be >= scale_min=2\.0"),
+    Case("settings", "coarse_drop_1.5", train("--coarse_drop=1.5"), r"coarse_drop=1\.5 must be in \[0, 1\)"),
+    Case("settings", "lr_overflows_to_inf", train("--lr=1e309"), r"--lr=1e309: lr must be a finite number"),
+    Case("settings", "amp_fp8", train("--amp=fp8"), r"amp='fp8' must be one of \('auto', 'bf16', 'fp16', 'off'\)"),
+    Case("settings", "optimizer_adam", train("--optimizer=adam"), r"optimizer='adam' must be one of"),
+    Case("settings", "loss_resize_pixels", train("--loss_resize=pixels"), r"loss_resize='pixels' must be one of"),
+    Case("settings", "backbone_mit_b9", train("--backbone=mit_b9"), r"unknown backbone 'mit_b9'"),
+    Case("settings", "label_table_unset", train("--label_table="), r"label_table='' is not set: give a label table"),
+    Case("settings", "sources_empty", train("--sources=[]"), r"sources=\[\] is empty"),
+    Case("settings", "unknown_setting", train("--lrr=1"), r"flag --lrr=1: unknown setting 'lrr'"),
+    Case("settings", "wrong_type", train("--batch_size=two"), r"batch_size must be int, got str 'two'"),
+    Case("settings", "flag_without_value", train("--lr"), r"flag '--lr': write it as --key=value"),
+    Case("settings", "settings_file_missing", train(config="{case}/nope.yaml"), r"settings file .*nope\.yaml"),
+    Case("settings", "yaml_duplicate_key", train(config="{case}/config.yaml"), r"config\.yaml:\d+:1: duplicate key 'lr'",
+         prepare=lambda world, case: (case / "config.yaml").write_text(
+             (world / "config.yaml").read_text() + "lr: 0.1\n")),
+    Case("settings", "yaml_syntax_error", train(config="{case}/config.yaml"),
+         r"config\.yaml:2:6: mapping values are not allowed here",
+         prepare=lambda world, case: (case / "config.yaml").write_text("lr: 1\n  bad: indent\n")),
+    Case("settings", "source_unknown_key", train(config="{case}/config.yaml"), r"source a: unknown key 'rooot'",
+         prepare=broken_data(lambda folder: None, rooot="x")),
+    Case("settings", "onehot_too_narrow", train("--label_table=onehot", "--embed_dim=4"),
+         r"onehot needs at most embed_dim=4 labels"),
+    Case("settings", "resume_past_max_steps", train("--resume=auto", "--max_steps=2"),
+         rf"ckpt_{GOOD_STEPS:08d}\.pt is at step {GOOD_STEPS}, past max_steps=2", prepare=good_run_copy,
+         check=good_checkpoints_kept(1, 2, 3)),
+    Case("settings", "resume_at_max_steps", train("--resume=auto"), r"the run is complete \(max_steps=3\)", code=0,
+         prepare=good_run_copy, check=good_checkpoints_kept(1, 2, 3)),
+    # ---- data: the file named
+    Case("data", "image_garbage", train(config="{case}/config.yaml"), r"images/train_000\d\.png: unreadable image",
+         prepare=broken_data(write("images/*.png", b"not a png"))),
+    Case("data", "image_truncated", train(config="{case}/config.yaml"), r"images/train_000\d\.png: ",
+         prepare=broken_data(truncate("images/*.png"))),
+    Case("data", "listed_file_missing", train(config="{case}/config.yaml"),
+         r"source a .*1 listed file\(s\) do not exist: .*labels/train_0002\.png$",
+         prepare=broken_data(lambda folder: (folder / "labels" / "train_0002.png").unlink())),
+    Case("data", "label_values_out_of_range", train(config="{case}/config.yaml"),
+         r"labels/train_000\d\.png: label values \[200\] are neither class ids",
+         prepare=broken_data(relabel("labels/*.png", lambda a: np.where(a == a[0, 0], 200, a).astype(np.uint8)))),
+    Case("data", "label_size_differs", train(config="{case}/config.yaml"), r"labels/train_000\d\.png: label size 32x48",
+         prepare=broken_data(relabel("labels/*.png", lambda a: a[:, :32].copy()))),
+    Case("data", "list_empty", train(config="{case}/config.yaml"), r"train\.txt: the list is empty",
+         prepare=broken_data(write("train.txt", "\n"))),
+    Case("data", "list_line_malformed", train(config="{case}/config.yaml"), r"train\.txt:1: expected `image_path",
+         prepare=broken_data(write("train.txt", "images/train_0000.png\n"))),
+    Case("data", "names_blank_line", train(config="{case}/config.yaml"), r"names\.txt:2: blank class name",
+         prepare=broken_data(write("names.txt", "Sky\n\nPole\n"))),
+    Case("data", "taxonomy_unknown", train(config="{case}/config.yaml"), r"unknown dataset 'nope'",
+         prepare=broken_data(lambda folder: None, taxonomy="nope")),
+    Case("data", "class_name_unmapped", train(config="{case}/config.yaml"), r"class name\(s\) \['Lamppost'\]",
+         prepare=broken_data(write("names.txt", "Sky\nBuilding\nLamppost\n"))),
+    Case("data", "skip_bad_counts_and_reports", train("--skip_bad=true", "--max_steps=6", config="{case}/config.yaml"),
+         r"^skipped 1 bad samples in this run", code=0, check=assert_skips_logged,  # 6 steps: every sample once
+         prepare=broken_data(write("images/train_0003.png", b"not a png"))),
+    # ---- files that are not what they should be: the path, what it should be, where such files come from
+    Case("files", "pretrained_text", train("--pretrained={world}/notes.txt"),
+         r"notes\.txt: not a complete file written by torch\.save.*expected pretrained weights.*mit_b0"),
+    Case("files", "pretrained_object", train("--pretrained={world}/object.pt"),
+         r"object\.pt: it holds a Python object \(pathlib\.\w*Path\), which is not loaded"),
+    Case("files", "pretrained_label_table", train("--pretrained={world}/table.pt"),
+         r"table\.pt: not a state dict of tensors .*expected pretrained weights"),
+    Case("files", "label_table_text", train("--label_table={world}/notes.txt"),
+         r"notes\.txt: not a complete file written by torch\.save.*expected a label table.*clip_text\.py"),
+    Case("files", "label_table_folder", train("--label_table={world}"), r"faults\d*: a folder; expected a label table"),
+    Case("files", "label_table_npy_text", train("--label_table={case}/table.npy"), r"table\.npy: not a \.npy array",
+         prepare=lambda world, case: (case / "table.npy").write_text("0.1 0.2\n")),
+    Case("files", "label_table_too_narrow", train("--embed_dim=16"), r"table\.pt has width 32, embed_dim is 16"),
+    Case("files", "resume_text", train("--resume={world}/notes.txt"), r"notes\.txt: .*expected a train\.py checkpoint"),
+    Case("files", "resume_missing", train("--resume={case}/ckpt.pt"), r"ckpt\.pt: no such file; expected a train\.py"),
+    Case("files", "resume_without_model_args", train("--resume={case}/partial.pt"),
+         r"partial\.pt: not a train\.py checkpoint, it lacks \['model_args'\]", prepare=checkpoint_without("model_args")),
+    Case("files", "resume_other_model", train("--resume=" + CKPT, "--aux_head=true"), r"model_args .* differ from"),
+    Case("files", "resume_other_batch_size", train("--resume=" + CKPT, "--batch_size=4"),
+         r"sampler state: global_batch 2 differs from this run's 4"),
+    Case("files", "evaluate_checkpoint_text", [*EVAL, "--checkpoint={world}/notes.txt"],
+         r"notes\.txt: .*expected a train\.py checkpoint"),
+    Case("files", "evaluate_checkpoint_without_model_args", [*EVAL, "--checkpoint={case}/partial.pt"],
+         r"partial\.pt: not a train\.py checkpoint, it lacks \['model_args'\]", prepare=checkpoint_without("model_args")),
+    Case("files", "evaluate_embeddings_text", [*EVAL, "--checkpoint=" + CKPT, "--embeddings={world}/notes.txt"],
+         r"notes\.txt: .*expected a label table"),
+    Case("files", "predict_embeddings_object", [*PREDICT, "--checkpoint=" + CKPT, "--embeddings={world}/object.pt"],
+         r"object\.pt: it holds a Python object"),
+    Case("files", "clip_text_weights_text", ["clip_text.py", "--weights={world}/notes.txt", "--out={case}/t.pt"],
+         r"notes\.txt: .*expected CLIP weights.*openai/clip-vit-base-patch32"),
+    Case("files", "clip_image_weights_text", ["clip_image.py", "--weights={world}/notes.txt", "--boxes=b.json",
+                                              "--images=.", "--out={case}/t.pt", "--device=cpu"],
+         r"notes\.txt: .*expected CLIP weights"),
+    # ---- evaluate / predict settings
+    Case("evaluate/predict", "evaluate_dataset_unknown", ["evaluate.py", "--dataset=nope", "--checkpoint=" + CKPT],
+         r"unknown dataset 'nope'"),
+    Case("evaluate/predict", "evaluate_checkpoint_unset", EVAL, r"--checkpoint is required"),
+    Case("evaluate/predict", "evaluate_scales_empty", [*EVAL, "--checkpoint=" + CKPT, "--scales=[]"],
+         r"scales=\[\] must be a non-empty list"),
+    Case("evaluate/predict", "predict_labels_empty", [*PREDICT, "--labels=", "--checkpoint=" + CKPT],
+         r"--labels='': give 1\.\.254 distinct"),
+    Case("evaluate/predict", "predict_image_missing", [*PREDICT, "--images={case}/nope.png", "--checkpoint=" + CKPT],
+         r"no such file\(s\) \['.*nope\.png'\]"),
+    Case("tools", "synthetic_data_small_size", ["-m", "tools.synthetic_data", "--out={case}/syn",
+                                                "--size", "64x48", "--train", "8"],
+         r"wrote SYNTHETIC data \(8 train \+ 16 val scenes, 64x48\)", code=0),
+    # ---- faults: a diverged run, a poisoned state, a full disk, a killed run's lock
+    Case("faults", "diverged_after_resume", train("--resume=auto", "--lr=1e30", "--max_steps=8", "--keep_last=1"),
+         rf"non-finite loss at step {GOOD_STEPS + 1}.*renamed ckpt_{GOOD_STEPS + 1:08d}\.pt\.diverged; "
+         rf"--resume=auto continues from .*ckpt_{GOOD_STEPS:08d}\.pt", prepare=good_run_copy,
+         check=assert_diverged_set_aside),
+    Case("faults", "non_finite_optimizer_state", train("--resume=auto", "--max_steps=8"),
+         rf"step {GOOD_STEPS + 1}: the model/optimizer state holds NaN or inf in 1 tensors "
+         r"\(e\.g\. optimizer\.state\.5\.exp_avg_sq\); ckpt_00000004\.pt is not written", prepare=poisoned_optimizer,
+         check=good_checkpoints_kept(1, 2, 3)),
+    Case("faults", "disk_full_on_save", [*FILES_UP_TO_1MB, *train("--resume=auto", "--max_steps=8")],
+         rf"could not write checkpoint .*ckpt_{GOOD_STEPS + 1:08d}\.pt: File too large; the older checkpoints are kept",
+         prepare=good_run_copy, check=good_checkpoints_kept(1, 2, 3)),
+    Case("faults", "stale_lock_taken_over", train("--max_steps=1"),
+         r"run\.lock: taking over from a run that did not exit normally \(pid 999999 on a-dead-host", code=0,
+         anywhere=True, prepare=stale_lock, check=assert_stale_lock_taken_over),
+]
+
+
+def run_case(case, world):
+    folder = world / "cases" / str(case)
+    folder.mkdir(parents=True)
+    if case.prepare:
+        case.prepare(world, folder)
+    argv = [a.format(world=world, case=folder) for a in case.argv]
+    return run(argv, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, world):
+    """The selected cases, two at a time."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if item.module is request.module and getattr(item, "originalname", "") == "test_case"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(map(str, selected), pool.map(lambda case: run_case(case, world), selected)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_case(case, outcomes, world):
+    done = outcomes[str(case)]
+    log = f"exit {done.returncode}\nstdout: {done.stdout[-1500:]}\nstderr: {done.stderr[-3000:]}"
+    assert done.returncode == case.code, log
+    assert "Traceback" not in done.stderr, log
+    if case.code == 2:
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and re.search(case.culprit, last), log
+    else:
+        last = done.stdout if case.anywhere else done.stdout.strip().splitlines()[-1]
+        assert re.search(case.culprit, last, re.MULTILINE), log
+    if case.check:
+        case.check(world, world / "cases" / str(case))
+
+
+def test_matrix_counts():
+    """The matrix's size by category (for the record; the categories are the ones named in each case)."""
+    counts = {}
+    for case in CASES:
+        counts[case.category] = counts.get(case.category, 0) + 1
+    assert len({str(c) for c in CASES}) == len(CASES)
+    assert set(counts) == {"settings", "data", "files", "evaluate/predict", "tools", "faults"}, counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults that need timing: signals, two runs in one out_dir, torchrun
+
+def start_train(world, out, *flags, session=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "train.py", str(world / "config.yaml"), f"--out_dir={out}",
+                             "--max_steps=500", "--save_every=100", *flags], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=session)
+
+
+def read_until(proc, prefix):
+    """Lines of proc's output up to and including the first that starts with prefix."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {prefix!r}: {''.join(lines)[-3000:]}")
+
+
+def test_sigterm_to_the_process_group_with_workers_finishes_the_step_and_checkpoints(world):
+    """kill -- -PGID (what batch schedulers do) reaches the DataLoader workers too; they must not die of it."""
+    out = world / "sigterm_group"
+    proc = start_train(world, out, "--workers=2", session=True)
+    read_until(proc, "step 2/")
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest[-3000:]
+    assert "stopped by signal at step" in rest and "Traceback" not in rest, rest[-3000:]
+    saved = sorted(out.glob("ckpt_*.pt"))
+    assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["step"] >= 2
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_and_deletes_nothing(world):
+    out = world / "two_runs"
+    first = start_train(world, out, "--save_every=1", "--keep_last=100")
+    read_until(first, "step 2/")
+    second = run(["train.py", str(world / "config.yaml"), f"--out_dir={out}", "--save_every=1", "--keep_last=1"])
+    before = sorted(p.name for p in out.glob("ckpt_*.pt"))
+    first.send_signal(signal.SIGTERM)
+    rest = first.stdout.read()
+    assert first.wait(timeout=120) == 0, rest[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(out))} is in use by another training run \(pid {first.pid} on .*\); "
+                        r".*give this one another --out_dir, or stop the other", last), last
+    after = sorted(p.name for p in out.glob("ckpt_*.pt"))
+    assert set(before) <= set(after) and len(after) >= 2  # the first run's checkpoints, none pruned by the second
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved log lines
+
+
+def test_skips_of_every_rank_are_counted_under_torchrun(world, tmp_path):
+    """A bad file only rank 1 draws: the log lines, log.jsonl and the end of the run count it (the epoch is not
+    finished: 2 of its 3 global batches)."""
+    data = tmp_path / "data"
+    shutil.copytree(world / "data" / "street-ids", data)
+    config = yaml.safe_load((world / "config.yaml").read_text())
+    config["sources"][0]["root"] = str(data)  # source a reads the damaged copy, source b the original
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    # what rank 1 of 2 draws of source a in the first global batch (train.py's sampler, sizes 6 and 6, batch 2 per rank)
+    rank1 = BalancedSampler([6, 6], batch_size=2, rank=1, world_size=2, seed=0)
+    sample = next(i for s, i, *_ in next(iter(rank1)) if s == 0)
+    rank0_draws = {i for batch in BalancedSampler([6, 6], batch_size=2, rank=0, world_size=2, seed=0)
+                   for s, i, *_ in batch[:2] if s == 0}
+    assert sample not in rank0_draws
+    image = data / f"images/train_{sample:04d}.png"
+    image.write_bytes(image.read_bytes()[:200])  # truncated
+    done = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                str(tmp_path / "config.yaml"), f"--out_dir={tmp_path / 'out'}", "--skip_bad=true", "--max_steps=2"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(rf"skipped: source a sample {sample}: .*train_{sample:04d}\.png", done.stdout), done.stdout
+    assert re.search(r"^step 1/2 .*\| skipped 1$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^skipped 1 bad samples in this run", done.stdout, re.MULTILINE), done.stdout
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What counts as expected (errors.run_main)
+
+def test_expected_errors_are_one_line_and_exit_2_bugs_keep_their_traceback(capsys):
+    def fails(error):
+        def main(argv):
+            raise error
+        return main
+
+    for error in (DataError("a.png: unreadable"), ConfigError("settings: x=1 must be >= 2"),
+                  FileNotFoundError(2, "No such file or directory", "b.txt")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(fails(error))
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: {error}\n"
+    with pytest.raises(ValueError, match="a shape bug"):  # a bare ValueError is a bug, not bad input
+        run_main(fails(ValueError("a shape bug")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pruning and the state check, in process (save_checkpoint)
+
+def state(step, value=1.0):
+    return {"step": step, "model": {"w": torch.full((2,), value)}, "optimizer": {"state": {0: {"v": torch.ones(2)}}}}
+
+
+def test_pruning_keeps_the_checkpoint_before_the_newest_and_never_the_new_one(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path / f"ckpt_{step:08d}.pt", state(step), keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    # resumed from an older checkpoint while newer ones of an earlier run exist: the new one is never pruned
+    save_checkpoint(tmp_path / "ckpt_00000001.pt", state(1), keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt", "ckpt_00000002.pt", "ckpt_00000003.pt"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_state_is_neither_written_nor_prunes(tmp_path, value):
+    save_checkpoint(tmp_path / "ckpt_00000001.pt", state(1), keep_last=1)
+    with pytest.raises(DivergedError, match=r"step 2: .* 1 tensors \(e\.g\. model\.w\); ckpt_00000002\.pt is not written"):
+        save_checkpoint(tmp_path / "ckpt_00000002.pt", state(2, value), keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000001.pt"]
