@@ -191,7 +191,7 @@ CASES = [
     Case("settings", "sources_empty", train("--sources=[]"), r"sources=\[\] is empty"),
     Case("settings", "unknown_setting", train("--lrr=1"), r"flag --lrr=1: unknown setting 'lrr'"),
     Case("settings", "wrong_type", train("--batch_size=two"), r"batch_size must be int, got str 'two'"),
-    Case("settings", "flag_without_value", train("--lr"), r"flag '--lr': write it as --key=value"),
+    Case("settings", "flag_without_value", train("--lr"), r"flag --lr needs a value: --lr VALUE or --lr=VALUE"),
     Case("settings", "settings_file_missing", train(config="{case}/nope.yaml"), r"settings file .*nope\.yaml"),
     Case("settings", "yaml_duplicate_key", train(config="{case}/config.yaml"), r"config\.yaml:\d+:1: duplicate key 'lr'",
          prepare=lambda world, case: (case / "config.yaml").write_text(
@@ -270,7 +270,8 @@ CASES = [
     # ---- evaluate / predict settings
     Case("evaluate/predict", "evaluate_dataset_unknown", ["evaluate.py", "--dataset=nope", "--checkpoint=" + CKPT],
          r"unknown dataset 'nope'"),
-    Case("evaluate/predict", "evaluate_checkpoint_unset", EVAL, r"--checkpoint is required"),
+    Case("evaluate/predict", "evaluate_checkpoint_unset", EVAL,
+         r"--checkpoint CKPT +a checkpoint written by train\.py \(not given\)"),
     Case("evaluate/predict", "evaluate_scales_empty", [*EVAL, "--checkpoint=" + CKPT, "--scales=[]"],
          r"scales=\[\] must be a non-empty list"),
     Case("evaluate/predict", "predict_labels_empty", [*PREDICT, "--labels=", "--checkpoint=" + CKPT],

@@ -274,8 +274,9 @@ def test_the_design_cards_command_lines_as_written(setup, tmp_path):
 
     as_written = subprocess.run([sys.executable, "evaluate.py", "--dataset", "camvid"], cwd=tmp_path, env=ENV,
                                 capture_output=True, text=True, timeout=300)
-    assert as_written.returncode != 0
-    message = as_written.stderr[as_written.stderr.rindex("FileNotFoundError: "):]  # the traceback's last line on
+    assert as_written.returncode == 2  # an expected error: one line `error: ...` (errors.run_main), no traceback
+    message = as_written.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: evaluate.py needs") and "Traceback" not in as_written.stderr
     for needed in ("--checkpoint CKPT", "--root DIR", "--list FILE", "camvid-11", "mseg_download_camvid.sh",
                    "mseg-api", "dataset_lists/camvid-11/list/val.txt"):
         assert needed in message, message
