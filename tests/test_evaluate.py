@@ -289,14 +289,13 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
 
 
 def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
-    spec = load_label_spec()
-    camvid = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")), spec)
+    camvid = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")))
     assert len(camvid) == 101 and camvid.class_names == CAMVID
     image, target, stem = camvid[0]
     raw = np.asarray(Image.open(camvid.source.samples.pairs[0][1])).astype(np.int64)
     assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
     np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
-    facade = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")), spec)
+    facade = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")))
     assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
     image, target, _ = facade[0]
     rgb = np.asarray(Image.open(facade.source.samples.pairs[0][1]).convert("RGB"))
