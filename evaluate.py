@@ -217,7 +217,8 @@ def write_results(out_dir, stem, result, class_names, keys):
                  if split["seen"] == "unknown" else
                  f"mIoU over seen classes {100 * split['seen']['miou']:.2f} ({split['seen']['classes']}), over unseen "
                  f"classes {100 * split['unseen']['miou']:.2f} ({split['unseen']['classes']}); seen = the label key "
-                 f"is one the checkpoint's training taxonomies name ({', '.join(result['trained_taxonomies'])})")
+                 f"is one the checkpoint's training sources name (" +
+                 ", ".join(f"{src}: {tax}" for src, tax in result["trained_taxonomies"].items()) + ")")
     git = prov["git"]
     lines = [f"# {result['dataset']}: mIoU {100 * m['miou']:.2f}", "",
              f"checkpoint `{result['checkpoint']}` (step {result['step']}), labels: {result['labels']}, "

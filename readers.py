@@ -59,11 +59,13 @@ def pair_folders(images: Path, labels: Path, image_suffix: str, label_suffix: st
     for folder in (images, labels):
         if not folder.is_dir():
             raise DataError(f"{folder}: not a folder")
-    stems = sorted(e.name[:-len(label_suffix)] for e in os.scandir(labels)
-                   if e.name.endswith(label_suffix) and len(e.name) > len(label_suffix))
+    with os.scandir(labels) as entries:
+        stems = sorted(e.name[:-len(label_suffix)] for e in entries
+                       if e.name.endswith(label_suffix) and len(e.name) > len(label_suffix))
     if not stems:
         raise DataError(f"{labels}: no label files ending in {label_suffix!r}")
-    have = {e.name for e in os.scandir(images)}
+    with os.scandir(images) as entries:
+        have = {e.name for e in entries}
     lonely = [s for s in stems if s + image_suffix not in have]
     if lonely:
         shown = ", ".join(lonely[:10]) + (f" ... and {len(lonely) - 10} more" if len(lonely) > 10 else "")

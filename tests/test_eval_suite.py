@@ -90,6 +90,9 @@ def test_sixteen_bit_labels_end_to_end(tmp_path):
     written = write_layout(tmp_path, "ade20k-847")
     yaml_path = user_yaml(tmp_path, "ade20k-847")
     write_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt.update(trained_keys=["thing 0", "thing 300", "sky"], taxonomies={"somewhere": "some-taxonomy"})
+    torch.save(ckpt, tmp_path / "ckpt.pt")
     names = [f"thing {i}" for i in range(847)]
     write_table(tmp_path / "table.pt", names)
     ev.main([f"--dataset={yaml_path}", f"--checkpoint={tmp_path / 'ckpt.pt'}", f"--embeddings={tmp_path / 'table.pt'}",
@@ -99,6 +102,13 @@ def test_sixteen_bit_labels_end_to_end(tmp_path):
     labels = np.stack(list(written.values()))
     np.testing.assert_array_equal(gt, np.bincount(labels[labels != 65535], minlength=847))
     assert gt[300:].sum() > 0                                       # ids above 255 arrived intact
+    assert [i for i, seen in enumerate(result["seen"]) if seen] == [0, 300]
+    split = result["metrics"]["split"]
+    assert split["seen"]["classes"] == 2 and split["unseen"]["classes"] == 845
+    iou = np.array(result["metrics"]["iou"], dtype=float)
+    assert split["seen"]["miou"] == pytest.approx(np.nanmean(iou[[0, 300]]))
+    md = (tmp_path / "out" / "my-ade20k-847_32_ss_sentence.md").read_text()
+    assert "over unseen classes" in md and "(somewhere: some-taxonomy)" in md and "| thing 300 | thing 300 | yes |" in md
     pairs = "".join(f"{LAYOUTS['ade20k-847'][0]}/{s}.jpg {LAYOUTS['ade20k-847'][1]}/{s}.tif\n" for s in sorted(written))
     assert result["provenance"]["sha256"]["pairs"]["text_sha256"] == provenance.hashlib.sha256(pairs.encode()).hexdigest()
 
