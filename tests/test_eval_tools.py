@@ -22,6 +22,8 @@ def test_abstention_counts_by_hand():
                    "asked_wrong": 1,        # pixel 3 (class 0 labelled as class 2)
                    "other_unknown": 1,      # pixel 4 (class 1)
                    "other_labelled": 2}     # pixels 5 and 6; pixel 7 is ignored
+    unknown, pixels = measure_abstention.unknown_per_class(ids, target, 4)
+    assert unknown.tolist() == [0, 1, 1, 0] and pixels.tolist() == [2, 2, 2, 1]
 
 
 def test_measure_abstention_runs(tmp_path):
@@ -41,6 +43,7 @@ def test_measure_abstention_runs(tmp_path):
         assert row["other_unknown"] + row["other_labelled"] == other
         if row["unknown_below"] == 2.0:                        # above any cosine: everything abstains
             assert row["other_unknown_share"] == 1 and row["asked_abstained_share"] == 1
+            assert set(row["unknown_share_per_class"].values()) == {1.0}
         if row["unknown_below"] == -1 and not row["background"]:
             assert row["other_unknown"] == 0 and row["asked_unknown"] == 0  # forced: nothing is unknown
     assert result["provenance"]["sha256"]["checkpoint"]["sha256"]

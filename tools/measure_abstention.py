@@ -60,6 +60,13 @@ def count(ids, target, asked_class):
             "asked_wrong": int((is_asked & ~unknown & ~right).sum())}
 
 
+def unknown_per_class(ids, target, n):
+    """(n,) pixels per dataset class that became unknown, and (n,) valid pixels per class."""
+    valid = target >= 0
+    return (torch.bincount(target[valid & (ids == UNKNOWN)], minlength=n),
+            torch.bincount(target[valid], minlength=n))
+
+
 def main(argv=None):
     s = parse_settings(AbstentionSettings, argv)
     device = pick_device(s.device)
@@ -85,14 +92,19 @@ def main(argv=None):
     vocabularies = {"none": label_emb[:len(asked_keys)], "background": label_emb}
     totals = {(v, t): dict.fromkeys(["other_unknown", "other_labelled", "asked_right", "asked_unknown",
                                      "asked_wrong"], 0) for v in vocabularies for t in s.thresholds}
+    n = len(dataset.class_names)
+    per_class = {setting: torch.zeros(n, dtype=torch.int64) for setting in totals}  # unknown pixels per class
+    class_pixels = torch.zeros(n, dtype=torch.int64)
     for i in range(len(dataset)):
         image, target, _ = dataset[i]
+        class_pixels += torch.bincount(target[target >= 0], minlength=n)
         for v, emb in vocabularies.items():
             prob, cos = infer(model, image, emb, scale, s, out_size=target.shape, with_cos=True)  # (N, H, W) each
             for t in s.thresholds:
                 ids = torch.from_numpy(ids_from_scores(prob, cos, t, len(asked_keys))).long()
-                for k, n in count(ids, target, asked_class).items():
-                    totals[(v, t)][k] += n
+                for k, pixels in count(ids, target, asked_class).items():
+                    totals[(v, t)][k] += pixels
+                per_class[(v, t)] += unknown_per_class(ids, target, n)[0]
         if (i + 1) % 20 == 0 or i + 1 == len(dataset):
             print(f"[{i + 1}/{len(dataset)}]", flush=True)
 
@@ -106,7 +118,9 @@ def main(argv=None):
                "other_mislabelled_share": c["other_labelled"] / max(other, 1),
                "asked_right_share": c["asked_right"] / max(asked, 1),
                "asked_abstained_share": c["asked_unknown"] / max(asked, 1),
-               "asked_wrong_share": c["asked_wrong"] / max(asked, 1)}
+               "asked_wrong_share": c["asked_wrong"] / max(asked, 1),
+               "unknown_share_per_class": {name: float(u) / max(int(p), 1) for name, u, p in
+                                           zip(dataset.class_names, per_class[(v, t)], class_pixels)}}
         rows.append(row)
         print(f"| {', '.join(background) if v == 'background' else 'none'} | {'off' if t <= -1 else t} | "
               f"{100 * row['other_unknown_share']:.1f}% | {100 * row['other_mislabelled_share']:.1f}% | "
