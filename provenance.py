@@ -2,7 +2,7 @@
 tools/measure_abstention.py).
 
     {"command": "python evaluate.py --dataset=...", "argv": [...], "cwd": ..., "time_utc": ...,
-     "git": {"commit": sha, "dirty": bool}, "packages": {"python": ..., "torch": ..., ...},
+     "git": {"commit": sha, "dirty": bool, "changed": [path]}, "packages": {"python": ..., "torch": ..., ...},
      "device": {"device": "cpu", "cpu": model name, "cpu_count": n, "torch_threads": n, "gpu": name | null, ...},
      "precision": "fp32", "sha256": {"checkpoint": {"path": ..., "sha256": ...}, "list": ..., ...}}
 
@@ -35,7 +35,8 @@ def sha256_file(path, chunk=1 << 20) -> str:
 
 
 def git_state(repo=REPO) -> dict:
-    """{"commit": HEAD sha, "dirty": tracked files differ from HEAD}; {"commit": None, "why": ...} outside git."""
+    """{"commit": HEAD sha, "dirty": tracked files differ from HEAD, "changed": the first 20 of them};
+    {"commit": None, "why": ...} outside git."""
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
     try:
@@ -45,7 +46,8 @@ def git_state(repo=REPO) -> dict:
         status = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"commit": None, "why": f"git not runnable ({e})"}
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]  # "XY path"
+    return {"commit": head.stdout.strip(), "dirty": bool(changed), "changed": changed[:20]}
 
 
 def package_versions() -> dict:

@@ -214,6 +214,24 @@ def test_user_labels_errors_name_the_classes(tmp_path):
         ev.EvalDataset(*ev.load_dataset_config(str(tmp_path / "typo.yaml")))
 
 
+def test_provenance_git_state_and_hashes(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (repo / "a.txt").write_text("one\n")
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "a.txt"], check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert provenance.git_state(repo) == {"commit": head, "dirty": False, "changed": []}
+    (repo / "a.txt").write_text("two\n")
+    (repo / "new.txt").write_text("untracked files do not make a checkout dirty\n")
+    assert provenance.git_state(repo) == {"commit": head, "dirty": True, "changed": ["a.txt"]}
+    assert provenance.git_state(tmp_path)["commit"] is None
+    # sha256 as sha256sum computes it: of "two\n"
+    assert provenance.sha256_file(repo / "a.txt") == "27dd8ed44a83ff94d557f9fd0412ed5a8cbca69ea04922d88c01184a07300a5a"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Seen and unseen classes
 
