@@ -228,7 +228,8 @@ def write_results(out_dir, stem, result, class_names, keys):
              f"on {prov['device']['gpu'] or prov['device']['cpu']}, {prov['precision']}", "",
              f"mIoU {100 * m['miou']:.2f} (MSeg's mean, absent classes as 0: {100 * m['miou_mseg']:.2f}), "
              f"mAcc {100 * m['macc']:.2f}, allAcc {100 * m['allacc']:.2f}", "", seen_line, "",
-             f"`{prov['command']}` at commit {git['commit']}{' (dirty)' if git.get('dirty') else ''}", "",
+             f"`{prov['command']}` at commit {git['commit']}"
+             f"{' (changed: ' + ', '.join(git['changed']) + ')' if git.get('dirty') else ''}", "",
              "| class | label key | seen | IoU | Acc | GT pixels |", "|---|---|---|---:|---:|---:|"]
     for name, key, seen, iou, acc, gt in zip(class_names, keys, result["seen"], m["iou"], m["acc"], m["gt_pixels"]):
         word = "unknown" if seen is None else ("yes" if seen else "no")
@@ -266,6 +267,10 @@ def main(argv=None):
                                  ckpt.get("label_table"))
     check_width(ckpt, label_emb, "the label embeddings")
     scale = float(model.scale().detach())
+    # recorded before the run: the checkout, the files and the command as they were when it started
+    prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device,
+                      str(label_emb.dtype).removeprefix("torch."),  # inference runs in the labels' precision
+                      **dataset_hashes(cfg, dataset, s)) if master else None
     if master:
         print(f"{dataset.name}: {len(dataset)} images, {len(dataset.keys)} classes evaluated "
               f"({', '.join(f'{n}->{k}' for n, k in zip(dataset.class_names, dataset.keys))}); "
@@ -291,10 +296,7 @@ def main(argv=None):
                   "processes": world, "device": str(device), "class_names": dataset.class_names,
                   "keys": dataset.keys, "texts_embedded": texts if s.clip_weights else None,  # a table: its own
                   "seen": seen, "trained_taxonomies": ckpt.get("taxonomies"),
-                  "metrics": metrics, "confusion": conf.tolist(),
-                  "provenance": provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device,
-                                           str(label_emb.dtype).removeprefix("torch."),  # inference runs in it
-                                           **dataset_hashes(cfg, dataset, s))}
+                  "metrics": metrics, "confusion": conf.tolist(), "provenance": prov}
         paths = write_results(s.out_dir, stem, result, dataset.class_names, dataset.keys)
         print(f"mIoU {100 * metrics['miou']:.2f}  mAcc {100 * metrics['macc']:.2f}  "
               f"allAcc {100 * metrics['allacc']:.2f}  ({len(dataset)} images, {len(dataset) / seconds:.2f} images/s)")

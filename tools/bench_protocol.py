@@ -85,6 +85,7 @@ def main(argv=None):
     for proto in protos.values():
         infer(model, samples[0][0], label_emb, 10.0, Protocol(base_size=s.crop_size, crop_size=s.crop_size,
                                                                 window_batch=proto.window_batch))
+    prov = provenance("-m tools.bench_protocol", sys.argv[1:] if argv is None else argv, device, "float32")
     best, preds = {name: float("inf") for name in variants}, {name: [] for name in variants}
     for r in range(s.rounds):
         for name, proto in protos.items():
@@ -106,9 +107,7 @@ def main(argv=None):
           f"batched / plain {ratio:.2f}x; pixels labelled differently by the two: {differ}")
     if s.out:
         result = {"settings": asdict(s), "windows_per_image": windows, "images_per_s": rates, "ratio": ratio,
-                  "best_seconds": best, "pixels_labelled_differently": differ,
-                  "provenance": provenance("-m tools.bench_protocol", sys.argv[1:] if argv is None else argv, device,
-                                           "float32")}
+                  "best_seconds": best, "pixels_labelled_differently": differ, "provenance": prov}
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)
         Path(s.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {s.out}")

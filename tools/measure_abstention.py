@@ -89,6 +89,9 @@ def main(argv=None):
     print(f"{dataset.name}: {len(dataset)} images; asked {dict(zip(asked_names, asked_keys))}; other classes "
           f"{[n for n in dataset.class_names if n not in asked_names]}; background vocabulary {background}", flush=True)
 
+    prov = provenance("-m tools.measure_abstention", sys.argv[1:] if argv is None else argv, device, "float32",
+                      files={"checkpoint": s.checkpoint, "label_table": s.embeddings,
+                             "list": str(cfg.path(cfg.list)) if cfg.list else ""})
     vocabularies = {"none": label_emb[:len(asked_keys)], "background": label_emb}
     totals = {(v, t): dict.fromkeys(["other_unknown", "other_labelled", "asked_right", "asked_unknown",
                                      "asked_wrong"], 0) for v in vocabularies for t in s.thresholds}
@@ -131,11 +134,7 @@ def main(argv=None):
                   "other_classes": [n for n in dataset.class_names if n not in asked_names],
                   "background": background, "protocol": s.protocol(), "checkpoint": s.checkpoint,
                   "step": ckpt.get("step"), "labels": s.embeddings or "the checkpoint's training table",
-                  "rows": rows, "settings": asdict(s),
-                  "provenance": provenance("-m tools.measure_abstention", sys.argv[1:] if argv is None else argv,
-                                           device, "float32", files={"checkpoint": s.checkpoint,
-                                                                     "label_table": s.embeddings,
-                                                                     "list": str(cfg.path(cfg.list)) if cfg.list else ""})}
+                  "rows": rows, "settings": asdict(s), "provenance": prov}
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)
         Path(s.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {s.out}")
