@@ -36,8 +36,9 @@ UNKNOWN = 255
 # The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
 # thing nobody asked about can go to one of them (and become unknown) instead of to the nearest asked label; SAN's
 # augment_vocabulary does this with all 171 COCO-Stuff names. Ours is small: the classes covering the most pixels
-# of everyday scenes, ADE20K-150's first classes (its class order is by pixel share) that our keys name, less those
-# a user is likely to ask for by name (bed, window, cabinet, door, table, ...). Labels that are asked are left out.
+# of everyday scenes: ADE20K-150's first 22 classes (its class order is by pixel share) that our keys name, less the
+# furniture and fittings among them (bed, windowpane, cabinet, door, table, curtain, chair; plant is in vegetation).
+# Labels that are asked for are left out of it.
 DEFAULT_BACKGROUND = ["wall", "building", "sky", "floor", "vegetation", "ceiling", "road", "grass",
                       "sidewalk_pavement", "person", "ground", "mountain_hill", "water", "car"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}

@@ -119,7 +119,7 @@ def read_id_label(path: Path) -> np.ndarray:
     (ADE20K-847, PASCAL-Context-459 as detectron2 prepares them: uint16 TIFF, 65535 = no label)."""
     im = open_image(path)
     if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
-        raise DataError(f"{path}: expected a single-channel id PNG, got mode {im.mode}")
+        raise DataError(f"{path}: expected a single-channel id map (PNG or TIFF), got mode {im.mode}")
     try:
         # P: the palette indices are the ids (np.asarray of a P image gives indices, not colours)
         return np.asarray(im).astype(np.int32)
