@@ -117,8 +117,9 @@ def sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos=
     so the few windows of the small scales fill a batch with those of the next scale instead of running alone (at
     base 1080 the six scales have 2, 6, 12, 18, 28 and 32 windows). A scale is resized and padded when its first
     window is needed, and its sums are averaged, cut, resized to out_size and added as soon as its last window is
-    in: only the scales one batch spans hold buffers. Per window the arithmetic is that of a batch of one, and the
-    scales are added in order, so any window_batch gives the same result up to float rounding in the network.
+    in, before the next scale's sums exist: one scale's (C, H', W') sums at a time, as with one scale per batch. Per
+    window the arithmetic is that of a batch of one, and the scales are added in order, so any window_batch gives the
+    same result up to float rounding in the network.
     """
     crop = proto.crop_size
     stride = math.ceil(crop * proto.stride_ratio)
@@ -126,27 +127,30 @@ def sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos=
     queue = [(k, t, l) for k, (hp, wp) in enumerate(padded)
              for t in window_starts(hp, crop, stride) for l in window_starts(wp, crop, stride)]
     left_to_do = [sum(1 for k2, _, _ in queue if k2 == k) for k in range(len(sizes))]
-    channels = label_emb.shape[0] * (2 if with_cos else 1)
-    open_scales, total = {}, 0  # k -> (padded image (1, 3, H', W'), top, left, sum (C, H', W'), count (1, H', W'))
+    open_scales, total = {}, 0  # k -> {image (1, 3, H', W') padded, top, left, sum (C, H', W'), count (1, H', W')}
     for i in range(0, len(queue), proto.window_batch):
         chunk = queue[i:i + proto.window_batch]
         for k, _, _ in chunk:
             if k not in open_scales:
                 xs = resize_short_side(x, min(sizes[k]))                  # (1, 3, h_s, w_s); min = the short side
-                open_scales[k] = (*pad_centred(xs, crop, crop), x.new_zeros(channels, *padded[k]),
-                                  x.new_zeros(1, *padded[k]))
-        crops = torch.cat([open_scales[k][0][:, :, t:t + crop, l:l + crop] for k, t, l in chunk])  # (b, 3, crop, crop)
+                open_scales[k] = dict(zip(("image", "top", "left"), pad_centred(xs, crop, crop)))
+        crops = torch.cat([open_scales[k]["image"][:, :, t:t + crop, l:l + crop] for k, t, l in chunk])  # (b, 3, c, c)
         scores = window_scores(model, crops, label_emb, scale, proto.flip, with_cos)  # (b, C, crop, crop)
         for (k, t, l), window in zip(chunk, scores):
-            _, top, left, summed, count = open_scales[k]
-            summed[:, t:t + crop, l:l + crop] += window
-            count[:, t:t + crop, l:l + crop] += 1
+            state = open_scales[k]
+            if "sum" not in state:  # at its first window, after the scale before was folded in and freed: the
+                state["sum"] = window.new_zeros(window.shape[0], *padded[k])  # sums of one scale at a time, as large
+                state["count"] = window.new_zeros(1, *padded[k])              # as (C, H', W') at the largest scale
+            state["sum"][:, t:t + crop, l:l + crop] += window
+            state["count"][:, t:t + crop, l:l + crop] += 1
             left_to_do[k] -= 1
             if left_to_do[k] == 0:                                         # the scale is complete: fold it in
                 del open_scales[k]
                 h, w = sizes[k]
-                mean = (summed / count)[:, top:top + h, left:left + w]     # cut the padding off: (C, h_s, w_s)
+                top, left = state["top"], state["left"]
+                mean = (state["sum"] / state["count"])[:, top:top + h, left:left + w]  # padding cut off: (C, h_s, w_s)
                 total = total + F.interpolate(mean[None], size=out_size, mode="bilinear", align_corners=False)[0]
+                del state, mean                                            # free this scale before the next one's
     return total
 
 
