@@ -52,7 +52,7 @@ NOT_A_CLASS = -2  # LUT value of a raw id that is neither a class nor ignore: de
 class SourceConfig:
     name: str                  # unique; shown in batches, logs and errors
     root: str                  # relative paths below are joined to this
-    list: str = ""             # id/color: MSeg-style list, `image label` per line, relative to root
+    list: str = ""             # id/color: MSeg-style list, `image label` per line, relative to root (or images + labels)
     names: str = ""            # id: names file, line index = class id (or give class_names inline)
     class_names: list = field(default_factory=lambda: [])
     taxonomy: str = ""         # dataset mapping in label_sentences.yaml ("" = name)
@@ -61,7 +61,10 @@ class SourceConfig:
     colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
     kind: str = "dense"        # dense (L_HD) | coarse (L_LD) | boxes (L_WD)
     weight: float = 1.0        # sampling weight (equal weights = the paper's balance)
-    images: str = ""           # openimages/coco_boxes: image folder (openimages: <ImageID>.jpg)
+    images: str = ""           # openimages/coco_boxes: image folder (openimages: <ImageID>.jpg); id/color: with labels
+    labels: str = ""           # id/color, instead of list: label folder, paired with `images` by file stem
+    image_suffix: str = ".jpg"  # id/color folder pairs: the image file of stem s is s + image_suffix
+    label_suffix: str = ".png"  # ... and its label s + label_suffix (".tif": detectron2's 16-bit maps)
     masks: str = ""            # openimages: folder of the mask PNGs (MaskPath column)
     masks_csv: str = ""        # openimages: *-annotations-object-segmentation.csv
     class_descriptions: str = ""  # openimages: `LabelName,DisplayName` CSV; DisplayName is the class name
@@ -105,6 +108,7 @@ class SourceConfig:
                     raise ConfigError(f"source {self.name}: encoding {self.encoding} needs exactly one of {need}")
             elif not getattr(self, need):
                 raise ConfigError(f"source {self.name}: encoding {self.encoding} needs {need!r}")
+        FORMATS[self.encoding].check(self)
         if (self.kind == "boxes") != (self.encoding == "coco_boxes"):
             raise ConfigError(f"source {self.name}: kind boxes goes with encoding coco_boxes (and only with it)")
         if self.kind == "boxes" and not self.box_targets:

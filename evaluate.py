@@ -12,6 +12,9 @@ non-empty union (MSeg counts an absent class as 0; both numbers are written).
 from __future__ import annotations  # EvalSettings has a field named `list`, which would shadow the builtin below it
 
 import json
+import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,8 @@ import distributed
 from checkpoints import check_width, load_checkpoint
 from errors import ConfigError, run_main
 from inference import Protocol, infer, label_embeddings, save_prediction, to_uint8
-from labels import dataset_label_keys, label_texts, load_label_spec
+from labels import IGNORE, dataset_label_keys, label_texts, load_label_spec, with_own_labels
+from provenance import provenance
 from readers import FORMATS
 from settings import parse_settings, print_settings, read_yaml
 
@@ -38,6 +42,8 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
                                    # camvid-11) or a path to a dataset YAML (data.SourceConfig fields)
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
+    images: str = ""               # ... or an image folder and a label folder paired by file stem (relative to root;
+    labels: str = ""               # detectron2's layouts of the open-vocabulary benchmarks); override the YAML's
     checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
     embeddings: str = ""           # label table (.pt from clip_text.py, or universal_cat2vec.npy); "" = the
                                    # checkpoint's own training table, unless clip_weights is given
@@ -72,6 +78,33 @@ def metrics_from_confusion(conf):
             "iou": iou.tolist(), "acc": acc.tolist(), "gt_pixels": gt.long().tolist()}
 
 
+def seen_classes(keys, ckpt):
+    """Per evaluated class: True when its label key is one the checkpoint's training sources could name (train.py
+    records them as "trained_keys"), False when not, None for every class when the checkpoint has no such record."""
+    trained = ckpt.get("trained_keys")
+    if trained is None:
+        return [None] * len(keys)
+    trained = set(trained)
+    return [k in trained for k in keys]
+
+
+def split_miou(iou, seen):
+    """mIoU over all, seen and unseen classes: {"all" | "seen" | "unseen": {"miou", "classes", "with_iou"}}, where
+    miou averages the classes with an IoU (non-empty union), as metrics_from_confusion's miou. With seen unknown
+    (None), "seen" and "unseen" are the string "unknown": no guess from the label table, which holds more keys than
+    a training run names."""
+    def part(pick):
+        values = [v for v, p in zip(iou, pick) if p and not math.isnan(v)]
+        return {"miou": sum(values) / len(values) if values else float("nan"), "classes": sum(map(bool, pick)),
+                "with_iou": len(values)}
+    out = {"all": part([True] * len(iou))}
+    if any(s is None for s in seen):
+        out.update(seen="unknown", unseen="unknown")
+    else:
+        out.update(seen=part(seen), unseen=part([not s for s in seen]))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset: a data.SourceConfig in YAML (configs/eval/*.yaml), read by data.Source
 
@@ -103,13 +136,20 @@ def not_found(path, kind="file"):
     return f"{path} is not a {kind}" if path else "not given"
 
 
-def load_dataset_config(name_or_path, root="", list_path="", also_missing=()):
-    """A dataset name (see dataset_yaml) or YAML path -> data.SourceConfig. The YAML holds SourceConfig fields (name,
-    root, list, names | class_names, taxonomy, encoding, ignore, colors); a relative root in it is relative to the
-    repository, --root/--list (relative to the working directory) override it.
+def load_dataset_config(name_or_path, root="", list_path="", images="", labels="", spec=None,
+                        also_missing=()):
+    """A dataset name (see dataset_yaml) or YAML path -> (data.SourceConfig, label spec). The YAML holds SourceConfig
+    fields (name, root, list | images + labels, names | class_names, taxonomy, encoding, ignore, colors); a relative
+    root in it is relative to the repository; --root/--list (relative to the working directory) and --images/--labels
+    (relative to the root) override the YAML's.
+
+    A user's dataset brings its own labels without editing label_sentences.yaml: `sentences:` {class name or label
+    key: sentence} and `taxonomy:` as a mapping {class name: label key | ignore} (classes it does not list are their
+    own keys); see labels.with_own_labels. The returned spec is `spec` (default: label_sentences.yaml) plus those.
 
     Raises one message for everything missing, `also_missing` (what the caller found missing, e.g. the checkpoint)
     included: what to pass and, for the data, the YAML's header, which says where the dataset comes from."""
+    spec = spec or load_label_spec()
     path = dataset_yaml(name_or_path)
     if not path.is_file():
         known = sorted(p.stem for p in EVAL_CONFIGS.glob("*.yaml"))
@@ -117,18 +157,30 @@ def load_dataset_config(name_or_path, root="", list_path="", also_missing=()):
     d = read_yaml(path)
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of data.SourceConfig fields")
+    sentences = d.pop("sentences", None)
+    own_taxonomy = d.pop("taxonomy") if isinstance(d.get("taxonomy"), dict) else None
     d["root"] = str(Path(root).resolve()) if root else (str(REPO / d["root"]) if d.get("root") else "")
-    d["list"] = str(Path(list_path).resolve()) if list_path else (d.get("list") or "")
+    if list_path:  # --list or --images/--labels win over the YAML's pairs, whichever way it gives them
+        d.update(list=str(Path(list_path).resolve()), images="", labels="")
+    elif images or labels:
+        d.update(list="", images=images, labels=labels)
+    d["list"] = d.get("list") or ""
     missing = []
     if not d["root"] or not Path(d["root"]).is_dir():
         missing.append(f"--root DIR         the dataset's root folder ({not_found(d['root'], 'folder')})")
-    if not d["list"] or not Path(d["root"], d["list"]).is_file():
+    if not d.get("labels") and (not d["list"] or not Path(d["root"], d["list"]).is_file()):
         missing.append(f"--list FILE        its list of `image label` lines, paths relative to the root "
-                       f"({not_found(d['list'])})")
+                       f"({not_found(d['list'])}), or --images DIR --labels DIR, folders paired by file stem")
     if missing or also_missing:
         where = f"\n{d.get('name', path.stem)}, from {path}:\n{yaml_header(path)}" if missing else ""
         raise FileNotFoundError("evaluate.py needs\n  " + "\n  ".join([*also_missing, *missing]) + where)
-    return data.SourceConfig.from_dict(d)
+    cfg = data.SourceConfig.from_dict(d)
+    taxonomy = cfg.taxonomy or cfg.name
+    if sentences is not None or own_taxonomy is not None or (not cfg.taxonomy and taxonomy not in spec.datasets):
+        names = data.source_class_names(cfg)
+        ignored = {names[i]: IGNORE for i in FORMATS[cfg.encoding].ignore(cfg, len(names)) if i < len(names)}
+        spec = with_own_labels(spec, taxonomy, names, {**ignored, **(own_taxonomy or {})}, sentences, str(path))
+    return cfg, spec
 
 
 class EvalDataset:
@@ -193,24 +245,47 @@ def evaluate_images(model, samples, label_emb, scale, proto, rank=0, world=1, pr
 
 
 def write_results(out_dir, stem, result, class_names, keys):
-    """results JSON + a markdown table of per-class IoU. Returns the two paths."""
+    """results JSON + a markdown table of per-class IoU, seen/unseen and provenance. Returns the two paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    m = result["metrics"]
+    m, split, prov = result["metrics"], result["metrics"]["split"], result["provenance"]
+    seen_line = ("seen/unseen: unknown (the checkpoint does not record its training label keys)"
+                 if split["seen"] == "unknown" else
+                 f"mIoU over seen classes {100 * split['seen']['miou']:.2f} ({split['seen']['classes']}), over unseen "
+                 f"classes {100 * split['unseen']['miou']:.2f} ({split['unseen']['classes']}); seen = the label key "
+                 f"is one the checkpoint's training sources name (" +
+                 ", ".join(f"{src}: {tax}" for src, tax in result["trained_taxonomies"].items()) + ")")
+    git = prov["git"]
     lines = [f"# {result['dataset']}: mIoU {100 * m['miou']:.2f}", "",
              f"checkpoint `{result['checkpoint']}` (step {result['step']}), labels: {result['labels']}, "
              f"base size {result['protocol']['base_size']}, scales {result['protocol']['scales']}, "
              f"{'sliding' if result['protocol']['sliding'] else 'whole'}, flip {result['protocol']['flip']}; "
-             f"{result['images']} images, {result['images_per_s']:.2f} images/s", "",
+             f"{result['images']} images, {result['images_per_s']:.2f} images/s "
+             f"on {prov['device']['gpu'] or prov['device']['cpu']}, {prov['precision']}", "",
              f"mIoU {100 * m['miou']:.2f} (MSeg's mean, absent classes as 0: {100 * m['miou_mseg']:.2f}), "
-             f"mAcc {100 * m['macc']:.2f}, allAcc {100 * m['allacc']:.2f}", "",
-             "| class | label key | IoU | Acc | GT pixels |", "|---|---|---:|---:|---:|"]
-    for name, key, iou, acc, gt in zip(class_names, keys, m["iou"], m["acc"], m["gt_pixels"]):
-        lines.append(f"| {name} | {key} | {100 * iou:.2f} | {100 * acc:.2f} | {gt} |")
+             f"mAcc {100 * m['macc']:.2f}, allAcc {100 * m['allacc']:.2f}", "", seen_line, "",
+             f"`{prov['command']}` at commit {git['commit']}"
+             f"{' (changed: ' + ', '.join(git['changed']) + ')' if git.get('dirty') else ''}", "",
+             "| class | label key | seen | IoU | Acc | GT pixels |", "|---|---|---|---:|---:|---:|"]
+    for name, key, seen, iou, acc, gt in zip(class_names, keys, result["seen"], m["iou"], m["acc"], m["gt_pixels"]):
+        word = "unknown" if seen is None else ("yes" if seen else "no")
+        lines.append(f"| {name} | {key} | {word} | {100 * iou:.2f} | {100 * acc:.2f} | {gt} |")
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def dataset_hashes(cfg, dataset, s):
+    """provenance() arguments for what was evaluated: the checkpoint, the label table or CLIP weights (when files),
+    the list file, or for a folder-pair dataset its sorted pairs as text, one `image label` line each, both relative
+    to the root (no file holds that listing)."""
+    files = {"checkpoint": s.checkpoint, "label_table": s.embeddings, "clip_weights": s.clip_weights}
+    if cfg.list:
+        return {"files": {**files, "list": str(cfg.path(cfg.list))}}
+    rel = lambda p: os.path.relpath(p, cfg.root)  # noqa: E731
+    listing = "".join(f"{rel(image)} {rel(label)}\n" for image, label in dataset.source.samples.pairs)
+    return {"files": files, "texts": {"pairs": listing}}
 
 
 def main(argv=None):
@@ -220,10 +295,10 @@ def main(argv=None):
     if master:
         print_settings(s)
 
-    spec = load_label_spec()
     no_checkpoint = [] if Path(s.checkpoint).is_file() else [  # said together with any missing data, before any work
         f"--checkpoint CKPT  a checkpoint written by train.py ({not_found(s.checkpoint)})"]
-    dataset = EvalDataset(load_dataset_config(s.dataset, s.root, s.list, no_checkpoint), spec, s.max_images)
+    cfg, spec = load_dataset_config(s.dataset, s.root, s.list, s.images, s.labels, also_missing=no_checkpoint)
+    dataset = EvalDataset(cfg, spec, s.max_images)
     texts = label_texts(spec, dataset.keys, s.mode)
     model, ckpt = load_checkpoint(s.checkpoint, device)
     if s.embeddings and s.mode == "word" and master:
@@ -232,6 +307,10 @@ def main(argv=None):
                                  ckpt.get("label_table"))
     check_width(ckpt, label_emb, "the label embeddings")
     scale = float(model.scale().detach())
+    # recorded before the run: the checkout, the files and the command as they were when it started
+    prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device,
+                      str(label_emb.dtype).removeprefix("torch."),  # inference runs in the labels' precision
+                      **dataset_hashes(cfg, dataset, s)) if master else None
     if master:
         print(f"{dataset.name}: {len(dataset)} images, {len(dataset.keys)} classes evaluated "
               f"({', '.join(f'{n}->{k}' for n, k in zip(dataset.class_names, dataset.keys))}); "
@@ -247,15 +326,25 @@ def main(argv=None):
     seconds = time.time() - start
     if master:
         metrics = metrics_from_confusion(conf)
+        seen = seen_classes(dataset.keys, ckpt)
+        metrics["split"] = split_miou(metrics["iou"], seen)
         stem = f"{dataset.name}_{s.base_size}_{'ms' if len(s.scales) > 1 else 'ss'}{'_flip' if s.flip else ''}_{s.mode}"
         result = {"dataset": dataset.name, "checkpoint": s.checkpoint, "step": ckpt.get("step"),
-                  "labels": s.embeddings or f"{s.clip_weights} ({s.mode})", "protocol": s.protocol(),
+                  "labels": s.embeddings or (f"{s.clip_weights} ({s.mode})" if s.clip_weights
+                                             else "the checkpoint's training table"), "protocol": s.protocol(),
                   "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds,
                   "processes": world, "device": str(device), "class_names": dataset.class_names,
-                  "keys": dataset.keys, "metrics": metrics, "confusion": conf.tolist()}
+                  "keys": dataset.keys, "texts_embedded": texts if s.clip_weights else None,  # a table: its own
+                  "seen": seen, "trained_taxonomies": ckpt.get("taxonomies"),
+                  "metrics": metrics, "confusion": conf.tolist(), "provenance": prov}
         paths = write_results(s.out_dir, stem, result, dataset.class_names, dataset.keys)
         print(f"mIoU {100 * metrics['miou']:.2f}  mAcc {100 * metrics['macc']:.2f}  "
               f"allAcc {100 * metrics['allacc']:.2f}  ({len(dataset)} images, {len(dataset) / seconds:.2f} images/s)")
+        split = metrics["split"]
+        print("seen/unseen: unknown (the checkpoint does not record its training label keys)"
+              if split["seen"] == "unknown" else
+              f"mIoU seen {100 * split['seen']['miou']:.2f} ({split['seen']['classes']} classes), "
+              f"unseen {100 * split['unseen']['miou']:.2f} ({split['unseen']['classes']} classes)")
         print("wrote " + ", ".join(map(str, paths)))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -60,11 +60,16 @@ class Protocol:
 WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels
 
 
+def short_side_size(h, w, short):
+    """(h, w) resized so that min == short, aspect kept, rounded as MSeg rounds it."""
+    return (round(short / w * h), short) if h > w else (short, round(short / h * w))
+
+
 def resize_short_side(x, short):
     """(B, C, H, W) -> (B, C, h, w) with min(h, w) == short, aspect kept as MSeg rounds it; bilinear, no antialias
     (cv2.INTER_LINEAR, which MSeg uses, does not antialias either)."""
     h, w = x.shape[-2:]
-    new_h, new_w = (round(short / w * h), short) if h > w else (short, round(short / h * w))
+    new_h, new_w = short_side_size(h, w, short)
     if (new_h, new_w) == (h, w):
         return x
     return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
@@ -106,30 +111,57 @@ def window_scores(model, x, label_emb, scale, flip, with_cos):
     return out
 
 
-def scores_at_size(model, x, label_emb, scale, proto, with_cos=False):
-    """Scores of one image at the size it is given. x: (1, 3, h, w) normalised -> (C, h, w), C = N or 2N."""
+def whole_image_scores(model, x, label_emb, scale, flip, with_cos=False):
+    """Scores of one image as one window padded to a multiple of 32. x: (1, 3, h, w) -> (C, h, w), C = N or 2N."""
     h, w = x.shape[-2:]
-    if not proto.sliding:
-        m = WHOLE_IMAGE_MULTIPLE
-        xp, top, left = pad_centred(x, math.ceil(h / m) * m, math.ceil(w / m) * m)
-        return window_scores(model, xp, label_emb, scale, proto.flip, with_cos)[0, :, top:top + h, left:left + w]
+    m = WHOLE_IMAGE_MULTIPLE
+    xp, top, left = pad_centred(x, math.ceil(h / m) * m, math.ceil(w / m) * m)
+    return window_scores(model, xp, label_emb, scale, flip, with_cos)[0, :, top:top + h, left:left + w]
+
+
+def sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos=False):
+    """Sum over scales of the sliding-window scores of one image, each scale's resized to out_size.
+
+    x: (1, 3, H, W); sizes: [(h_s, w_s)] the image's size at each scale. Returns (C, H_out, W_out), C = N or 2N.
+    The windows of all scales (crop x crop each) go through the network in batches of window_batch, in scale order,
+    so the few windows of the small scales fill a batch with those of the next scale instead of running alone (at
+    base 1080 the six scales have 2, 6, 12, 18, 28 and 32 windows). A scale is resized and padded when its first
+    window is needed, and its sums are averaged, cut, resized to out_size and added as soon as its last window is
+    in, before the next scale's sums exist: one scale's (C, H', W') sums at a time, as with one scale per batch. Per
+    window the arithmetic is that of a batch of one, and the scales are added in order, so any window_batch gives the
+    same result up to float rounding in the network.
+    """
     crop = proto.crop_size
     stride = math.ceil(crop * proto.stride_ratio)
-    xp, top, left = pad_centred(x, crop, crop)                           # (1, 3, H', W'), H', W' >= crop
-    hp, wp = xp.shape[-2:]
-    boxes = [(t, l) for t in window_starts(hp, crop, stride) for l in window_starts(wp, crop, stride)]
-    total = count = None
-    for i in range(0, len(boxes), proto.window_batch):
-        chunk = boxes[i:i + proto.window_batch]
-        crops = torch.cat([xp[:, :, t:t + crop, l:l + crop] for t, l in chunk])  # (b, 3, crop, crop)
+    padded = [(max(h, crop), max(w, crop)) for h, w in sizes]          # pad_centred's size at each scale
+    queue = [(k, t, l) for k, (hp, wp) in enumerate(padded)
+             for t in window_starts(hp, crop, stride) for l in window_starts(wp, crop, stride)]
+    left_to_do = [sum(1 for k2, _, _ in queue if k2 == k) for k in range(len(sizes))]
+    open_scales, total = {}, 0  # k -> {image (1, 3, H', W') padded, top, left, sum (C, H', W'), count (1, H', W')}
+    for i in range(0, len(queue), proto.window_batch):
+        chunk = queue[i:i + proto.window_batch]
+        for k, _, _ in chunk:
+            if k not in open_scales:
+                xs = resize_short_side(x, min(sizes[k]))                  # (1, 3, h_s, w_s); min = the short side
+                open_scales[k] = dict(zip(("image", "top", "left"), pad_centred(xs, crop, crop)))
+        crops = torch.cat([open_scales[k]["image"][:, :, t:t + crop, l:l + crop] for k, t, l in chunk])  # (b, 3, c, c)
         scores = window_scores(model, crops, label_emb, scale, proto.flip, with_cos)  # (b, C, crop, crop)
-        if total is None:
-            total = scores.new_zeros(scores.shape[1], hp, wp)            # (C, H', W')
-            count = scores.new_zeros(1, hp, wp)
-        for (t, l), s in zip(chunk, scores):
-            total[:, t:t + crop, l:l + crop] += s
-            count[:, t:t + crop, l:l + crop] += 1
-    return (total / count)[:, top:top + h, left:left + w]                # cut the padding off
+        for (k, t, l), window in zip(chunk, scores):
+            state = open_scales[k]
+            if "sum" not in state:  # at its first window, after the scale before was folded in and freed: the
+                state["sum"] = window.new_zeros(window.shape[0], *padded[k])  # sums of one scale at a time, as large
+                state["count"] = window.new_zeros(1, *padded[k])              # as (C, H', W') at the largest scale
+            state["sum"][:, t:t + crop, l:l + crop] += window
+            state["count"][:, t:t + crop, l:l + crop] += 1
+            left_to_do[k] -= 1
+            if left_to_do[k] == 0:                                         # the scale is complete: fold it in
+                del open_scales[k]
+                h, w = sizes[k]
+                top, left = state["top"], state["left"]
+                mean = (state["sum"] / state["count"])[:, top:top + h, left:left + w]  # padding cut off: (C, h_s, w_s)
+                total = total + F.interpolate(mean[None], size=out_size, mode="bilinear", align_corners=False)[0]
+                del state, mean                                            # free this scale before the next one's
+    return total
 
 
 @torch.no_grad()
@@ -145,11 +177,15 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
     x = image.to(label_emb.device, label_emb.dtype)[None]                # (1, 3, H, W), the labels' precision (fp32)
     out_size = tuple(out_size or x.shape[-2:])
     short = proto.base_size or min(x.shape[-2:])
-    total = 0
-    for s in proto.scales:
-        xs = resize_short_side(x, round(s * short))                      # (1, 3, h_s, w_s)
-        scores = scores_at_size(model, xs, label_emb, scale, proto, with_cos)  # (C, h_s, w_s)
-        total = total + F.interpolate(scores[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    sizes = [short_side_size(*x.shape[-2:], round(s * short)) for s in proto.scales]
+    if proto.sliding:
+        total = sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos)
+    else:  # whole images differ in size from scale to scale: one forward each (with its flip)
+        total = 0
+        for h, w in sizes:
+            xs = resize_short_side(x, min(h, w))                          # (1, 3, h_s, w_s)
+            scores = whole_image_scores(model, xs, label_emb, scale, proto.flip, with_cos)  # (C, h_s, w_s)
+            total = total + F.interpolate(scores[None], size=out_size, mode="bilinear", align_corners=False)[0]
     total = total / len(proto.scales)                                    # (C, H_out, W_out)
     n = label_emb.shape[0]
     return (total[:n], total[n:]) if with_cos else (total, None)

@@ -91,6 +91,43 @@ def dataset_label_keys(spec: LabelSpec, dataset: str, class_names: list[str]) ->
     return [None if mapping[n] == IGNORE else mapping[n] for n in class_names]
 
 
+def with_own_labels(spec: LabelSpec, dataset: str, class_names: list[str], taxonomy: dict | None = None,
+                    sentences: dict | None = None, where: str = "") -> LabelSpec:
+    """`spec` plus a dataset's own labels (a user's dataset YAML), so that no repository file needs an edit.
+
+    taxonomy: {class name: label key | "ignore"}; a class it does not list is its own label key, its name as written.
+    sentences: {label key or class name: sentence}; they win over label_sentences.yaml's.
+    Returns a new LabelSpec whose datasets[dataset] maps every class of `class_names` and whose sentences cover every
+    key it maps to. Every class whose key has no sentence in either place is named in one ConfigError (`where` first).
+    """
+    taxonomy, sentences = taxonomy or {}, sentences or {}
+    for what, given in (("taxonomy", taxonomy), ("sentences", sentences)):
+        if not isinstance(given, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                                  for k, v in given.items()):
+            raise ConfigError(f"{where}: `{what}` must map names to non-empty strings, got {given!r:.200} "
+                             f"(quote names that YAML reads as numbers or booleans)")
+    stray = sorted(set(taxonomy) - set(class_names))
+    if stray:
+        raise ConfigError(f"{where}: `taxonomy` lists {stray}, which are not class names of the dataset")
+    mapping = {name: taxonomy.get(name, name) for name in class_names}
+    stray = sorted(set(sentences) - set(class_names) - set(mapping.values()))
+    if stray:
+        raise ConfigError(f"{where}: `sentences` has {stray}, which are neither class names nor their label keys")
+    own = {}
+    for name, key in mapping.items():
+        text = sentences.get(key) or sentences.get(name)
+        if text and key != IGNORE:
+            own.setdefault(key, text)
+    missing = [f"{name!r} -> {key!r}" for name, key in mapping.items()
+               if key != IGNORE and key not in own and key not in spec.sentences]
+    if missing:
+        raise ConfigError(f"{where}: {len(missing)} class(es) have no sentence: {', '.join(missing)}. Map each under "
+                         f"`taxonomy:` to a label key of label_sentences.yaml (class name: key, or: ignore), or give "
+                         f"its sentence under `sentences:` (class name or key: sentence)")
+    return LabelSpec(sentences={**spec.sentences, **own}, datasets={**spec.datasets, dataset: mapping},
+                     mseg_universal=spec.mseg_universal)
+
+
 def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence", extra: dict[str, str] | None = None,
                 unknown_as_word: bool = False) -> list[str]:
     """The text to embed for each key. mode "sentence": its sentence from `extra` ({key: sentence}, e.g. a user's

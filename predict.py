@@ -2,13 +2,13 @@
 
     python predict.py --images=photos/ --labels="deer,grass,sky" --checkpoint=CKPT --clip_weights=ViT-B-32.pt
     python predict.py --images=a.jpg,b.jpg --labels=building,window,door --sentences=mine.yaml --embeddings=T.pt \
-        --checkpoint=CKPT --unknown_below=0.2 --export_emb=true --emb_dims=16
+        --checkpoint=CKPT --unknown_below=0.2 --background=default --export_emb=true --emb_dims=16
 
 Text of each label: its sentence in --sentences (YAML {label: sentence}), else in label_sentences.yaml's `labels`,
 else the label itself as a word; --mode=word always embeds the word. With --embeddings the table must have a row
 named by each label (clip_text.py or ../shared/tools/minilm_label_table.py make one from a sentences YAML).
 Inference is inference.py's MSeg protocol (evaluate.py's settings). Writes to out_dir:
-  labels.json              id -> label and the text embedded; 255 = unknown
+  labels.json              id -> label and the text embedded; 255 = unknown (--unknown_below, --background)
   <stem>.png               8-bit ids (label i -> i), the pseudo-label map at the image's size
   <stem>_overlay.png       colours over the photo, with a legend
   <stem>.npz (export_emb)  ids, and the L2-normalised pixel embeddings at stride 4 (whole image at base size), as
@@ -33,6 +33,14 @@ from settings import parse_settings, print_settings, read_yaml
 from transforms import eval_image
 
 UNKNOWN = 255
+# The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
+# thing nobody asked about can go to one of them (and become unknown) instead of to the nearest asked label; SAN's
+# augment_vocabulary does this with all 171 COCO-Stuff names. Ours is small: the classes covering the most pixels
+# of everyday scenes: ADE20K-150's first 22 classes (its class order is by pixel share) that our keys name, less the
+# furniture and fittings among them (bed, windowpane, cabinet, door, table, curtain, chair; plant is in vegetation).
+# Labels that are asked for are left out of it.
+DEFAULT_BACKGROUND = ["wall", "building", "sky", "floor", "vegetation", "ceiling", "road", "grass",
+                      "sidewalk_pavement", "person", "ground", "mountain_hill", "water", "car"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -46,6 +54,8 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     unknown_below: float = -1.0    # cosine similarity under which a pixel is unknown (255); -1 = never
+    background: str = ""           # more labels whose winning pixels are unknown (255): "default" (DEFAULT_BACKGROUND)
+                                   # or comma-separated labels; "" = none
     out_dir: str = "out/predict"
     export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
@@ -81,14 +91,24 @@ def label_texts_for(labels, sentences="", mode="sentence", spec=None):
     return label_texts(spec or load_label_spec(), labels, mode, extra=user, unknown_as_word=True)
 
 
-def ids_from_scores(prob, cos=None, unknown_below=-1.0):
+def ids_from_scores(prob, cos=None, unknown_below=-1.0, asked=None):
     """prob, cos: (N, H, W) -> (H, W) uint8 ids; pixels whose winning label's cosine is under the threshold ->
-    UNKNOWN. The cosine is that of the argmax label, so 'unknown' means 'even the best label fits badly'."""
+    UNKNOWN. The cosine is that of the argmax label, so 'unknown' means 'even the best label fits badly'. With
+    `asked` = n < N, rows n.. are the background vocabulary: pixels they win are UNKNOWN too."""
     pred = prob.argmax(0)                                                # (H, W)
     if cos is not None and unknown_below > -1:
         best = cos.gather(0, pred[None])[0]                              # (H, W)
         pred = torch.where(best < unknown_below, torch.full_like(pred, UNKNOWN), pred)
+    if asked is not None:
+        pred = torch.where(pred >= asked, torch.full_like(pred, UNKNOWN), pred)
     return pred.byte().cpu().numpy()
+
+
+def background_labels(background, labels):
+    """--background -> the background vocabulary: DEFAULT_BACKGROUND for "default", else the comma-separated labels;
+    labels that are asked for are left out (asking for a label must not make it unknown)."""
+    extra = DEFAULT_BACKGROUND if background == "default" else [b.strip() for b in background.split(",") if b.strip()]
+    return [b for b in dict.fromkeys(extra) if b not in labels]
 
 
 @torch.no_grad()
@@ -127,7 +147,8 @@ def export_npz(path, ids, emb, k, dtype):
 
 def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unknown_below=-1.0, export_emb=False,
                    emb_dims=0, emb_dtype="float16"):
-    """Segment each image into `labels` and write the files listed in the module docstring. Returns {stem: ids}."""
+    """Segment each image into `labels` and write the files listed in the module docstring. Returns {stem: ids}.
+    label_emb (N, D) may have rows past len(labels): the background vocabulary, whose pixels become unknown."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -135,7 +156,7 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
         rgb = decode_rgb(open_image(path), path)                         # PIL RGB
         image = eval_image(rgb)                                     # (3, H, W) normalised
         prob, cos = infer(model, image, label_emb, scale, proto, with_cos=unknown_below > -1)  # (N, H, W) each
-        ids = ids_from_scores(prob, cos, unknown_below)                  # (H, W) uint8
+        ids = ids_from_scores(prob, cos, unknown_below, len(labels))     # (H, W) uint8
         save_prediction(out_dir, path.stem, np.asarray(rgb), ids, labels)
         if export_emb:
             export_npz(out_dir / f"{path.stem}.npz", ids, pixel_embeddings(model, image, proto), emb_dims, emb_dtype)
@@ -157,16 +178,18 @@ def main(argv=None):
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]
     if not labels or len(set(labels)) != len(labels) or len(labels) >= UNKNOWN:
         raise ConfigError(f"--labels={s.labels!r}: give 1..254 distinct comma-separated labels")
-    texts = label_texts_for(labels, s.sentences, s.mode)
+    background = background_labels(s.background, labels)
+    texts = label_texts_for(labels + background, s.sentences, s.mode)
     model, ckpt = load_checkpoint(s.checkpoint, device)
-    label_emb = label_embeddings(labels, texts, s.embeddings, s.clip_weights, device,  # (N, D)
+    label_emb = label_embeddings(labels + background, texts, s.embeddings, s.clip_weights, device,  # (N + B, D)
                                  ckpt.get("label_table"))
     check_width(ckpt, label_emb, "the label embeddings")
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "labels.json").write_text(json.dumps(
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
-         "unknown": UNKNOWN if s.unknown_below > -1 else None, "checkpoint": s.checkpoint,
+         "unknown": UNKNOWN if s.unknown_below > -1 or background else None, "checkpoint": s.checkpoint,
+         "background": dict(zip(background, texts[len(labels):])),
          "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})"}, indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, float(model.scale().detach()), s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)

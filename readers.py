@@ -2,7 +2,8 @@
 
 - list files: MSeg style, one sample a line, `image_path label_path` relative to the dataset root;
 - names files: one class name a line, line index = class id;
-- id PNGs (8- or 16-bit, one class id per pixel) and colour-coded PNGs (RGB or RGBA, one colour per class);
+- folder pairs: an image folder and a label folder, samples paired by file stem (detectron2's layouts);
+- id PNGs or TIFFs (8- or 16-bit, one class id per pixel) and colour-coded PNGs (RGB or RGBA, one colour per class);
 - OpenImages V6 segmentation: the masks CSV plus one binary PNG per instance;
 - COCO-format box JSON (Objects365).
 FORMATS at the end has one entry per format (`encoding` of a source): the fields it needs, its class names, the ids
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from errors import DataError
+from errors import ConfigError, DataError
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # Mapillary/OpenImages originals are large but legitimate; this still stops bombs
 
@@ -41,6 +42,33 @@ def read_list(list_path: Path, root: Path) -> list[tuple[Path, Path]]:
     if not pairs:
         raise DataError(f"{list_path}: the list is empty")
     return pairs
+
+
+def pair_folders(images: Path, labels: Path, image_suffix: str, label_suffix: str) -> list[tuple[Path, Path]]:
+    """Two folders paired by file stem (the detectron2 layouts of the open-vocabulary benchmarks) -> [(image path,
+    label path)], sorted by stem.
+
+    The label folder defines the samples: its `*label_suffix` files, each of which needs an image `<stem>image_suffix`
+    (a label without its image raises, naming the stems). Images without a label are not samples: the benchmarks keep
+    every split's images in one folder (VOC2010/JPEGImages holds 10,103 images, PASCAL-Context val labels 5,105 of
+    them), as detectron2's load_sem_seg, which takes the two folders' intersection, expects.
+    Listing is one scandir of each folder (ADE20K-847 val: 2,000 files; PASCAL-Context: 10,103): cheap at start-up.
+    """
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: not a folder")
+    with os.scandir(labels) as entries:
+        stems = sorted(e.name[:-len(label_suffix)] for e in entries
+                       if e.name.endswith(label_suffix) and len(e.name) > len(label_suffix))
+    if not stems:
+        raise DataError(f"{labels}: no label files ending in {label_suffix!r}")
+    with os.scandir(images) as entries:
+        have = {e.name for e in entries}
+    lonely = [s for s in stems if s + image_suffix not in have]
+    if lonely:
+        shown = ", ".join(lonely[:10]) + (f" ... and {len(lonely) - 10} more" if len(lonely) > 10 else "")
+        raise DataError(f"{labels}: {len(lonely)} label(s) have no image {images}/<stem>{image_suffix}: {shown}")
+    return [(images / f"{s}{image_suffix}", labels / f"{s}{label_suffix}") for s in stems]
 
 
 def check_exist(paths, what: str, show: int = 10) -> None:
@@ -85,10 +113,11 @@ def decode_rgb(im: Image.Image, path: Path, draft_size=None) -> Image.Image:
 
 
 def read_id_label(path: Path) -> np.ndarray:
-    """Single-channel id PNG (L, P, I;16 or I) -> (H, W) int32 raw class ids."""
+    """Single-channel id PNG or TIFF (L, P, I;16 or I) -> (H, W) int32 raw class ids. 16-bit maps carry ids above 255
+    (ADE20K-847, PASCAL-Context-459 as detectron2 prepares them: uint16 TIFF, 65535 = no label)."""
     im = open_image(path)
     if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
-        raise DataError(f"{path}: expected a single-channel id PNG, got mode {im.mode}")
+        raise DataError(f"{path}: expected a single-channel id map (PNG or TIFF), got mode {im.mode}")
     try:
         # P: the palette indices are the ids (np.asarray of a P image gives indices, not colours)
         return np.asarray(im).astype(np.int32)
@@ -102,7 +131,7 @@ def color_codes(colors: dict[str, str]) -> tuple[np.ndarray, np.ndarray, list[st
     for rgb, name in colors.items():
         parts = rgb.split(":")
         if len(parts) != 3 or not all(p.isdigit() and int(p) < 256 for p in parts):
-            raise ValueError(f"colour {rgb!r} (class {name!r}): expected R:G:B with 0..255 each")
+            raise ConfigError(f"colour {rgb!r} (class {name!r}): expected R:G:B with 0..255 each")
         r, g, b = (int(p) for p in parts)
         if name not in names:
             names.append(name)
@@ -255,15 +284,33 @@ class Samples:
         return None
 
 
-# -- id: an MSeg-style list of `image label` lines; single-channel id PNGs; class names from a names file or inline --
-# -- color: the same list; colour-coded PNGs, one colour per class (`colors: {"R:G:B": class name}`) --
+# -- id: image/label pairs from an MSeg-style list of `image label` lines, or from two folders paired by stem (`images`
+#    + `labels`, the detectron2 layouts); single-channel id PNGs or TIFFs (8 or 16 bit); class names from a names file
+#    or inline --
+# -- color: the same pairs; colour-coded PNGs, one colour per class (`colors: {"R:G:B": class name}`) --
+
+def check_pairs(cfg) -> None:
+    """A list, or an image folder with a label folder: the two ways to give a source's pairs."""
+    if bool(cfg.labels) != bool(cfg.images):
+        raise ConfigError(f"source {cfg.name}: encoding {cfg.encoding} pairs folders by stem: give both 'images' and "
+                         f"'labels' (or a 'list' instead)")
+
+
+def sample_pairs(cfg) -> list[tuple[Path, Path]]:
+    """[(image path, label path)] of a list source or a folder-pair source."""
+    if cfg.list:
+        pairs = read_list(cfg.path(cfg.list), Path(cfg.root))
+        check_exist([p for pair in pairs for p in pair], f"source {cfg.name} ({cfg.path(cfg.list)})")
+        return pairs
+    return pair_folders(cfg.path(cfg.images), cfg.path(cfg.labels), cfg.image_suffix, cfg.label_suffix)
+
 
 class ListSamples(Samples):
-    """The samples of an MSeg-style list; `read(label path) -> (H, W) int32 raw ids` decodes one label file."""
+    """The samples of an MSeg-style list or of two paired folders; `read(label path) -> (H, W) int32 raw ids` decodes
+    one label file."""
 
     def __init__(self, cfg, read: Callable[[Path], np.ndarray]):
-        self.pairs = read_list(cfg.path(cfg.list), Path(cfg.root))  # [(image, label)]
-        check_exist([p for pair in self.pairs for p in pair], f"source {cfg.name} ({cfg.path(cfg.list)})")
+        self.pairs = sample_pairs(cfg)  # [(image, label)]
         self.read = read
 
     def __len__(self) -> int:
@@ -347,13 +394,16 @@ class Format:
     class_names: Callable      # cfg -> [class name]; list index = raw class id
     open: Callable             # cfg -> samples (see above)
     ignore: Callable = lambda cfg, n: []  # (cfg, number of classes) -> raw ids that carry no label
+    check: Callable = lambda cfg: None    # cfg -> None; raises ValueError on a combination `required` cannot say
 
 
 FORMATS = {
-    "id": Format(("list", ("names", "class_names")),
+    "id": Format((("list", "labels"), ("names", "class_names")),
                  lambda cfg: list(cfg.class_names) if cfg.class_names else read_names(cfg.path(cfg.names)),
-                 lambda cfg: ListSamples(cfg, read_id_label), ignore=lambda cfg, n: [int(i) for i in cfg.ignore]),
-    "color": Format(("list", "colors"), lambda cfg: color_codes(cfg.colors)[2], open_color_list),
+                 lambda cfg: ListSamples(cfg, read_id_label), ignore=lambda cfg, n: [int(i) for i in cfg.ignore],
+                 check=check_pairs),
+    "color": Format((("list", "labels"), "colors"), lambda cfg: color_codes(cfg.colors)[2], open_color_list,
+                    check=check_pairs),
     "openimages": Format(("images", "masks", "masks_csv", "class_descriptions"),
                          lambda cfg: read_class_descriptions(cfg.path(cfg.class_descriptions))[1],
                          OpenImagesSamples, ignore=lambda cfg, n: [n]),  # painted where no mask lies

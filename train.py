@@ -224,7 +224,9 @@ def main(argv=None):
             payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "step": step, "sampler": sampler.state_dict(),
                        "config": asdict(s), "model_args": asdict(model_args),
-                       "label_table": asdict(table)}  # small (N x D): evaluation needs no other file
+                       "label_table": asdict(table),  # small (N x D): evaluation needs no other file
+                       # what "seen" means to evaluate.py: the keys the sources can name, and their taxonomies
+                       "trained_keys": keys, "taxonomies": {src.name: src.taxonomy or src.name for src in sources}}
             save_checkpoint(Path(s.out_dir) / f"ckpt_{step:08d}.pt", payload, s.keep_last)
 
     stop = {"signal": None}  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0

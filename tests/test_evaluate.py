@@ -126,6 +126,23 @@ def test_sliding_window_covering_the_image_equals_whole_image(crop, flip):
     assert torch.equal(a.argmax(0), b.argmax(0))
 
 
+@pytest.mark.parametrize("batch", [2, 5, 64])
+def test_windows_batched_across_scales_and_flips_equal_one_window_at_a_time(batch):
+    # the scales' windows counted by hand: at base 64, crop 32, stride ceil(32 * 2/3) = 22 -> window_starts:
+    # 0.5: 32x45 -> 1x2 windows; 1.0: 64x90 -> 3x4; 1.5: 96x134 -> 4x6; 38 in all, so batches of 2 and 5 span scales
+    model, emb = PatchModel(stride=4).eval(), label_emb()
+    image = random_image(40, 56)
+    proto = dict(base_size=64, crop_size=32, scales=[0.5, 1.0, 1.5], flip=True)
+    one, cos_one = inf.infer(model, image, emb, 10.0, inf.Protocol(**proto, window_batch=1), with_cos=True)
+    many, cos_many = inf.infer(model, image, emb, 10.0, inf.Protocol(**proto, window_batch=batch), with_cos=True)
+    torch.testing.assert_close(many, one, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cos_many, cos_one, atol=1e-6, rtol=0)
+    calls = []
+    model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    inf.infer(model, image, emb, 10.0, inf.Protocol(**proto, window_batch=batch))
+    assert sum(calls) == 2 * 38 and calls[0] == 2 * min(batch, 38)  # every window and its mirror image, once
+
+
 def test_multi_scale_is_the_mean_of_single_scales():
     model, emb = PatchModel(stride=4).eval(), label_emb()
     image = random_image(40, 56)
@@ -272,14 +289,13 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
 
 
 def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
-    spec = load_label_spec()
-    camvid = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")), spec)
+    camvid = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")))
     assert len(camvid) == 101 and camvid.class_names == CAMVID
     image, target, stem = camvid[0]
     raw = np.asarray(Image.open(camvid.source.samples.pairs[0][1])).astype(np.int64)
     assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
     np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
-    facade = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")), spec)
+    facade = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")))
     assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
     image, target, _ = facade[0]
     rgb = np.asarray(Image.open(facade.source.samples.pairs[0][1]).convert("RGB"))

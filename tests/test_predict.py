@@ -81,6 +81,20 @@ def test_unknown_threshold(tmp_path):
     assert (everything == pr.UNKNOWN).all()
 
 
+def test_background_vocabulary_makes_its_pixels_unknown(tmp_path):
+    path = write_stripes(tmp_path / "a.png", ["red", "green", "blue"])
+    labels = ["red", "blue"]
+    forced = pr.predict_images(ColourModel(), [path], labels, colour_emb(labels), 50.0, PROTO, tmp_path / "o1")["a"]
+    assert stripe_ids(forced, 3)[1] in (0, 1)                              # green is forced into red or blue
+    background = pr.background_labels("green,red", labels)                 # red is asked for: not background
+    assert background == ["green"]
+    emb = colour_emb(labels + background)                                  # (3, 3): rows past the labels = background
+    ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2")["a"]
+    assert stripe_ids(ids, 3) == [0, pr.UNKNOWN, 1]
+    assert pr.background_labels("default", ["sky", "deer"]) == [b for b in pr.DEFAULT_BACKGROUND if b != "sky"]
+    assert set(pr.DEFAULT_BACKGROUND) <= set(load_label_spec().sentences)  # each has its sentence
+
+
 def test_embedding_export_pca_reconstructs(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 4, 4), nn.Tanh(), nn.Conv2d(6, 8, 1))  # (B, 3, H, W) -> (B, 8, H/4, W/4)
@@ -126,14 +140,16 @@ def test_cli_with_a_checkpoint_and_a_table(tmp_path):
     torch.save({"model": build_model(cfg).state_dict(), "model_args": cfg.__dict__.copy(), "step": 1},
                tmp_path / "ckpt.pt")
     names = ["deer", "grass", "sky"]
-    save_label_table(tmp_path / "t.pt", LabelTable(names, names, F.normalize(torch.randn(3, 32), dim=1), "random"))
+    rows = names + ["hill"]
+    save_label_table(tmp_path / "t.pt", LabelTable(rows, rows, F.normalize(torch.randn(4, 32), dim=1), "random"))
     for i in range(2):
         write_stripes(tmp_path / f"im{i}.png", ["red", "green"], h=40, w=24)
     pr.main([f"--images={tmp_path}", "--labels=deer, grass,sky", f"--checkpoint={tmp_path / 'ckpt.pt'}",
              f"--embeddings={tmp_path / 't.pt'}", "--base_size=64", "--crop_size=64", "--device=cpu",
-             f"--out_dir={tmp_path / 'out'}", "--unknown_below=0.0"])
+             f"--out_dir={tmp_path / 'out'}", "--unknown_below=0.0", "--background=sky,hill", "--mode=word"])
     meta = json.loads((tmp_path / "out" / "labels.json").read_text())
     assert [meta["ids"][str(i)]["label"] for i in range(3)] == names and meta["unknown"] == 255
+    assert meta["background"] == {"hill": "hill"}                         # sky is asked for: not background
     for i in range(2):
         ids = np.asarray(Image.open(tmp_path / "out" / f"im{i}.png"))
         assert ids.shape == (40, 48) and set(np.unique(ids)) <= {0, 1, 2, 255}

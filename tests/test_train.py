@@ -64,6 +64,11 @@ def test_checkpoint_is_self_describing(uninterrupted):
     assert ckpt["step"] == STEPS and ckpt["model_args"]["backbone"] == "mit_b0"
     assert ckpt["config"]["embed_dim"] == 32 and len(ckpt["label_table"]["names"]) == len(load_label_spec().sentences)
     assert {"model", "optimizer", "scaler", "sampler", "label_table"} <= set(ckpt)
+    # what evaluate.py calls seen: the keys the two sources' classes map to (names.txt order), and their taxonomies
+    mapping = load_label_spec().datasets["camvid-segnet"]
+    names = (Path(ckpt["config"]["sources"][0]["root"]) / "names.txt").read_text().split()
+    assert ckpt["trained_keys"] == list(dict.fromkeys(mapping[n] for n in names if mapping[n] != "ignore"))
+    assert ckpt["taxonomies"] == {"a": "camvid-segnet", "b": "camvid-segnet"}
 
 
 def test_kill9_then_resume_equals_uninterrupted(setup, uninterrupted):
