@@ -1,6 +1,6 @@
-"""The pixel-embedding network: a backbone (MiT-B0..B5, HRNet-W18/W48 or EfficientNet-Lite0), a decoder to D-dim embeddings at 1/4
-resolution, an optional auxiliary FCN head and box projection, and the learnable temperature; plus strict loading of
-every public checkpoint through explicit key remaps, and the pixel-label similarity.
+"""The pixel-embedding network: a backbone (MiT-B0..B5, HRNet-W18/W48 or EfficientNet-Lite0), a decoder to D-dim
+embeddings at 1/4 resolution, an optional auxiliary FCN head and box projection, and the learnable temperature; plus
+strict loading of every public checkpoint through explicit key remaps, and the pixel-label similarity.
 
     model = build_model(ModelConfig(backbone="mit_b5", embed_dim=512, aux_head=True))
     load_pretrained(model, "segformer_7data.pth")
