@@ -45,7 +45,10 @@ EFFICIENTNET_VARIANTS = {
 }
 STEM, HEAD = 32, 1280  # not scaled in the Lite family
 BN_EPS = 1e-3
-BN_MOMENTUM = 0.01  # TF's decay 0.99, as the port sets it; the pretrained running statistics move slowly
+# torch's default 0.1, not the original's 0.01 (TF's decay 0.99; training only, outputs do not depend on it): at 0.01
+# the running statistics of a short run lag far behind. CamVid, 100 steps of batch 4, val mIoU in eval mode at 0.01
+# before / after re-estimating the statistics: 2.7 / 19.5 from scratch, 39.0 / 41.4 from the ImageNet weights.
+BN_MOMENTUM = 0.1
 DROPOUT = 0.2  # before the ImageNet classifier (Lite0)
 # (pixel - 127) / 128 on 0..255 as an affine map of ImageNet-normalised x = (pixel / 255 - mean) / std:
 # x * std * 255 / 128 + (mean * 255 - 127) / 128
