@@ -1,18 +1,21 @@
-"""Throughput of SegModel with different backbones in one run, on the same input (e.g. the CPU recipe's 360x480).
+"""Relative speed of SegModel with different backbones, on the same input (e.g. the CPU recipe's 360x480).
 
-    python bench_backbones.py --backbones=efficientnet_lite0,mit_b0 --height=360 --width=480 --batch=2
+    python bench_backbones.py --backbones=efficientnet_lite0,mit_b0 --batch=2 --pairs=12 --threads=1
 
-Inference (eval, no grad) and a training step (forward + backward of a stand-in loss, no optimizer step), timed as
-bench.py times them (its make_step / measure); the backbones take turns for `rounds` rounds and the best round of
-each counts, so that load from other processes on a shared machine biases none. Prints img/s and each backbone's
-speed relative to the first.
+Inference (eval, inference_mode) and a training step (train mode, forward + backward of a stand-in loss, no
+optimizer step). The backbones alternate call by call and each reports its median seconds per call and the median
+over rounds of its time / the first backbone's time, with quartiles: on a machine shared with other processes,
+whose load comes and goes over seconds, per-round ratios stay tight where best-of-N throughputs of separate runs
+(bench.py's method) swung 2-3x between rounds.
 """
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
-from bench import make_step, measure, parse_args
+from bench import parse_args
 from model import ModelConfig, build_model
 
 
@@ -22,13 +25,9 @@ class BenchSettings:
     height: int = 360
     width: int = 480
     batch: int = 2
-    steps: int = 5  # timed iterations per phase (after `warmup`)
-    warmup: int = 2
-    rounds: int = 3
+    pairs: int = 12  # timed rounds per phase, each calling every backbone once (after one warm-up round)
     embed_dim: int = 384  # the CPU recipe's MiniLM table width
-    amp: bool = False  # bf16 autocast
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    threads: int = 0  # torch.set_num_threads on CPU; 0 = torch's default
+    threads: int = 0  # torch.set_num_threads; 0 = torch's default
 
 
 def main():
@@ -36,30 +35,41 @@ def main():
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(cfg)
-    print(f"torch {torch.__version__}, device {cfg.device}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     torch.manual_seed(0)
-    x = torch.randn(cfg.batch, 3, cfg.height, cfg.width, device=cfg.device)
-    x = x.contiguous(memory_format=torch.channels_last)  # as SegModel.forward makes it
-    forward = lambda m, x: m(x)["emb"] if m.training else m(x)  # noqa: E731
-    names = cfg.backbones.split(",")
-    steps = {}
-    for name in names:
-        model = build_model(ModelConfig(backbone=name, embed_dim=cfg.embed_dim)).to(cfg.device)
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"(backbone {sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M)")
-        for phase in ("infer", "train"):
-            steps[name, phase] = make_step(model, forward, x, cfg, phase)
-    best = {}
-    for r in range(cfg.rounds):
-        for key, step in steps.items():
-            speed, _ = measure(step, cfg)
-            print(f"round {r}: {key[0]:>18} {key[1]:>5}: {speed:8.2f} img/s")
-            best[key] = max(best.get(key, 0.0), speed)
-    print(f"best of rounds, {cfg.height}x{cfg.width}, batch {cfg.batch}:")
-    for phase in ("infer", "train"):
-        for name in names:
-            print(f"  {phase:>5} {name:>18}: {best[name, phase]:8.2f} img/s   "
-                  f"{best[name, phase] / best[names[0], phase]:.2f}x {names[0]}")
+    x = torch.randn(cfg.batch, 3, cfg.height, cfg.width).contiguous(memory_format=torch.channels_last)
+    models = {b: build_model(ModelConfig(backbone=b, embed_dim=cfg.embed_dim)) for b in cfg.backbones.split(",")}
+    for name, m in models.items():
+        print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
+              f"(backbone {sum(p.numel() for p in m.backbone.parameters()) / 1e6:.2f}M)")
+
+    def infer(m):
+        m.eval()
+        with torch.inference_mode():
+            m(x)
+
+    def train(m):
+        m.train()
+        m(x)["emb"].float().square().mean().backward()  # stand-in loss touching every output
+        for p in m.parameters():
+            p.grad = None
+
+    first = next(iter(models))
+    for phase, step in (("infer", infer), ("train", train)):
+        for m in models.values():
+            step(m)  # warm-up
+        times = {name: [] for name in models}
+        for _ in range(cfg.pairs):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                step(m)
+                times[name].append(time.perf_counter() - t0)
+        for name in models:
+            ratios = [a / b for a, b in zip(times[name], times[first])]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            print(f"{phase} {cfg.height}x{cfg.width} batch {cfg.batch}: {name:>18} "
+                  f"{statistics.median(times[name]):6.2f} s/call ({cfg.batch / statistics.median(times[name]):5.2f} "
+                  f"img/s), time / {first} {statistics.median(ratios):.2f} (quartiles {q[0]:.2f}..{q[2]:.2f})")
 
 
 if __name__ == "__main__":
