@@ -53,12 +53,10 @@ class SourceConfig:
     colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
     kind: str = "dense"        # dense (L_HD) | coarse (L_LD) | boxes (L_WD)
     weight: float = 1.0        # sampling weight (equal weights = the paper's balance)
+    index: str = ""            # openimages/coco_boxes: index folder written by `python indexes.py` (readers.Index)
     images: str = ""           # openimages/coco_boxes: image folder (openimages: <ImageID>.jpg)
-    masks: str = ""            # openimages: folder of the mask PNGs (MaskPath column)
-    masks_csv: str = ""        # openimages: *-annotations-object-segmentation.csv
-    class_descriptions: str = ""  # openimages: `LabelName,DisplayName` CSV; DisplayName is the class name
-    boxes_json: str = ""       # coco_boxes: COCO-format JSON (Objects365)
-    box_targets: str = ""      # boxes: CLIP image-embedding cache from clip_image.py
+    masks: str = ""            # openimages: folder of the mask PNGs (the MaskPath column)
+    box_targets: str = ""      # boxes: CLIP box-target folder written by clip_image.py
 
     @classmethod
     def from_dict(cls, d: dict) -> SourceConfig:

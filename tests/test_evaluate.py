@@ -276,13 +276,13 @@ def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
     camvid = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")), spec)
     assert len(camvid) == 101 and camvid.class_names == CAMVID
     image, target, stem = camvid[0]
-    raw = np.asarray(Image.open(camvid.source.samples.pairs[0][1])).astype(np.int64)
+    raw = np.asarray(Image.open(camvid.source.samples.label_path(0))).astype(np.int64)
     assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
     np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
     facade = ev.EvalDataset(ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")), spec)
     assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
     image, target, _ = facade[0]
-    rgb = np.asarray(Image.open(facade.source.samples.pairs[0][1]).convert("RGB"))
+    rgb = np.asarray(Image.open(facade.source.samples.label_path(0)).convert("RGB"))
     assert target.shape == image.shape[1:]
     np.testing.assert_array_equal(target.numpy() == -1, (rgb == 0).all(-1))  # black = various = ignored
     assert (target.numpy()[(rgb == (0, 0, 128)).all(-1)] == facade.class_names.index("window")).all()
