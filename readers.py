@@ -365,19 +365,18 @@ class OpenImagesSamples(Samples):
     def __init__(self, cfg):
         self.index = Index(cfg.path(cfg.index), "openimages")
         self.images, self.masks = cfg.path(cfg.images), cfg.path(cfg.masks)
-        self.image_ids, self.mask_names = self.index.strings("image_names"), self.index.strings("mask_names")
         self.unlabelled = len(self.index.meta["class_names"])
 
     def __len__(self) -> int:
         return len(self.index)
 
     def image(self, i: int) -> Path:
-        return self.images / f"{self.image_ids[i]}.jpg"
+        return self.images / f"{self.index.strings('image_names')[i]}.jpg"
 
     def label(self, i: int, size: tuple[int, int]):
-        rows = self.index.rows("mask_offsets", i)
+        rows, names = self.index.rows("mask_offsets", i), self.index.strings("mask_names")
         classes = self.index.arrays["mask_classes"][rows]
-        masks = [(self.masks / self.mask_names[j], int(c)) for j, c in zip(range(rows.start, rows.stop), classes)]
+        masks = [(self.masks / names[j], int(c)) for j, c in zip(range(rows.start, rows.stop), classes)]
         return paint_openimages(size, masks, self.unlabelled), masks[0][0]
 
 
@@ -389,14 +388,21 @@ class CocoBoxSamples(Samples):
 
     def __init__(self, cfg):
         self.index = Index(cfg.path(cfg.index), "coco_boxes")
-        self.images, self.names = cfg.path(cfg.images), self.index.strings("image_names")
-        self.targets = open_box_targets(cfg.path(cfg.box_targets), self.index)  # (total boxes, C) float16, mapped
+        self.images, self.targets_folder = cfg.path(cfg.images), cfg.path(cfg.box_targets)
+        self.targets = open_box_targets(self.targets_folder, self.index)  # (total boxes, C) float16, mapped
+
+    def __getstate__(self):  # a spawned worker maps the targets again: pickling a memmap copies all of it (26 GB)
+        return dict(self.__dict__, targets=None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.targets = np.load(self.targets_folder / "targets.npy", mmap_mode="r")
 
     def __len__(self) -> int:
         return len(self.index)
 
     def image(self, i: int) -> Path:
-        return self.images / self.names[i]
+        return self.images / self.index.strings("image_names")[i]
 
     def boxes(self, i: int):
         rows = self.index.rows("box_offsets", i)

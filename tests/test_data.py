@@ -1,5 +1,6 @@
 """Sources, readers, label decoding, bad input and the merged CamVid + LabelMeFacade acceptance batch."""
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -152,6 +153,20 @@ def test_box_source_reads_boxes_and_targets_of_the_index(tmp_path):
     assert sample["boxes"].tolist() == [[4, 6, 24, 16], [40, 20, 50, 45]]  # COCO x, y, w, h -> x1, y1, x2, y2
     assert (sample["target"] == -1).all() and sample["kind"] == "boxes"
     assert ds[1]["boxes"].shape == (0, 4) and ds[1]["box_targets"].shape == (0, 6)
+
+
+def test_weak_sources_pickle_as_folder_names(tmp_path):
+    """A spawned DataLoader worker receives the dataset pickled: the index sources must travel as folder names and
+    map the files again (a pickled memmap is a full copy: 26 GB of Objects365 box targets)."""
+    write_coco_boxes(tmp_path / "o365")
+    write_openimages(tmp_path / "oi")
+    ds = data.MultiSourceDataset([box_source(tmp_path / "o365"), openimages_source(tmp_path / "oi")], SPEC, TABLE)
+    for source in ds.sources:
+        assert len(pickle.dumps(source.samples)) < 3000
+    again = pickle.loads(pickle.dumps(ds))
+    for key in [(0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0)]:
+        a, b = ds[key], again[key]
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "target", "boxes", "box_targets"))
 
 
 def test_box_targets_must_be_finished_and_of_this_index(tmp_path):
