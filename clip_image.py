@@ -32,7 +32,7 @@ from PIL import Image
 
 import distributed
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
-from readers import Index, open_image
+from readers import DataError, Index, decode_rgb, open_image
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -176,7 +176,7 @@ def box_pixels(img: Image.Image, boxes, size: int) -> torch.Tensor:
     pixel) and resized to size x size, aspect NOT kept: SSIW says "crop ... resize to the CLIP image size", and
     CLIP's centre crop would cut the ends off elongated objects (a standing person, a pole) while padding would add
     borders CLIP never saw. CLIP tolerates the stretch far better than a missing half of the object."""
-    img = img.convert("RGB")
+    img = img if img.mode == "RGB" else img.convert("RGB")
     W, H = img.size
     crops = []
     for x1, y1, x2, y2 in np.asarray(boxes, np.float64).tolist():
@@ -194,12 +194,14 @@ def box_crops(img: Image.Image, boxes, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- box targets
 
 class ShardCrops(torch.utils.data.Dataset):
-    """Item k = (shard, (n, R, R, 3) uint8 crops of the shard's box rows), shard = shards[k]. A shard's rows may
-    start or end inside an image: that image is opened for the rows it has in the shard."""
+    """Item k = (shard, (n, R, R, 3) uint8 crops of the shard's n box rows, [unreadable images: (first row, end row
+    within the shard, message)]), shard = shards[k]. A shard's rows may start or end inside an image: that image is
+    opened for the rows it has in the shard. An unreadable image raises, or with skip_bad gives black crops whose
+    rows are written as NaN (no target: training drops those boxes)."""
 
-    def __init__(self, index: Index, images: Path, shards, shard_rows: int, size: int):
-        self.index, self.images, self.shards, self.shard_rows, self.size = index, images, shards, shard_rows, size
-        self.names = index.strings("image_names")
+    def __init__(self, index: Index, images: Path, shards, shard_rows: int, size: int, skip_bad: bool = False):
+        self.index, self.images, self.shards, self.shard_rows = index, images, shards, shard_rows
+        self.size, self.skip_bad = size, skip_bad
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -207,18 +209,24 @@ class ShardCrops(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         shard = int(self.shards[k])
         offsets, boxes = self.index.arrays["box_offsets"], self.index.arrays["boxes"]
+        names = self.index.strings("image_names")
         start, stop = shard * self.shard_rows, min((shard + 1) * self.shard_rows, len(boxes))
         first = int(np.searchsorted(offsets, start, side="right")) - 1  # the image that owns row `start`
-        crops = []
+        crops, bad = [], []
         for image in range(first, len(offsets) - 1):
             a, b = max(int(offsets[image]), start), min(int(offsets[image + 1]), stop)
             if a >= stop:
                 break
             if a < b:
-                path = self.images / self.names[image]
-                with open_image(path) as img:
-                    crops.append(box_pixels(img, boxes[a:b], self.size))
-        return shard, torch.cat(crops)
+                path = self.images / names[image]
+                try:
+                    crops.append(box_pixels(decode_rgb(open_image(path), path), boxes[a:b], self.size))
+                except DataError as e:
+                    if not self.skip_bad:
+                        raise
+                    crops.append(torch.zeros(b - a, self.size, self.size, 3, dtype=torch.uint8))
+                    bad.append((a - start, b - start, str(e)))
+        return shard, torch.cat(crops), bad
 
 
 def prepare_targets(out: Path, index: Index, dim: int, shard_rows: int, encoder: str) -> None:
@@ -228,6 +236,8 @@ def prepare_targets(out: Path, index: Index, dim: int, shard_rows: int, encoder:
     want = {"index_build": index.meta["build"], "rows": rows, "dim": dim, "shard_rows": shard_rows,
             "encoder": encoder, "index": str(index.folder.resolve())}
     if out.exists():
+        if not (out / "targets.json").is_file():
+            raise ValueError(f"{out} exists and is not a box-target folder (no targets.json); choose another --out")
         have = json.loads((out / "targets.json").read_text())
         differs = [k for k in want if k != "index" and have.get(k) != want[k]]
         if differs:
@@ -276,16 +286,22 @@ def encode_shards(model: VisionTransformer, crops: ShardCrops, writer: ShardWrit
     """Encode and write every shard of `crops`; returns the number of rows written."""
     loader = torch.utils.data.DataLoader(crops, batch_size=None, num_workers=workers,
                                          prefetch_factor=2 if workers else None, pin_memory=device.type == "cuda")
-    start, done_rows = time.time(), 0
-    for k, (shard, pixels) in enumerate(loader, 1):
+    start, done_rows, skipped = time.time(), 0, 0
+    for k, (shard, pixels, bad) in enumerate(loader, 1):
         rows = [F.normalize(model.encode_image(normalise(pixels[i:i + batch_size].to(device))).float(), dim=-1)
                 for i in range(0, len(pixels), batch_size)]  # (b, R, R, 3) uint8 -> (b, 3, R, R) -> (b, D)
-        writer.write(shard, shard * crops.shard_rows, torch.cat(rows).cpu().numpy())
+        rows = torch.cat(rows).cpu().numpy()
+        for a, b, message in bad:
+            rows[a:b] = np.nan  # "no target": training drops these boxes
+            skipped += 1
+            print(f"{who}: skipped {message}", flush=True)
+        writer.write(shard, shard * crops.shard_rows, rows)
         done_rows += len(pixels)
         if k % 100 == 0 or k == len(crops):
             rate = done_rows / (time.time() - start)
             eta = (len(crops) - k) * crops.shard_rows / max(rate, 1e-9)
-            print(f"{who}: {k}/{len(crops)} shards, {rate:.0f} boxes/s, ETA {eta / 3600:.1f} h", flush=True)
+            print(f"{who}: {k}/{len(crops)} shards, {rate:.0f} boxes/s, ETA {eta / 3600:.1f} h, "
+                  f"{skipped} unreadable images skipped", flush=True)
     return done_rows
 
 
@@ -299,6 +315,8 @@ def main(argv=None):
     p.add_argument("--shard_rows", type=int, default=1024, help="rows per shard (the unit of resumption)")
     p.add_argument("--batch", type=int, default=256, help="crops per forward pass")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers cutting crops, per rank")
+    p.add_argument("--skip_bad", action="store_true", help="an unreadable image gets NaN rows (no target: "
+                                                            "training drops its boxes) instead of stopping the run")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
 
@@ -321,8 +339,8 @@ def main(argv=None):
     print(f"clip_image: rank {rank}/{world}: {len(mine)} of {len(todo)} unfinished shards "
           f"({index.meta['counts']['boxes']} boxes in {len(np.load(out / 'done.npy'))} shards); {encoder}", flush=True)
     writer = ShardWriter(out)
-    encode_shards(model, ShardCrops(index, images, mine, a.shard_rows, c.image_size), writer, a.batch, a.workers,
-                  device, f"clip_image rank {rank}")
+    encode_shards(model, ShardCrops(index, images, mine, a.shard_rows, c.image_size, a.skip_bad), writer, a.batch,
+                  a.workers, device, f"clip_image rank {rank}")
     writer.close()
     if world > 1:
         dist.barrier()

@@ -186,9 +186,10 @@ def report_missing(what: str, folder: Path, paths: list[str], missing: np.ndarra
     print(f"indexes: {message}\n  -> their images are left out (--skip_missing)")
 
 
-def write_index(out, kind: str, arrays: dict, meta: dict, missing: list[str], overwrite: bool = False) -> Index:
+def write_index(out, kind: str, arrays: dict, meta: dict, missing: list[str], start: float,
+                overwrite: bool = False) -> Index:
     """Write the fields of INDEX_FIELDS[kind] and index.json into a temporary folder, rename it to `out`, and open
-    it with readers.Index (whose checks then hold for what was written)."""
+    it with readers.Index (whose checks then hold for what was written). index.json's `seconds`: since `start`."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; --overwrite replaces it (box targets written for it then refuse to "
@@ -205,7 +206,8 @@ def write_index(out, kind: str, arrays: dict, meta: dict, missing: list[str], ov
                 counts[name.removesuffix("+1")] = dim - 1 if name.endswith("+1") else dim
         np.save(tmp / f"{field}.npy", a)
     meta = {"kind": kind, "format": INDEX_FORMAT, "build": uuid.uuid4().hex,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "counts": counts, **meta}
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "counts": counts, **meta,
+            "seconds": round(time.time() - start, 1)}
     (tmp / "index.json").write_text(json.dumps(meta, indent=1) + "\n")
     (tmp / "missing.txt").write_text("".join(f"{p}\n" for p in missing))
     if out.exists():
@@ -320,10 +322,9 @@ def build_coco_boxes(json_path, images, out, skip_missing=False, overwrite=False
                       "boxes_listed": len(ann_ids), "boxes_clipped_to_image": int((changed & ~empty).sum()),
                       "boxes_without_area_dropped": int(empty.sum()),
                       "first_dropped_box_ids": ann_ids[empty][:20].tolist(),
-                      "boxes_of_missing_images": int((missing[box_image] & ~empty).sum())},
-            "seconds": round(time.time() - start, 1)}
+                      "boxes_of_missing_images": int((missing[box_image] & ~empty).sum())}}
     index = write_index(out, "coco_boxes", arrays, meta, [str(images / p) for p, m in zip(paths, missing) if m],
-                        overwrite)
+                        start, overwrite)
     print(f"indexes: wrote {out}: {len(index)} images, {len(arrays['boxes'])} boxes ({meta['check']})")
     return index
 
@@ -420,8 +421,7 @@ def build_openimages(csv_path, classes, images, masks, out, descriptions=None, s
             "images_folder": str(images.resolve()), "masks_folder": str(masks.resolve()), "mask_layout": layout,
             "check": {"images_listed": len(image_ids), "images_missing": int(missing_image.sum()),
                       "masks_listed": len(mask_names), "masks_missing": int(missing_mask.sum()),
-                      "images_dropped": int(drop.sum()), "masks_dropped": int((~keep_mask).sum())},
-            "seconds": None}
+                      "images_dropped": int(drop.sum()), "masks_dropped": int((~keep_mask).sum())}}
     if descriptions:
         display = read_class_descriptions(descriptions)
         unknown = [m for m in mids if m not in display]
@@ -429,10 +429,9 @@ def build_openimages(csv_path, classes, images, masks, out, descriptions=None, s
             raise DataError(f"{descriptions}: no display name for {len(unknown)} MIDs of {classes}, e.g. {unknown[:5]}")
         meta["display_names"] = [display[m] for m in mids]
         meta["sources"]["descriptions"] = file_info(descriptions)
-    meta["seconds"] = round(time.time() - start, 1)
     missing = [str(images / p) for p, m in zip(image_paths, missing_image) if m]
     missing += [str(masks / p) for p, m in zip(mask_paths, missing_mask) if m]
-    index = write_index(out, "openimages", arrays, meta, missing, overwrite)
+    index = write_index(out, "openimages", arrays, meta, missing, start, overwrite)
     print(f"indexes: wrote {out}: {len(index)} images, {len(kept)} masks ({meta['check']})")
     return index
 

@@ -281,7 +281,8 @@ class Index:
 
 
 # The box targets of a coco_boxes index (written by `clip_image.py`, which resumes): a folder of
-#   targets.npy   (total boxes, C) float16: row r = CLIP image embedding (L2-normalised) of box row r of the index;
+#   targets.npy   (total boxes, C) float16: row r = CLIP image embedding (L2-normalised) of box row r of the index,
+#                 or NaN where the image was unreadable (clip_image.py --skip_bad): those boxes have no target;
 #                 25.4M boxes x 512 x 2 B = 26 GB, memory-mapped, so only the rows of the sampled images are read
 #   done.npy      (shards,) uint8: 1 once the rows of shard s (rows s * shard_rows ...) are on disk
 #   targets.json  {index_build, rows, dim, shard_rows, encoder}
@@ -407,9 +408,11 @@ class CocoBoxSamples(Samples):
     def boxes(self, i: int):
         rows = self.index.rows("box_offsets", i)
         a = self.index.arrays
-        return (torch.from_numpy(np.array(a["boxes"][rows])),  # copies out of the read-only map: (K, 4)
-                torch.from_numpy(a["box_classes"][rows].astype(np.int64)),  # (K,)
-                torch.from_numpy(self.targets[rows].astype(np.float32)))  # (K, C)
+        targets = self.targets[rows].astype(np.float32)  # (K, C), copied out of the read-only map
+        has = ~np.isnan(targets).any(1)  # NaN: the box's image was unreadable when the targets were made
+        return (torch.from_numpy(a["boxes"][rows][has]),  # (K', 4)
+                torch.from_numpy(a["box_classes"][rows][has].astype(np.int64)),  # (K',)
+                torch.from_numpy(targets[has]))  # (K', C)
 
 
 def index_class_names(kind: str) -> Callable:

@@ -21,7 +21,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import indexes  # noqa: E402
 from clip_image import CLIP_MEAN, CLIP_STD, box_crops, load_image_tower, main, preprocess  # noqa: E402
-from readers import open_box_targets  # noqa: E402
+from readers import DataError, open_box_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,3 +241,18 @@ def test_killed_torchrun_resumes_with_the_unfinished_shards_only(weights, tmp_pa
     whole, resumed = (np.load(tmp_path / d / "targets.npy") for d in ("whole", "killed"))
     assert whole.shape == (rows, 48) and np.abs(whole).sum(1).min() > 0  # every row written
     assert np.array_equal(resumed, whole)
+
+
+def test_unreadable_image_stops_the_run_or_gets_nan_rows(weights, tmp_path):
+    index = write_box_index(tmp_path, n_images=4, boxes_per_image=(3, 2))
+    (tmp_path / "2.png").write_bytes((tmp_path / "2.png").read_bytes()[:100])  # truncated
+    args = ["--weights", str(weights["openai"]), "--index", str(tmp_path / "index"), "--shard_rows", "4",
+            "--workers", "0"]
+    with pytest.raises(DataError, match=r"2.png: unreadable or truncated image"):
+        main(args + ["--out", str(tmp_path / "strict")])
+    main(args + ["--out", str(tmp_path / "lenient"), "--skip_bad"])
+    targets = open_box_targets(tmp_path / "lenient", index)
+    offsets = index.arrays["box_offsets"]
+    nan = np.isnan(targets).any(1)
+    assert nan.tolist() == [offsets[2] <= r < offsets[3] for r in range(len(targets))]  # image 2's rows only
+    assert np.isnan(targets[nan]).all() and np.isfinite(targets[~nan]).all()

@@ -155,6 +155,16 @@ def test_box_source_reads_boxes_and_targets_of_the_index(tmp_path):
     assert ds[1]["boxes"].shape == (0, 4) and ds[1]["box_targets"].shape == (0, 6)
 
 
+def test_boxes_without_target_are_dropped(tmp_path):
+    """NaN rows: clip_image.py --skip_bad could not read the image when it made the targets."""
+    targets = write_coco_boxes(tmp_path)
+    targets[2] = np.nan
+    build = json.loads((tmp_path / "index/index.json").read_text())["build"]
+    write_box_targets(tmp_path / "partial", targets, build)
+    sample = data.MultiSourceDataset([box_source(tmp_path, box_targets="partial")], SPEC, TABLE)[0]
+    assert sample["box_rows"].tolist() == [ROW["car"]] and sample["boxes"].tolist() == [[4, 6, 24, 16]]
+
+
 def test_weak_sources_pickle_as_folder_names(tmp_path):
     """A spawned DataLoader worker receives the dataset pickled: the index sources must travel as folder names and
     map the files again (a pickled memmap is a full copy: 26 GB of Objects365 box targets)."""
