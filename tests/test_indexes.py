@@ -23,17 +23,23 @@ def members_by_json_load(path):
     return [(key, item) for key, value in doc.items() if isinstance(value, list) for item in value]
 
 
-def test_json_array_items_equal_json_load_at_any_chunk_size(tmp_path):
+def test_json_array_items_equal_json_load_at_any_chunk_size(tmp_path, monkeypatch):
+    runs = []
+    monkeypatch.setattr(indexes, "_decode_run", lambda text: runs.append(json.loads("[" + text + "]")) or runs[-1])
     doc = {"info": {"year": 2020, "nested": [1, {"a": "]}"}]}, "images": [{"id": 1, "file_name": "a \"b\" ]}.jpg"},
-                                                                     {"id": 22, "file_name": "\u00e9\u4e2d.jpg"}],
-           "empty": [], "annotations": [{"bbox": [1.5e-3, 123456.789, -0.0, 1e10], "id": 123456789012}] * 3,
+                                                                     {"id": 22, "file_name": "\u00e9\u4e2d}.jpg"}],
+           "empty": [], "annotations": [{"bbox": [1.5e-3, 123456.789, -0.0, 1e10], "id": 123456789012,
+                                         "x": {"nested": "}"}}] * 20,
            "version": 12345, "categories": [{"id": 1, "name": "Formula 1 "}], "flag": None, "last": [0.25]}
     for indent in (None, 2):
         path = tmp_path / f"doc{indent}.json"
         path.write_text(json.dumps(doc, indent=indent, ensure_ascii=indent is None))
         want = members_by_json_load(path)
-        for chunk in (1, 2, 3, 7, 64, 1 << 20):  # cuts every number, string and object somewhere
+        for chunk in (1, 2, 3, 7, 64, 150, 333, 1000, 1 << 20):  # cuts every number, string and object somewhere
+            runs.clear()
             assert list(indexes.json_array_items(path, chunk)) == want, (indent, chunk)
+            if chunk == 1000:
+                assert sum(len(r) > 1 for r in runs) > 0, (indent, chunk)  # runs of items decoded at once
 
 
 @pytest.mark.parametrize("text, where", [('{"images": [{"id": 1}, {"id": 2]}', "Expecting ',' delimiter"),
