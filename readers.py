@@ -17,6 +17,7 @@ Nothing is checked per file at start (millions of stats on a network filesystem)
 file once, and a file that vanished since is a DataError when it is read (skipped and counted under skip_bad).
 """
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -181,7 +182,7 @@ def paint_openimages(size: tuple[int, int], masks: list[tuple[Path, int]], ignor
 
 
 # ---- Index folders of the weak sources (written by indexes.py) -------------------------------------------------------
-# One .npy file per field, read with numpy.load(mmap_mode="r"), plus index.json: kind, format, build (an id that box
+# One .npy file per field, memory-mapped (map_npy), plus index.json: kind, format, build (an id that box
 # targets record), class names, counts, the source files (size, mtime), what the build checked and dropped.
 # `X_offsets` fields are (n + 1,) int64: item i owns rows offsets[i]:offsets[i+1] of X. Sizes are at full scale.
 INDEX_FORMAT = 1
@@ -205,6 +206,25 @@ INDEX_FIELDS = {  # kind -> {field: (dtype, shape)}; a shape entry names a count
 }
 OFFSET_OF = {"image_names_offsets": "image_names", "box_offsets": "boxes", "mask_offsets": "mask_classes",
              "mask_names_offsets": "mask_names"}  # offsets field -> the field whose rows it points into
+
+
+def map_npy(path) -> np.ndarray:
+    """A read-only memory map of a .npy file, as numpy.load(mmap_mode="r") gives, advised MADV_RANDOM: training
+    reads a few rows here and there, and on a page fault the kernel would otherwise read read_ahead_kb around it
+    (8 MB on the test machine): megabytes of I/O and page cache per 16-byte box, which also showed as ~60 MiB of
+    mapped file pages per worker (tools/bench_weak_data.py). Raises ValueError for a truncated file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset, size = f.tell(), Path(path).stat().st_size
+        if size < offset + int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"{size} bytes, the header announces {dtype} {shape}")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after the file is closed
+    if hasattr(mmap, "MADV_RANDOM"):  # Linux, macOS
+        m.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype, buffer=m, offset=offset, order="F" if fortran else "C")
 
 
 def read_index_meta(folder, kind: str) -> dict:
@@ -247,7 +267,7 @@ class Index:
         arrays = {}
         for field in INDEX_FIELDS[self.kind]:
             try:
-                arrays[field] = np.load(self.folder / f"{field}.npy", mmap_mode="r")
+                arrays[field] = map_npy(self.folder / f"{field}.npy")
             except (OSError, ValueError) as e:
                 raise DataError(f"{self.folder}: field {field} ({field}.npy) is missing, truncated or unreadable "
                                 f"({e}); rebuild the index") from None
@@ -296,7 +316,7 @@ def open_box_targets(folder, index: Index) -> np.ndarray:
     try:
         meta = json.loads((folder / "targets.json").read_text())
         done = np.load(folder / "done.npy")
-        targets = np.load(folder / "targets.npy", mmap_mode="r")
+        targets = map_npy(folder / "targets.npy")
     except (OSError, ValueError) as e:
         raise DataError(f"{folder}: not a box-target folder, or a truncated one ({e}); write it with "
                         f"`clip_image.py --index {index.folder} --out {folder}`") from None
@@ -397,7 +417,7 @@ class CocoBoxSamples(Samples):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.targets = np.load(self.targets_folder / "targets.npy", mmap_mode="r")
+        self.targets = map_npy(self.targets_folder / "targets.npy")
 
     def __len__(self) -> int:
         return len(self.index)

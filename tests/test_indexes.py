@@ -3,6 +3,7 @@ public layouts (Objects365 V2 JSON, OpenImages V6 CSVs), bad input (a box outsid
 a missing mask, a truncated index) and the real list of OpenImages' 350 segmentation classes."""
 import csv
 import json
+import mmap
 import pickle
 
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 
 import data
 import indexes
-from data_fixtures import SPEC, TABLE, OPENIMAGES_HEADER, build_openimages_index, o365_name, write_coco_boxes, \
-    write_openimages
+from data_fixtures import (OPENIMAGES_HEADER, SPEC, TABLE, build_openimages_index, o365_name, write_coco_boxes,
+                           write_openimages)
 from readers import DataError, Index
 
 
@@ -94,7 +95,7 @@ def test_coco_index_groups_boxes_by_image_in_annotation_order(tmp_path):
     assert a["boxes"].tolist() == [[10, 10, 15, 15], [0, 0, 60, 40], [1, 2, 4, 6], [0.5, 0.25, 10.5, 20.25]]
     assert a["box_classes"].tolist() == [2, 1, 1, 0]  # class id = position in categories, not the category id
     assert a["image_sizes"].tolist() == [[60, 40], [20, 30], [50, 50]]
-    assert all(isinstance(a[f], np.memmap) for f in a)
+    assert all(isinstance(a[f].base, mmap.mmap) and not a[f].flags.writeable for f in a)  # mapped, read-only
     assert index.meta["counts"] == {"image_name_bytes": len(a["image_names"]), "images": 3, "boxes": 4}
     assert index.meta["sources"]["json"]["bytes"] == (tmp_path / "zhiyuan_objv2_train.json").stat().st_size
     again = pickle.loads(pickle.dumps(index))  # what a spawned DataLoader worker receives: the folder, mapped again
@@ -175,9 +176,10 @@ def test_truncated_or_inconsistent_index_names_folder_and_field(tmp_path):
     build(tmp_path)
     folder = tmp_path / "index"
     boxes = (folder / "boxes.npy").read_bytes()
-    (folder / "boxes.npy").write_bytes(boxes[:-100])  # a copy cut short
-    with pytest.raises(DataError, match=r"index: field boxes \(boxes.npy\) is missing, truncated or unreadable"):
-        Index(folder, "coco_boxes")
+    for cut in (boxes[:-100], boxes[:60]):  # a copy cut short, in the data or in the header
+        (folder / "boxes.npy").write_bytes(cut)
+        with pytest.raises(DataError, match=r"index: field boxes \(boxes.npy\) is missing, truncated or unreadabl"):
+            Index(folder, "coco_boxes")
     np.save(folder / "boxes.npy", np.zeros((49, 4), np.float32))  # whole, but not the size index.json says
     with pytest.raises(DataError, match=r"index: field boxes is float32 \(49, 4\), index.json says float32 \(50, 4\)"):
         Index(folder, "coco_boxes")

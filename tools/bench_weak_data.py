@@ -8,13 +8,18 @@ at 4243516 (which parse the raw JSON/CSV and a torch box-target cache in every p
 Per fraction: the one-time index build (`python indexes.py ...`: CPU and wall time, peak RSS), then one training-like
 process per code base, started fresh: the nine sources of configs/ssiw_segformer_b5.yaml (seven MSeg lists at their
 real sizes, OpenImages, Objects365 with 512-d box targets) -> data.MultiSourceDataset ("start": from the first
-SourceConfig to the built dataset, class names included, as train.py does it; page cache warm), then data.make_loader
-with `workers` DataLoader workers and 100 balanced batches of 9 (tiny images: decoding is not what is measured).
-After the 100 batches, with the workers alive: the trainer's RSS (and its anonymous part) from /proc/self/status, and
-each worker's USS (Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup: what the worker holds alone, i.e. what
-forking did not share). Box targets of this branch are a sparse file marked done (never encoded): reading them is
-what is measured. main's code comes from `git archive <commit>` into the work folder. Its run is skipped where the
-memory it would need (extrapolated from the smaller fractions) is not available; the table says so.
+SourceConfig to the built dataset, class names included, as train.py does it; the weak sources' annotation, index
+and target files evicted from the page cache first, as on a node that did not write them), then data.Loader
+with make_loader's settings, `workers` workers and 100 balanced batches of 9 (tiny images: decoding is not what is
+measured). After the 100 batches: the trainer's RSS from /proc/self/status, and each worker's USS (Private_Clean +
+Private_Dirty of its /proc/self/smaps_rollup: the pages no other process maps) and its dirty part (memory the worker
+wrote: allocated, or copied from the trainer by writes such as reference counts and the garbage collector's), read
+by the worker itself before and after a full garbage collection (which a long run does sooner or later).
+Box targets of this branch are a sparse file marked done (never encoded): reading them is what is measured. Also the
+MiB read from disk when 50 images' boxes are read from a cold boxes.npy, through readers.map_npy (MADV_RANDOM) and
+through numpy.load(mmap_mode="r"). main's
+code comes from `git archive <commit>` into the work folder. Its run is skipped where the memory it would need
+(extrapolated from the smaller fractions) is not available; the table says so.
 """
 import argparse
 import json
@@ -71,10 +76,12 @@ def children(pid: int) -> list[int]:
     return pids
 
 
-def uss() -> float:
-    """This process's unique set size, MiB: the pages no other process maps."""
+def uss() -> tuple[float, float]:
+    """This process's unique set size, MiB (the pages no other process maps), and its dirty part: memory it wrote,
+    i.e. allocated or copied from the parent. The clean rest is file pages that only this process has mapped (page
+    cache around the index rows it read: shared with any process that maps them, reclaimable, not a copy)."""
     f = proc_fields("/proc/self/smaps_rollup", ["Private_Clean", "Private_Dirty"])
-    return f["Private_Clean"] + f["Private_Dirty"]
+    return f["Private_Clean"] + f["Private_Dirty"], f["Private_Dirty"]
 
 
 def child(spec: dict) -> None:
@@ -133,13 +140,58 @@ def child(spec: dict) -> None:
                       "boxes_in_batches": sum(len(b["boxes"]) for b in out[:spec["batches"]]),
                       "rss_imports": rss_imports, "rss_start": rss_start, "rss": status["VmRSS"],
                       "rss_anon": status["RssAnon"], "rss_file": status["RssFile"], "peak_rss": status["VmHWM"],
-                      "worker_uss": [b for b, _ in probes], "worker_uss_after_gc": [a for _, a in probes]}))
+                      "worker_uss": [b[0] for b, _ in probes], "worker_dirty": [b[1] for b, _ in probes],
+                      "worker_uss_after_gc": [a[0] for _, a in probes],
+                      "worker_dirty_after_gc": [a[1] for _, a in probes]}))
     sys.stdout.flush()
     os._exit(0)  # the loader's workers are torn down with the process
 
 
+def drop_cache(paths) -> None:
+    """Evict files from the page cache (posix_fadvise DONTNEED on those files only), so that a process reads them
+    cold, as on a training node that did not write them."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def annotation_files(srcs: list[dict]) -> list[Path]:
+    """The annotation, index and box-target files of the weak sources (not the images, masks or lists)."""
+    files = []
+    for d in srcs[-2:]:
+        root = Path(d["root"])
+        for key in ("masks_csv", "class_descriptions", "boxes_json", "box_targets", "index"):
+            if d.get(key):
+                path = root / d[key]
+                files += sorted(path.iterdir()) if path.is_dir() else [path]
+    return files
+
+
+def cold_reads(index: Path, samples: int = 50) -> dict:
+    """MiB read from disk for `samples` random images' boxes from a cold boxes.npy: readers.map_npy (MADV_RANDOM)
+    against numpy.load(mmap_mode="r") (the kernel reads read_ahead_kb around each page fault)."""
+    code = ("import os, sys, numpy as np, readers; a = readers.map_npy(sys.argv[1]) if sys.argv[2] == 'map_npy' else "
+            "np.load(sys.argv[1], mmap_mode='r'); io = lambda: int(open('/proc/self/io').read()"
+            ".split('read_bytes:')[1].split()[0]); r0 = io(); rng = np.random.default_rng(0); "
+            "[np.array(a[r:r + 15]) for r in rng.integers(0, len(a) - 15, int(sys.argv[3]))]; "
+            "print((io() - r0) / 2 ** 20)")
+    out = {}
+    for how in ("map_npy", "numpy.load"):
+        drop_cache([index / "boxes.npy"])
+        done = subprocess.run([sys.executable, "-c", code, str(index / "boxes.npy"), how, str(samples)], cwd=REPO,
+                              capture_output=True, text=True, check=True)
+        out[how] = float(done.stdout.split()[-1])
+    return out
+
+
 def measure(code: Path, srcs: list[dict], workers: int, batches: int) -> dict:
-    """Run `child` in a fresh interpreter whose imports resolve to `code` first."""
+    """Run `child` in a fresh interpreter whose imports resolve to `code` first, the weak sources' annotation files
+    cold in the page cache."""
+    drop_cache(annotation_files(srcs))
     env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1")
     spec = json.dumps({"sources": srcs, "workers": workers, "batches": batches})
     done = subprocess.run([sys.executable, __file__, "--child", spec], env=env, cwd=code, capture_output=True,
@@ -210,8 +262,9 @@ def table(rows: list[dict]) -> str:
         return f"{new} / {old}"
 
     lines = ["| fraction: O365 boxes, OI masks | index build CPU s: O365 + OI (peak RSS MiB) | start s, wall (CPU): "
-             "index / main | trainer RSS MiB, over imports: index / main | worker USS MiB after 100 batches: index / "
-             "main | worker USS MiB after a full gc: index / main |", "|---|---|---|---|---|---|"]
+             "index / main | trainer RSS MiB, over imports: index / main | worker USS MiB after 100 batches "
+             "(dirty): index / main | worker USS MiB after a full gc (dirty): index / main | MiB read for 50 "
+             "images' boxes, cold: map_npy / numpy.load |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r["index"]
         lines.append(" | ".join([
@@ -219,8 +272,9 @@ def table(rows: list[dict]) -> str:
             f"{b['o365']['cpu_s']:.0f} + {b['oi']['cpu_s']:.0f} ({max(b[k]['peak_rss'] for k in b):,.0f})",
             both(r, lambda m: f"{m['start_s']:.1f} ({m['start_cpu_s']:.1f})"),
             both(r, lambda m: f"{m['rss'] - m['rss_imports']:,.0f}"),
-            both(r, lambda m: f"{max(m['worker_uss']):,.0f}"),
-            both(r, lambda m: f"{max(m['worker_uss_after_gc']):,.0f}")]) + " |")
+            both(r, lambda m: f"{max(m['worker_uss']):,.0f} ({max(m['worker_dirty']):,.0f})"),
+            both(r, lambda m: f"{max(m['worker_uss_after_gc']):,.0f} ({max(m['worker_dirty_after_gc']):,.0f})"),
+            f"{r['cold_reads']['map_npy']:.1f} / {r['cold_reads']['numpy.load']:.1f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -233,6 +287,8 @@ def main():
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--reuse_data", action="store_true", help="keep files a previous run generated (where main's "
+                                                              "readers do not run)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -255,11 +311,17 @@ def main():
                 run_old = False
                 row["old_skipped"] = f"needs ~{need / 1024:.1f} GiB, {mem_available() / 1024:.1f} GiB available"
                 print(f"{fraction:g}: main's readers not run: {row['old_skipped']}", flush=True)
-        row["counts"] = write_all(data, fraction, old_formats=run_old, dim=a.dim, mseg=work / "mseg")
+        if a.reuse_data and not run_old and (data / "counts.json").is_file():
+            row["counts"] = json.loads((data / "counts.json").read_text())
+        else:
+            row["counts"] = write_all(data, fraction, old_formats=run_old, dim=a.dim, mseg=work / "mseg")
+            (data / "counts.json").write_text(json.dumps(row["counts"]))
         row["index"] = build_indexes(data, a.dim)
         print(f"{fraction:g}: index build {row['index']}", flush=True)
         row["new"] = measure(REPO, sources(data, work / "mseg", old=False), a.workers, a.batches)
         print(f"{fraction:g}: index readers {row['new']}", flush=True)
+        row["cold_reads"] = cold_reads(data / "objects365" / "index_train")
+        print(f"{fraction:g}: MiB read from a cold boxes.npy for 50 images' boxes {row['cold_reads']}", flush=True)
         if run_old:
             row["old"] = measure(old_code, sources(data, work / "mseg", old=True), a.workers, a.batches)
             print(f"{fraction:g}: main's readers {row['old']}", flush=True)
