@@ -285,6 +285,8 @@ class Index:
         for field, target in OFFSET_OF.items():
             if field in self.arrays:
                 off, rows = self.arrays[field], len(self.arrays[target])
+                if hasattr(mmap, "MADV_WILLNEED"):  # read whole, in large reads (the map is advised random)
+                    off.base.madvise(mmap.MADV_WILLNEED)
                 if off[0] != 0 or off[-1] != rows or (np.diff(off) < 0).any():
                     raise DataError(f"{self.folder}: field {field} does not run from 0 to {rows} without going "
                                     f"backwards (the rows of {target}); rebuild the index")
