@@ -1,6 +1,6 @@
-"""indexes.py and readers.Index: the streaming JSON reader against json.load, both index kinds on small files in the
-public layouts (Objects365 V2 JSON, OpenImages V6 CSVs), bad input (a box outside its image, an unknown category,
-a missing mask, a truncated index) and the real list of OpenImages' 350 segmentation classes."""
+"""indexes.py and readers.Index: the streaming JSON reader (json_stream.py) against json.load, both index kinds on
+small files in the public layouts (Objects365 V2 JSON, OpenImages V6 CSVs), bad input (a box outside its image, an
+unknown category, a missing mask, a truncated index) and the real list of OpenImages' 350 segmentation classes."""
 import csv
 import json
 import mmap
@@ -11,6 +11,7 @@ import pytest
 
 import data
 import indexes
+import json_stream
 from data_fixtures import (OPENIMAGES_HEADER, SPEC, TABLE, build_openimages_index, o365_name, write_coco_boxes,
                            write_openimages)
 from readers import DataError, Index
@@ -26,7 +27,7 @@ def members_by_json_load(path):
 
 def test_json_array_items_equal_json_load_at_any_chunk_size(tmp_path, monkeypatch):
     runs = []
-    monkeypatch.setattr(indexes, "_decode_run", lambda text: runs.append(json.loads("[" + text + "]")) or runs[-1])
+    monkeypatch.setattr(json_stream, "_decode_run", lambda text: runs.append(json.loads("[" + text + "]")) or runs[-1])
     doc = {"info": {"year": 2020, "nested": [1, {"a": "]}"}]}, "images": [{"id": 1, "file_name": "a \"b\" ]}.jpg"},
                                                                      {"id": 22, "file_name": "\u00e9\u4e2d}.jpg"}],
            "empty": [], "annotations": [{"bbox": [1.5e-3, 123456.789, -0.0, 1e10], "id": 123456789012,
@@ -38,7 +39,7 @@ def test_json_array_items_equal_json_load_at_any_chunk_size(tmp_path, monkeypatc
         want = members_by_json_load(path)
         for chunk in (1, 2, 3, 7, 64, 150, 333, 1000, 1 << 20):  # cuts every number, string and object somewhere
             runs.clear()
-            assert list(indexes.json_array_items(path, chunk)) == want, (indent, chunk)
+            assert list(json_stream.json_array_items(path, chunk)) == want, (indent, chunk)
             if chunk == 1000:
                 assert sum(len(r) > 1 for r in runs) > 0, (indent, chunk)  # runs of items decoded at once
 
@@ -52,7 +53,7 @@ def test_json_array_items_bad_json_names_the_file(tmp_path, text, where):
     path = tmp_path / "bad.json"
     path.write_text(text)
     with pytest.raises(DataError, match=rf"bad.json: not valid JSON at character \d+: .*{where}"):
-        list(indexes.json_array_items(path, 4))
+        list(json_stream.json_array_items(path, 4))
 
 
 # ---- coco_boxes ------------------------------------------------------------------------------------------------------
