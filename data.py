@@ -282,7 +282,7 @@ class Loader:
         if not self.frozen:
             # The workers are forked now. gc.freeze() puts every object alive in the trainer out of the collector's
             # reach, so a full collection in a worker does not write to, and so copy, every page of the inherited
-            # heap: 52 -> 17 MiB private memory per worker (tools/bench_weak_data.py), once, at the first epoch.
+            # heap: 16 instead of 51 MiB private memory per worker (tools/bench_weak_data.py --compare_freeze).
             gc.freeze()
             self.frozen = True
         for batch in self.loader:

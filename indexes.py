@@ -9,16 +9,18 @@
 Why a command: Objects365 V2's train JSON (1.74M images, 25.4M boxes) parsed by json.load is tens of GB of Python
 objects and minutes per process, and DataLoader workers copy what they touch of them; OpenImages' masks CSV (2.69M
 rows) and a per-file existence check at every start scale the same way. This reads the annotations once, streaming
-(memory: the arrays it writes, ~1 GB for Objects365), checks once that every referenced file exists, and writes
-the fields of readers.INDEX_FIELDS plus index.json (class names, counts, the source files' size and mtime, what
-the check found) into a temporary folder renamed into place, so an index is whole or absent.
+(peak RSS 3.5 GB and 228 CPU s for a full-size Objects365 JSON, once: tools/bench_weak_data.py), checks once that
+every referenced file exists, and writes the fields of readers.INDEX_FIELDS plus index.json (class names, counts,
+the source files' size and mtime, what the check found) into a temporary folder renamed into place, so an index is
+whole or absent.
 
 coco_boxes (Objects365 V2 layout): images[{id, file_name, width, height, ...}], annotations[{id, image_id,
 category_id, bbox [x, y, w, h], iscrowd, ...}], categories[{id, name}]. Class id = position in `categories`, names
 kept exactly (Objects365's typos and trailing spaces included, since label_sentences.yaml matches them exactly).
 Images in the JSON's order, boxes in annotation order within an image. The JSON names images
 `images/v1/patch8/objects365_v1_00420917.jpg`; mmdetection's layout (the archives unpacked into train/) has them at
-`train/patch8/objects365_v1_00420917.jpg`: whichever of the two paths holds the first images is used for all.
+`train/patch8/objects365_v1_00420917.jpg`: the one of the two under which most of the first 200 images exist is used
+for all.
 Boxes are clipped to the image size the JSON gives (counted); a box left without area is dropped (counted).
 
 openimages (OpenImages V6 segmentation): the masks CSV (MaskPath, ImageID, LabelName, BoxID, ...), images at

@@ -3,7 +3,7 @@
 at 4243516 (which parse the raw JSON/CSV and a torch box-target cache in every process), in the same run.
 
     python -m tools.bench_weak_data --work /tmp/weak_bench --fractions 0.025,0.1,0.25 [--baseline_commit 4243516]
-        [--baseline_max 0.25] [--workers 4] [--batches 100] [--dim 512]
+        [--baseline_max 0.25] [--workers 4] [--batches 100] [--dim 512] [--compare_freeze] [--reuse_data]
 
 Per fraction: the one-time index build (`python indexes.py ...`: CPU and wall time, peak RSS), then one training-like
 process per code base, started fresh: the nine sources of configs/ssiw_segformer_b5.yaml (seven MSeg lists at their
@@ -17,9 +17,9 @@ wrote: allocated, or copied from the trainer by writes such as reference counts 
 by the worker itself before and after a full garbage collection (which a long run does sooner or later).
 Box targets of this branch are a sparse file marked done (never encoded): reading them is what is measured. Also the
 MiB read from disk when 50 images' boxes are read from a cold boxes.npy, through readers.map_npy (MADV_RANDOM) and
-through numpy.load(mmap_mode="r"). main's
-code comes from `git archive <commit>` into the work folder. Its run is skipped where the memory it would need
-(extrapolated from the smaller fractions) is not available; the table says so.
+through numpy.load(mmap_mode="r"); with --compare_freeze, the index run again without data.Loader's gc.freeze().
+main's code comes from `git archive <commit>` into the work folder. Its run is skipped where the memory it would
+need (extrapolated from the smaller fractions) is not available; the table says so.
 """
 import argparse
 import json
@@ -130,9 +130,9 @@ def child(spec: dict) -> None:
     # then one probe batch per worker: batch i goes to worker i % workers
     w = spec["workers"]
     batches = list(itertools.islice(BalancedSampler(ds.source_sizes, batch_size=9, seed=0), spec["batches"]))
-    loader = data.Loader(torch.utils.data.DataLoader(Probe(), batch_sampler=batches + [["gc"]] * w, num_workers=w,
-                                                     collate_fn=collate, persistent_workers=True, prefetch_factor=4))
-    out = list(loader)
+    loader = torch.utils.data.DataLoader(Probe(), batch_sampler=batches + [["gc"]] * w, num_workers=w,
+                                         collate_fn=collate, persistent_workers=True, prefetch_factor=4)
+    out = list(data.Loader(loader) if spec.get("loader", True) else loader)  # without: no gc.freeze() (compare)
     status = proc_fields("/proc/self/status", ["VmRSS", "RssAnon", "RssFile", "VmHWM"])
     probes = [b["probe"] for b in out[spec["batches"]:]]
     print(json.dumps({"import_s": imported - t0, "start_s": started - imported,
@@ -188,12 +188,12 @@ def cold_reads(index: Path, samples: int = 50) -> dict:
     return out
 
 
-def measure(code: Path, srcs: list[dict], workers: int, batches: int) -> dict:
+def measure(code: Path, srcs: list[dict], workers: int, batches: int, loader: bool = True) -> dict:
     """Run `child` in a fresh interpreter whose imports resolve to `code` first, the weak sources' annotation files
-    cold in the page cache."""
+    cold in the page cache; loader=False iterates the DataLoader itself instead of data.Loader (no gc.freeze())."""
     drop_cache(annotation_files(srcs))
     env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1")
-    spec = json.dumps({"sources": srcs, "workers": workers, "batches": batches})
+    spec = json.dumps({"sources": srcs, "workers": workers, "batches": batches, "loader": loader})
     done = subprocess.run([sys.executable, __file__, "--child", spec], env=env, cwd=code, capture_output=True,
                           text=True)
     if done.returncode != 0:
@@ -287,6 +287,8 @@ def main():
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--compare_freeze", action="store_true", help="also measure the index code base without "
+                                                                  "data.Loader's gc.freeze()")
     p.add_argument("--reuse_data", action="store_true", help="keep files a previous run generated (where main's "
                                                               "readers do not run)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -320,6 +322,12 @@ def main():
         print(f"{fraction:g}: index build {row['index']}", flush=True)
         row["new"] = measure(REPO, sources(data, work / "mseg", old=False), a.workers, a.batches)
         print(f"{fraction:g}: index readers {row['new']}", flush=True)
+        if a.compare_freeze:
+            row["new_unfrozen"] = measure(REPO, sources(data, work / "mseg", old=False), a.workers, a.batches, False)
+            print(f"{fraction:g}: worker USS MiB after 100 batches, with data.Loader's gc.freeze() / without: "
+                  f"{max(row['new']['worker_uss']):.0f} / {max(row['new_unfrozen']['worker_uss']):.0f}; after a "
+                  f"full gc {max(row['new']['worker_uss_after_gc']):.0f} / "
+                  f"{max(row['new_unfrozen']['worker_uss_after_gc']):.0f}", flush=True)
         row["cold_reads"] = cold_reads(data / "objects365" / "index_train")
         print(f"{fraction:g}: MiB read from a cold boxes.npy for 50 images' boxes {row['cold_reads']}", flush=True)
         if run_old:
