@@ -1,30 +1,39 @@
-"""CLIP's image tower (ViT) and the box-target cache for L_WD (SSIW eq. 6: V*_r = CLIP image embedding of box r).
+"""CLIP's image tower (ViT) and the box targets of L_WD (SSIW eq. 6: V*_r = CLIP image embedding of box r).
 
-Training never runs CLIP: this command encodes every box of a box-labelled dataset once and writes a cache that
-data.py reads (rows in the order of readers.load_coco_boxes):
+Training never runs CLIP: this command encodes every box of a coco_boxes index (indexes.py) once and writes the
+targets training reads, one float16 row per box row of the index (readers.BOX_TARGETS_FILES):
 
-  python clip_image.py --weights ViT-B-32.pt --boxes objects365.json --images DIR --out cache.pt [--batch 64]
+  torchrun --nproc_per_node=8 clip_image.py --weights ViT-B-32.pt --index objects365/index_train \
+      --out objects365/clip_b32_targets [--images objects365/train] [--shard_rows 1024 --batch 256 --workers 8]
 
-  cache = {"encoder": str, "targets": {image_file: FloatTensor (K, C)}}   (L2-normalised, fp16 unless --fp32)
+25.4M Objects365 boxes take hours, so the work is cut into shards of rows: each rank encodes its part of the
+unfinished shards, writes a shard's rows into targets.npy, syncs them to disk, and only then flips the shard's byte in
+done.npy. A run that is killed (or a node that fails) loses at most the shards in flight: rerun the same command
+(any number of ranks) and it does only the shards not yet done. Crops are cut in DataLoader workers; rows are
+L2-normalised and stored as float16 (only their direction is used).
 
 Weights: OpenAI's released .pt (keys visual.*) or an HF CLIP checkpoint (vision_model.*, visual_projection.weight),
 read by clip_text.read_clip_state_dict and loaded strictly. Only the ViT variants exist here (B/32, B/16, L/14, sizes
 read from the state dict); OpenAI's ResNet towers (RN50 ...) raise.
 """
 import argparse
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import distributed
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
-from errors import WeightsError, run_main
-from readers import load_coco_boxes
+from errors import DataError, WeightsError, run_main
+from readers import Index, decode_rgb, open_image
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -138,10 +147,16 @@ def load_image_tower(path, device="cpu") -> VisionTransformer:
 
 # -------------------------------------------------------------------------------------------------- preprocessing
 
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """(..., H, W, 3) uint8 RGB -> (..., 3, H, W) float, CLIP-normalised."""
+    x = pixels.float().div(255).movedim(-1, -3)  # (..., H, W, 3) -> (..., 3, H, W)
+    mean, std = (torch.tensor(v, device=x.device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
+
+
 def to_clip_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> (3, H, W) float, CLIP-normalised."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return normalise(torch.from_numpy(np.array(img.convert("RGB"))))
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
@@ -154,86 +169,187 @@ def preprocess(img: Image.Image, size: int) -> torch.Tensor:
     return to_clip_tensor(img.crop((left, top, left + size, top + size)))
 
 
-def box_crops(img: Image.Image, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """The CLIP inputs of eq. 6: boxes (K, 4) xyxy in the image's pixels -> (K, 3, size, size).
+def box_pixels(img: Image.Image, boxes, size: int) -> torch.Tensor:
+    """The CLIP inputs of eq. 6 before normalising: boxes (K, 4) xyxy in the image's pixels -> (K, size, size, 3)
+    uint8 (a quarter of the float size, for the trip from a DataLoader worker).
 
     Each box is cut from the original image (rounded outwards to whole pixels, clipped to the image, at least one
     pixel) and resized to size x size, aspect NOT kept: SSIW says "crop ... resize to the CLIP image size", and
     CLIP's centre crop would cut the ends off elongated objects (a standing person, a pole) while padding would add
     borders CLIP never saw. CLIP tolerates the stretch far better than a missing half of the object."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
     W, H = img.size
     crops = []
-    for x1, y1, x2, y2 in boxes.tolist():
+    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).tolist():
         left, top = min(max(int(np.floor(x1)), 0), W - 1), min(max(int(np.floor(y1)), 0), H - 1)
         right, bottom = max(min(int(np.ceil(x2)), W), left + 1), max(min(int(np.ceil(y2)), H), top + 1)
-        crops.append(to_clip_tensor(img.crop((left, top, right, bottom)).resize((size, size), Image.BICUBIC)))
-    return torch.stack(crops) if crops else torch.zeros(0, 3, size, size)
+        crops.append(np.asarray(img.crop((left, top, right, bottom)).resize((size, size), Image.BICUBIC)))
+    return torch.from_numpy(np.stack(crops)) if crops else torch.zeros(0, size, size, 3, dtype=torch.uint8)
 
 
-# ---------------------------------------------------------------------------------------------- box-target cache
+def box_crops(img: Image.Image, boxes, size: int) -> torch.Tensor:
+    """box_pixels, CLIP-normalised: (K, 4) -> (K, 3, size, size)."""
+    return normalise(box_pixels(img, boxes, size))
+
+
+# ----------------------------------------------------------------------------------------------------- box targets
+
+class ShardCrops(torch.utils.data.Dataset):
+    """Item k = (shard, (n, R, R, 3) uint8 crops of the shard's n box rows, [unreadable images: (first row, end row
+    within the shard, message)]), shard = shards[k]. A shard's rows may start or end inside an image: that image is
+    opened for the rows it has in the shard. An unreadable image raises, or with skip_bad gives black crops whose
+    rows are written as NaN (no target: training drops those boxes)."""
+
+    def __init__(self, index: Index, images: Path, shards, shard_rows: int, size: int, skip_bad: bool = False):
+        self.index, self.images, self.shards, self.shard_rows = index, images, shards, shard_rows
+        self.size, self.skip_bad = size, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, k: int):
+        shard = int(self.shards[k])
+        offsets, boxes = self.index.arrays["box_offsets"], self.index.arrays["boxes"]
+        names = self.index.strings("image_names")
+        start, stop = shard * self.shard_rows, min((shard + 1) * self.shard_rows, len(boxes))
+        first = int(np.searchsorted(offsets, start, side="right")) - 1  # the image that owns row `start`
+        crops, bad = [], []
+        for image in range(first, len(offsets) - 1):
+            a, b = max(int(offsets[image]), start), min(int(offsets[image + 1]), stop)
+            if a >= stop:
+                break
+            if a < b:
+                path = self.images / names[image]
+                try:
+                    crops.append(box_pixels(decode_rgb(open_image(path), path), boxes[a:b], self.size))
+                except DataError as e:
+                    if not self.skip_bad:
+                        raise
+                    crops.append(torch.zeros(b - a, self.size, self.size, 3, dtype=torch.uint8))
+                    bad.append((a - start, b - start, str(e)))
+        return shard, torch.cat(crops), bad
+
+
+def prepare_targets(out: Path, index: Index, dim: int, shard_rows: int, encoder: str) -> None:
+    """Create the target folder (rank 0; a temporary folder renamed into place), or check that the one there
+    belongs to this index, encoder and shard size, so resuming continues the same work."""
+    rows = index.meta["counts"]["boxes"]
+    want = {"index_build": index.meta["build"], "rows": rows, "dim": dim, "shard_rows": shard_rows,
+            "encoder": encoder, "index": str(index.folder.resolve())}
+    if out.exists():
+        if not (out / "targets.json").is_file():
+            raise ValueError(f"{out} exists and is not a box-target folder (no targets.json); choose another --out")
+        have = json.loads((out / "targets.json").read_text())
+        differs = [k for k in want if k != "index" and have.get(k) != want[k]]
+        if differs:
+            raise ValueError(f"{out} holds box targets with other {', '.join(differs)} "
+                             f"({ {k: have.get(k) for k in differs} } vs { {k: want[k] for k in differs} }); "
+                             f"remove it or choose another --out")
+        return
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    np.lib.format.open_memmap(tmp / "targets.npy", mode="w+", dtype=np.float16, shape=(rows, dim)).flush()
+    np.save(tmp / "done.npy", np.zeros(-(-rows // shard_rows), np.uint8))  # ceil: the last shard may be short
+    (tmp / "targets.json").write_text(json.dumps(want, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+class ShardWriter:
+    """Writes a shard's rows into targets.npy, syncs them to disk, then marks the shard done: a killed run never
+    leaves a shard marked done whose rows are not on disk. Ranks write disjoint bytes of the same two files."""
+
+    def __init__(self, out: Path):
+        self.files = {}
+        for name in ("targets.npy", "done.npy"):
+            offset = np.load(out / name, mmap_mode="r").offset  # the .npy header's length
+            self.files[name] = (os.open(out / name, os.O_WRONLY), offset)
+
+    def _write(self, name: str, data: bytes, at: int) -> None:
+        fd, offset = self.files[name]
+        view, pos = memoryview(data), offset + at
+        while view:  # pwrite may write less than asked
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n
+        os.fsync(fd)
+
+    def write(self, shard: int, first_row: int, rows: np.ndarray) -> None:
+        self._write("targets.npy", rows.astype(np.float16).tobytes(), first_row * rows.shape[1] * 2)
+        self._write("done.npy", b"\x01", shard)
+
+    def close(self) -> None:
+        for fd, _ in self.files.values():
+            os.close(fd)
+
 
 @torch.no_grad()
-def encode_boxes(model: VisionTransformer, boxes_by_image: dict, images_dir, batch_size: int = 64,
-                 device="cpu") -> dict[str, torch.Tensor]:
-    """{image_file: ((K, 4) xyxy, names)} -> {image_file: (K, D) L2-normalised fp32}, rows in the boxes' order.
-    Crops of consecutive images share batches, so images with few boxes still fill the accelerator."""
-    R, D = model.config.image_size, model.config.embed_dim
-    out: dict[str, list[torch.Tensor]] = {}
-    crops, owners = [], []  # pending crops (3, R, R) and the image each belongs to
-
-    def flush():
-        for i in range(0, len(crops), batch_size):
-            emb = F.normalize(model.encode_image(torch.stack(crops[i:i + batch_size]).to(device)).float(), dim=-1)
-            for owner, row in zip(owners[i:i + batch_size], emb.cpu()):  # owners are contiguous: order is kept
-                out[owner].append(row)
-        crops.clear()
-        owners.clear()
-
-    for n, (name, (boxes, _)) in enumerate(boxes_by_image.items()):
-        out[name] = []
-        if len(boxes):
-            path = Path(images_dir) / name
-            if not path.is_file():
-                raise FileNotFoundError(f"image {name} of the box file not found at {path}")
-            with Image.open(path) as img:
-                crops.extend(box_crops(img, boxes, R).unbind(0))
-            owners.extend([name] * len(boxes))
-        if len(crops) >= batch_size:
-            flush()
-        if (n + 1) % 1000 == 0:
-            print(f"clip_image: {n + 1}/{len(boxes_by_image)} images")
-    flush()
-    return {name: torch.stack(rows) if rows else torch.zeros(0, D) for name, rows in out.items()}
+def encode_shards(model: VisionTransformer, crops: ShardCrops, writer: ShardWriter, batch_size: int, workers: int,
+                  device, who: str = "clip_image") -> int:
+    """Encode and write every shard of `crops`; returns the number of rows written."""
+    loader = torch.utils.data.DataLoader(crops, batch_size=None, num_workers=workers,
+                                         prefetch_factor=2 if workers else None, pin_memory=device.type == "cuda")
+    start, done_rows, skipped = time.time(), 0, 0
+    for k, (shard, pixels, bad) in enumerate(loader, 1):
+        rows = [F.normalize(model.encode_image(normalise(pixels[i:i + batch_size].to(device))).float(), dim=-1)
+                for i in range(0, len(pixels), batch_size)]  # (b, R, R, 3) uint8 -> (b, 3, R, R) -> (b, D)
+        rows = torch.cat(rows).cpu().numpy()
+        for a, b, message in bad:
+            rows[a:b] = np.nan  # "no target": training drops these boxes
+            skipped += 1
+            print(f"{who}: skipped {message}", flush=True)
+        writer.write(shard, shard * crops.shard_rows, rows)
+        done_rows += len(pixels)
+        if k % 100 == 0 or k == len(crops):
+            rate = done_rows / (time.time() - start)
+            eta = (len(crops) - k) * crops.shard_rows / max(rate, 1e-9)
+            print(f"{who}: {k}/{len(crops)} shards, {rate:.0f} boxes/s, ETA {eta / 3600:.1f} h, "
+                  f"{skipped} unreadable images skipped", flush=True)
+    return done_rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Encode every box of a COCO-format box file with CLIP's image tower "
-                                            "(the L_WD targets), once, into a cache for training.")
+    p = argparse.ArgumentParser(description="Encode every box of a coco_boxes index with CLIP's image tower (the "
+                                            "L_WD targets), once, resumably; run under torchrun for several ranks.")
     p.add_argument("--weights", required=True, help="OpenAI CLIP .pt or HF CLIP checkpoint (ViT)")
-    p.add_argument("--boxes", required=True, help="COCO-format json (e.g. Objects365), read by readers.load_coco_boxes")
-    p.add_argument("--images", required=True, help="folder the json's file_name entries are relative to")
-    p.add_argument("--out", required=True, help="cache .pt to write (atomically)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp32", action="store_true", help="store fp32 targets (default fp16: half the size, and only "
-                                                       "their direction is used)")
-    args = p.parse_args(argv)
+    p.add_argument("--index", required=True, help="coco_boxes index folder (python indexes.py coco_boxes ...)")
+    p.add_argument("--images", default="", help="image folder (default: the one the index was checked against)")
+    p.add_argument("--out", required=True, help="box-target folder to write or to resume")
+    p.add_argument("--shard_rows", type=int, default=1024, help="rows per shard (the unit of resumption)")
+    p.add_argument("--batch", type=int, default=256, help="crops per forward pass")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers cutting crops, per rank")
+    p.add_argument("--skip_bad", action="store_true", help="an unreadable image gets NaN rows (no target: "
+                                                            "training drops its boxes) instead of stopping the run")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
 
-    model = load_image_tower(args.weights, args.device)
+    rank, world, device = distributed.setup(a.device)
+    index = Index(a.index, "coco_boxes")
+    images = Path(a.images or index.meta["images_folder"])
+    model = load_image_tower(a.weights, device)
     c = model.config
-    encoder = (f"{Path(args.weights).name}: CLIP ViT image tower, patch {c.patch_size}, {c.image_size}px, "
+    encoder = (f"{Path(a.weights).name}: CLIP ViT image tower, patch {c.patch_size}, {c.image_size}px, "
                f"width {c.width}, {c.layers} layers, {c.embed_dim}-d")
-    boxes = load_coco_boxes(args.boxes)
-    print(f"clip_image: {sum(len(b) for b, _ in boxes.values())} boxes in {len(boxes)} images; {encoder}")
-    targets = encode_boxes(model, boxes, args.images, args.batch, args.device)
-    dtype = torch.float32 if args.fp32 else torch.float16
-    cache = {"encoder": encoder, "targets": {k: v.to(dtype) for k, v in targets.items()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(cache, tmp)
-    os.replace(tmp, out)  # atomic: a crashed run never leaves a half-written cache behind
-    print(f"clip_image: wrote {out}")
+    out = Path(a.out)
+    if rank == 0:
+        prepare_targets(out, index, c.embed_dim, a.shard_rows, encoder)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        prepare_targets(out, index, c.embed_dim, a.shard_rows, encoder)  # checks only: rank 0 made it
+    todo = np.flatnonzero(np.load(out / "done.npy") == 0)
+    mine = todo[rank::world]
+    print(f"clip_image: rank {rank}/{world}: {len(mine)} of {len(todo)} unfinished shards "
+          f"({index.meta['counts']['boxes']} boxes in {len(np.load(out / 'done.npy'))} shards); {encoder}", flush=True)
+    writer = ShardWriter(out)
+    encode_shards(model, ShardCrops(index, images, mine, a.shard_rows, c.image_size, a.skip_bad), writer, a.batch,
+                  a.workers, device, f"clip_image rank {rank}")
+    writer.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        left = int((np.load(out / "done.npy") == 0).sum())
+        print(f"clip_image: wrote {out}" if not left else f"clip_image: {left} shards still missing; rerun")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

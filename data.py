@@ -28,6 +28,7 @@ shuts them down itself (worker_ignores_stop_signals).
 """
 from __future__ import annotations  # the field named `list` below would otherwise shadow the builtin in annotations
 
+import gc
 import os
 import signal
 import threading
@@ -61,15 +62,13 @@ class SourceConfig:
     colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
     kind: str = "dense"        # dense (L_HD) | coarse (L_LD) | boxes (L_WD)
     weight: float = 1.0        # sampling weight (equal weights = the paper's balance)
+    index: str = ""            # openimages/coco_boxes: index folder written by `python indexes.py` (readers.Index)
     images: str = ""           # openimages/coco_boxes: image folder (openimages: <ImageID>.jpg); id/color: with labels
     labels: str = ""           # id/color, instead of list: label folder, paired with `images` by file stem
     image_suffix: str = ".jpg"  # id/color folder pairs: the image file of stem s is s + image_suffix
     label_suffix: str = ".png"  # ... and its label s + label_suffix (".tif": detectron2's 16-bit maps)
-    masks: str = ""            # openimages: folder of the mask PNGs (MaskPath column)
-    masks_csv: str = ""        # openimages: *-annotations-object-segmentation.csv
-    class_descriptions: str = ""  # openimages: `LabelName,DisplayName` CSV; DisplayName is the class name
-    boxes_json: str = ""       # coco_boxes: COCO-format JSON (Objects365)
-    box_targets: str = ""      # boxes: CLIP image-embedding cache from clip_image.py
+    masks: str = ""            # openimages: folder of the mask PNGs (the MaskPath column)
+    box_targets: str = ""      # boxes: CLIP box-target folder written by clip_image.py
 
     @classmethod
     def from_dict(cls, d: dict) -> SourceConfig:
@@ -290,9 +289,15 @@ class Loader:
     main process); the first `show` messages are printed as they arrive."""
 
     def __init__(self, loader: DataLoader, show: int = 10):
-        self.loader, self.skipped, self.show = loader, 0, show
+        self.loader, self.skipped, self.show, self.frozen = loader, 0, show, False
 
     def __iter__(self):
+        if not self.frozen:
+            # The workers are forked now. gc.freeze() puts every object alive in the trainer out of the collector's
+            # reach, so a full collection in a worker does not write to, and so copy, every page of the inherited
+            # heap: 16 instead of 51 MiB private memory per worker (tools/bench_weak_data.py --compare_freeze).
+            gc.freeze()
+            self.frozen = True
         for batch in self.loader:
             for message in batch["skipped"]:
                 self.skipped += 1

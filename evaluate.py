@@ -13,7 +13,6 @@ from __future__ import annotations  # EvalSettings has a field named `list`, whi
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -283,8 +282,8 @@ def dataset_hashes(cfg, dataset, s):
     files = {"checkpoint": s.checkpoint, "label_table": s.embeddings, "clip_weights": s.clip_weights}
     if cfg.list:
         return {"files": {**files, "list": str(cfg.path(cfg.list))}}
-    rel = lambda p: os.path.relpath(p, cfg.root)  # noqa: E731
-    listing = "".join(f"{rel(image)} {rel(label)}\n" for image, label in dataset.source.samples.pairs)
+    pairs = dataset.source.samples  # image and label paths relative to the root, sorted by stem
+    listing = "".join(f"{pairs.images[i]} {pairs.labels[i]}\n" for i in range(len(pairs)))
     return {"files": files, "texts": {"pairs": listing}}
 
 

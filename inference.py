@@ -237,11 +237,27 @@ def overlay_with_legend(image, ids, names, alpha=0.5):
     return canvas
 
 
-def save_prediction(folder, stem, image, ids, names):
-    """Write <stem>.png (8-bit ids) and <stem>_overlay.png (colours + legend) under folder."""
+def id_png_dtype(largest_id):
+    """The PNG sample type for ids 0..largest_id: uint8 where they fit (so nothing changes for label sets under 256),
+    else uint16 (16-bit grey PNG; np.asarray(Image.open(path)) reads it back as uint16)."""
+    if not 0 <= largest_id <= 65535:
+        raise ValueError(f"ids up to {largest_id} do not fit a 16-bit PNG")
+    return np.uint8 if largest_id <= 255 else np.uint16
+
+
+def save_prediction(folder, stem, image, ids, names, unknown=None):
+    """Write <stem>.png (ids; 8-bit when 0..len(names)-1 and `unknown` fit in a byte, else 16-bit, the same for
+    every image of a label set) and <stem>_overlay.png (colours + legend) under folder. ids: (H, W) int in
+    0..len(names)-1, or `unknown`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(ids).astype(np.uint8)).save(folder / f"{stem}.png")
+    ids = np.asarray(ids)
+    largest = max(len(names) - 1, unknown if unknown is not None else 0)
+    bad = ((ids < 0) | (ids >= len(names))) & (ids != unknown if unknown is not None else True)
+    if bad.any():
+        raise ValueError(f"{stem}: ids {np.unique(ids[bad])[:5].tolist()} are neither label ids 0..{len(names) - 1} "
+                         f"nor unknown ({unknown})")
+    Image.fromarray(ids.astype(id_png_dtype(largest))).save(folder / f"{stem}.png")
     overlay_with_legend(image, ids, names).save(folder / f"{stem}_overlay.png")
 
 

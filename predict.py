@@ -8,8 +8,13 @@ Text of each label: its sentence in --sentences (YAML {label: sentence}), else i
 else the label itself as a word; --mode=word always embeds the word. With --embeddings the table must have a row
 named by each label (clip_text.py or ../shared/tools/minilm_label_table.py make one from a sentences YAML).
 Inference is inference.py's MSeg protocol (evaluate.py's settings). Writes to out_dir:
-  labels.json              id -> label and the text embedded; 255 = unknown (--unknown_below, --background)
-  <stem>.png               8-bit ids (label i -> i), the pseudo-label map at the image's size
+  labels.json              id -> label and the text embedded; "unknown": the id of unknown pixels (or null), which
+                           --unknown_below and --background produce
+  <stem>.png               ids (label i -> i), the pseudo-label map at the image's size: an 8-bit grey PNG for up to
+                           255 labels (unknown = 255), a 16-bit grey PNG beyond (up to 65535 labels, unknown = 65535),
+                           so a pseudo-label set as large as OpenImages + Objects365 (600+ labels) keeps its ids;
+                           np.asarray(Image.open(path)) reads either (uint8 / uint16), and readers.read_id_label
+                           reads both back as training labels
   <stem>_overlay.png       colours over the photo, with a legend
   <stem>.npz (export_emb)  ids, and the L2-normalised pixel embeddings at stride 4 (whole image at base size), as
                            `emb` (k, h, w) in emb_dtype; with emb_dims = k > 0 PCA-reduced per image, with `basis`
@@ -25,14 +30,13 @@ import torch.nn.functional as F
 
 from checkpoints import check_width, load_checkpoint
 from errors import ConfigError, run_main
-from inference import Protocol, infer, label_embeddings, resize_short_side, save_prediction
+from inference import Protocol, id_png_dtype, infer, label_embeddings, resize_short_side, save_prediction
 from distributed import pick_device
 from labels import label_texts, load_label_spec
 from readers import decode_rgb, open_image
 from settings import parse_settings, print_settings, read_yaml
 from transforms import eval_image
 
-UNKNOWN = 255
 # The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
 # thing nobody asked about can go to one of them (and become unknown) instead of to the nearest asked label; SAN's
 # augment_vocabulary does this with all 171 COCO-Stuff names. Ours is small: the classes covering the most pixels
@@ -53,9 +57,9 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
     embeddings: str = ""           # label table with a row per label ...
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
-    unknown_below: float = -1.0    # cosine similarity under which a pixel is unknown (255); -1 = never
-    background: str = ""           # more labels whose winning pixels are unknown (255): "default" (DEFAULT_BACKGROUND)
-                                   # or comma-separated labels; "" = none
+    unknown_below: float = -1.0    # cosine similarity under which a pixel is unknown (unknown_id); -1 = never
+    background: str = ""           # more labels whose winning pixels are unknown (unknown_id): "default"
+                                   # (DEFAULT_BACKGROUND) or comma-separated labels; "" = none
     out_dir: str = "out/predict"
     export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
@@ -91,17 +95,27 @@ def label_texts_for(labels, sentences="", mode="sentence", spec=None):
     return label_texts(spec or load_label_spec(), labels, mode, extra=user, unknown_as_word=True)
 
 
+def unknown_id(n_labels):
+    """The id of unknown pixels: 255 while ids 0..n-1 leave it free in a byte, else 65535 (16-bit PNGs)."""
+    if not 1 <= n_labels <= 65535:
+        raise ValueError(f"{n_labels} labels: give 1..65535")
+    return 255 if n_labels <= 255 else 65535
+
+
 def ids_from_scores(prob, cos=None, unknown_below=-1.0, asked=None):
-    """prob, cos: (N, H, W) -> (H, W) uint8 ids; pixels whose winning label's cosine is under the threshold ->
-    UNKNOWN. The cosine is that of the argmax label, so 'unknown' means 'even the best label fits badly'. With
-    `asked` = n < N, rows n.. are the background vocabulary: pixels they win are UNKNOWN too."""
+    """prob, cos: (N, H, W) -> (H, W) ids, uint8 or uint16 (see unknown_id); pixels whose winning label's cosine is
+    under the threshold -> unknown. The cosine is that of the argmax label, so 'unknown' means 'even the best label
+    fits badly'. With `asked` = n < N, rows n.. are the background vocabulary: pixels they win are unknown too. The
+    unknown id follows the number of asked labels (the background is never written as an id)."""
+    n = asked if asked is not None else prob.shape[0]
+    unknown = unknown_id(n)
     pred = prob.argmax(0)                                                # (H, W)
     if cos is not None and unknown_below > -1:
         best = cos.gather(0, pred[None])[0]                              # (H, W)
-        pred = torch.where(best < unknown_below, torch.full_like(pred, UNKNOWN), pred)
+        pred = torch.where(best < unknown_below, torch.full_like(pred, unknown), pred)
     if asked is not None:
-        pred = torch.where(pred >= asked, torch.full_like(pred, UNKNOWN), pred)
-    return pred.byte().cpu().numpy()
+        pred = torch.where((pred >= asked) & (pred != unknown), torch.full_like(pred, unknown), pred)
+    return pred.cpu().numpy().astype(id_png_dtype(unknown))
 
 
 def background_labels(background, labels):
@@ -156,12 +170,12 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
         rgb = decode_rgb(open_image(path), path)                         # PIL RGB
         image = eval_image(rgb)                                     # (3, H, W) normalised
         prob, cos = infer(model, image, label_emb, scale, proto, with_cos=unknown_below > -1)  # (N, H, W) each
-        ids = ids_from_scores(prob, cos, unknown_below, len(labels))     # (H, W) uint8
-        save_prediction(out_dir, path.stem, np.asarray(rgb), ids, labels)
+        ids = ids_from_scores(prob, cos, unknown_below, len(labels))     # (H, W) uint8 or uint16
+        save_prediction(out_dir, path.stem, np.asarray(rgb), ids, labels, unknown_id(len(labels)))
         if export_emb:
             export_npz(out_dir / f"{path.stem}.npz", ids, pixel_embeddings(model, image, proto), emb_dims, emb_dtype)
         results[path.stem] = ids
-        shares = np.bincount(ids.ravel(), minlength=UNKNOWN + 1) / ids.size
+        shares = np.bincount(ids.ravel(), minlength=unknown_id(len(labels)) + 1) / ids.size
         top = ", ".join(f"{labels[i] if i < len(labels) else 'unknown'} {100 * shares[i]:.0f}%"
                         for i in np.argsort(-shares)[:3] if shares[i] > 0)
         print(f"[{n}/{len(paths)}] {path.name}: {top}", flush=True)
@@ -176,8 +190,8 @@ def main(argv=None):
     device = pick_device(s.device)
     paths = list_images(s.images)
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]
-    if not labels or len(set(labels)) != len(labels) or len(labels) >= UNKNOWN:
-        raise ConfigError(f"--labels={s.labels!r}: give 1..254 distinct comma-separated labels")
+    if not labels or len(set(labels)) != len(labels) or len(labels) > 65535:
+        raise ConfigError(f"--labels={s.labels!r}: give 1..65535 distinct comma-separated labels")
     background = background_labels(s.background, labels)
     texts = label_texts_for(labels + background, s.sentences, s.mode)
     model, ckpt = load_checkpoint(s.checkpoint, device)
@@ -188,8 +202,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "labels.json").write_text(json.dumps(
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
-         "unknown": UNKNOWN if s.unknown_below > -1 or background else None, "checkpoint": s.checkpoint,
-         "background": dict(zip(background, texts[len(labels):])),
+         "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
+         "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
          "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})"}, indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, float(model.scale().detach()), s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)

@@ -4,14 +4,21 @@
 - names files: one class name a line, line index = class id;
 - folder pairs: an image folder and a label folder, samples paired by file stem (detectron2's layouts);
 - id PNGs or TIFFs (8- or 16-bit, one class id per pixel) and colour-coded PNGs (RGB or RGBA, one colour per class);
-- OpenImages V6 segmentation: the masks CSV plus one binary PNG per instance;
-- COCO-format box JSON (Objects365).
+- OpenImages V6 segmentation (one binary PNG per instance) and COCO-format boxes (Objects365) with their CLIP box
+  targets: millions of annotations, read through an index folder that `python indexes.py` builds once from the CSV or
+  JSON (see Index below). Training never parses the raw annotation files.
 FORMATS at the end has one entry per format (`encoding` of a source): the fields it needs, its class names, the ids
 it ignores and how it opens a source. Every problem raises DataError naming the file and what is wrong with it.
+
+Memory: DataLoader workers are forked from the trainer and share its pages until they write to them. Reading a Python
+object writes its reference count (and the garbage collector writes to every container), so a list of a million
+paths is copied into every worker bit by bit; numpy arrays are one object each, and memory-mapped files are shared
+page cache. So per-sample data lives in arrays here: list lines in a StringTable, annotations in mapped index files.
+Nothing is checked per file at start (millions of stats on a network filesystem): the index command checked every
+file once, and a file that vanished since is a DataError when it is read (skipped and counted under skip_bad).
 """
-import csv
-import functools
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +32,50 @@ from errors import ConfigError, DataError
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # Mapillary/OpenImages originals are large but legitimate; this still stops bombs
 
-OPENIMAGES_MASK_COLUMNS = ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
-                           "PredictedIoU", "Clicks"]
+
+class StringTable:
+    """Many strings as one UTF-8 byte array and (n + 1,) int64 offsets: string i is blob[offsets[i]:offsets[i+1]].
+    Two numpy arrays instead of a Python object per string, so forked workers share them (see the module docstring);
+    the arrays may be memory-mapped index fields."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob, self.offsets = blob, offsets
+
+    @classmethod
+    def from_strings(cls, strings) -> "StringTable":
+        encoded = [s.encode() for s in strings]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
 
 
-def read_list(list_path: Path, root: Path) -> list[tuple[Path, Path]]:
-    """MSeg-style list -> [(image path, label path)], both joined to `root`. Empty list or a bad line raise."""
-    pairs = []
+def read_list(list_path: Path) -> tuple[StringTable, StringTable]:
+    """MSeg-style list -> (image paths, label paths) as written in the list (relative to the dataset root).
+    An empty list or a bad line raise."""
+    images, labels = [], []
     for n, line in enumerate(Path(list_path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split()
         if len(fields) != 2:
             raise DataError(f"{list_path}:{n}: expected `image_path label_path`, got {line!r}")
-        pairs.append((root / fields[0], root / fields[1]))
-    if not pairs:
+        images.append(fields[0])
+        labels.append(fields[1])
+    if not images:
         raise DataError(f"{list_path}: the list is empty")
-    return pairs
+    return StringTable.from_strings(images), StringTable.from_strings(labels)
 
 
-def pair_folders(images: Path, labels: Path, image_suffix: str, label_suffix: str) -> list[tuple[Path, Path]]:
-    """Two folders paired by file stem (the detectron2 layouts of the open-vocabulary benchmarks) -> [(image path,
-    label path)], sorted by stem.
+def pair_folders(root: Path, images: str, labels: str, image_suffix: str,
+                 label_suffix: str) -> tuple[StringTable, StringTable]:
+    """Two folders below `root` paired by file stem (the detectron2 layouts of the open-vocabulary benchmarks) ->
+    (image paths, label paths) relative to root, sorted by stem, as read_list returns a list's.
 
     The label folder defines the samples: its `*label_suffix` files, each of which needs an image `<stem>image_suffix`
     (a label without its image raises, naming the stems). Images without a label are not samples: the benchmarks keep
@@ -54,30 +83,23 @@ def pair_folders(images: Path, labels: Path, image_suffix: str, label_suffix: st
     them), as detectron2's load_sem_seg, which takes the two folders' intersection, expects.
     Listing is one scandir of each folder (ADE20K-847 val: 2,000 files; PASCAL-Context: 10,103): cheap at start-up.
     """
-    for folder in (images, labels):
+    image_dir, label_dir = Path(root) / images, Path(root) / labels
+    for folder in (image_dir, label_dir):
         if not folder.is_dir():
             raise DataError(f"{folder}: not a folder")
-    with os.scandir(labels) as entries:
+    with os.scandir(label_dir) as entries:
         stems = sorted(e.name[:-len(label_suffix)] for e in entries
                        if e.name.endswith(label_suffix) and len(e.name) > len(label_suffix))
     if not stems:
-        raise DataError(f"{labels}: no label files ending in {label_suffix!r}")
-    with os.scandir(images) as entries:
+        raise DataError(f"{label_dir}: no label files ending in {label_suffix!r}")
+    with os.scandir(image_dir) as entries:
         have = {e.name for e in entries}
     lonely = [s for s in stems if s + image_suffix not in have]
     if lonely:
         shown = ", ".join(lonely[:10]) + (f" ... and {len(lonely) - 10} more" if len(lonely) > 10 else "")
-        raise DataError(f"{labels}: {len(lonely)} label(s) have no image {images}/<stem>{image_suffix}: {shown}")
-    return [(images / f"{s}{image_suffix}", labels / f"{s}{label_suffix}") for s in stems]
-
-
-def check_exist(paths, what: str, show: int = 10) -> None:
-    """Raise DataError listing the first `show` missing paths (one os.path.exists per path: cheap at start-up)."""
-    missing = [str(p) for p in paths if not os.path.exists(p)]
-    if missing:
-        listed = "\n  ".join(missing[:show])
-        more = f"\n  ... and {len(missing) - show} more" if len(missing) > show else ""
-        raise DataError(f"{what}: {len(missing)} listed file(s) do not exist:\n  {listed}{more}")
+        raise DataError(f"{label_dir}: {len(lonely)} label(s) have no image {image_dir}/<stem>{image_suffix}: {shown}")
+    return (StringTable.from_strings(f"{images}/{s}{image_suffix}" for s in stems),
+            StringTable.from_strings(f"{labels}/{s}{label_suffix}" for s in stems))
 
 
 def read_names(path: Path) -> list[str]:
@@ -97,6 +119,8 @@ def open_image(path: Path) -> Image.Image:
     """Open (header only; pixels are decoded later, after `draft`)."""
     try:
         return Image.open(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise DataError(f"{path}: unreadable image ({e})") from None
 
@@ -159,40 +183,7 @@ def read_color_label(path: Path, codes: np.ndarray, ids: np.ndarray) -> np.ndarr
     return ids[pos]
 
 
-# ---- OpenImages V6 segmentation -------------------------------------------------------------------------------------
-
-def read_class_descriptions(path: Path) -> tuple[list[str], list[str]]:
-    """`LabelName,DisplayName` CSV (header optional, as in oidv6-class-descriptions.csv) -> (label names, names)."""
-    label_names, display = [], []
-    with open(path, newline="") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if n == 1 and row == ["LabelName", "DisplayName"]:
-                continue
-            if len(row) != 2:
-                raise DataError(f"{path}:{n}: expected `LabelName,DisplayName`, got {row}")
-            label_names.append(row[0])
-            display.append(row[1])
-    if not label_names:
-        raise DataError(f"{path}: no classes")
-    return label_names, display
-
-
-def read_openimages_masks(path: Path, class_ids: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
-    """Masks CSV -> {ImageID: [(MaskPath, raw class id), ...]}, images in first-appearance order."""
-    per_image: dict[str, list[tuple[str, int]]] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not set(OPENIMAGES_MASK_COLUMNS[:3]) <= set(reader.fieldnames):
-            raise DataError(f"{path}: header {reader.fieldnames} lacks MaskPath,ImageID,LabelName "
-                            f"(expected {','.join(OPENIMAGES_MASK_COLUMNS)})")
-        for n, row in enumerate(reader, 2):
-            if row["LabelName"] not in class_ids:
-                raise DataError(f"{path}:{n}: LabelName {row['LabelName']} is not in the class descriptions")
-            per_image.setdefault(row["ImageID"], []).append((row["MaskPath"], class_ids[row["LabelName"]]))
-    if not per_image:
-        raise DataError(f"{path}: no masks")
-    return per_image
-
+# ---- OpenImages V6 segmentation --------------------------------------------------------------------------------------
 
 def paint_openimages(size: tuple[int, int], masks: list[tuple[Path, int]], ignore_id: int) -> np.ndarray:
     """Instance masks -> (H, W) int32 raw ids; pixels no mask covers get `ignore_id` (coarse labels: unlabelled is
@@ -221,54 +212,160 @@ def paint_openimages(size: tuple[int, int], masks: list[tuple[Path, int]], ignor
     return out
 
 
-# ---- COCO-format boxes (Objects365) ----------------------------------------------------------------------------------
-
-def load_coco_boxes(json_path) -> dict[str, tuple[torch.Tensor, list[str]]]:
-    """COCO JSON -> {image file_name: (boxes FloatTensor (K, 4) xyxy in original pixels, [category name] * K)}.
-
-    Every image of the JSON is present (K may be 0), in the JSON's image order; boxes in annotation order. This order
-    is the contract with clip_image.py's box-target cache. Degenerate boxes are kept here (the cache counts them);
-    transforms drop boxes that end up narrower than a pixel, with their targets.
-    """
-    coco = _read_json(str(json_path))
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise DataError(f"{json_path}: not a COCO detection JSON (no {key!r})")
-    cat_name = {c["id"]: c["name"] for c in coco["categories"]}
-    file_of = {im["id"]: im["file_name"] for im in coco["images"]}
-    boxes: dict[str, list] = {im["file_name"]: [] for im in coco["images"]}
-    names: dict[str, list] = {im["file_name"]: [] for im in coco["images"]}
-    for ann in coco["annotations"]:
-        if ann["image_id"] not in file_of:
-            raise DataError(f"{json_path}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}")
-        if ann["category_id"] not in cat_name:
-            raise DataError(f"{json_path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
-        x, y, bw, bh = ann["bbox"]  # COCO: top-left corner + size
-        file_name = file_of[ann["image_id"]]
-        boxes[file_name].append([x, y, x + bw, y + bh])
-        names[file_name].append(cat_name[ann["category_id"]])
-    return {f: (torch.tensor(boxes[f], dtype=torch.float32).reshape(-1, 4), names[f]) for f in boxes}
+# ---- Index folders of the weak sources (written by indexes.py) -------------------------------------------------------
+# One .npy file per field, memory-mapped (map_npy), plus index.json: kind, format, build (an id that box
+# targets record), class names, counts, the source files (size, mtime), what the build checked and dropped.
+# `X_offsets` fields are (n + 1,) int64: item i owns rows offsets[i]:offsets[i+1] of X. Sizes are at full scale.
+INDEX_FORMAT = 1
+INDEX_FIELDS = {  # kind -> {field: (dtype, shape)}; a shape entry names a count in index.json ("x+1": count + 1)
+    "coco_boxes": {  # Objects365 V2 train: 1.74M images, 25.4M boxes
+        "image_names": ("uint8", ("image_name_bytes",)),  # paths under the images folder: 1.74M x ~30 B = 52 MB
+        "image_names_offsets": ("int64", ("images+1",)),  # 1.74M x int64 = 14 MB
+        "image_sizes": ("int32", ("images", 2)),  # (width, height) as the JSON gives them: 14 MB
+        "box_offsets": ("int64", ("images+1",)),  # image i's boxes are rows box_offsets[i]:box_offsets[i+1]: 14 MB
+        "boxes": ("float32", ("boxes", 4)),  # 25.4M boxes x 4 float32 (x1, y1, x2, y2 in pixels) = 406 MB
+        "box_classes": ("int16", ("boxes",)),  # class id = position in the JSON's categories: 25.4M x 2 B = 51 MB
+    },
+    "openimages": {  # OpenImages V6 segmentation train: 944k images, 2.69M masks
+        "image_names": ("uint8", ("image_name_bytes",)),  # ImageIDs (16 hex digits): 944k x 16 B = 15 MB
+        "image_names_offsets": ("int64", ("images+1",)),  # 7.6 MB
+        "mask_offsets": ("int64", ("images+1",)),  # image i's masks are rows mask_offsets[i]:mask_offsets[i+1]: 7.6 MB
+        "mask_names": ("uint8", ("mask_name_bytes",)),  # paths under the masks folder: 2.69M x ~36 B = 97 MB
+        "mask_names_offsets": ("int64", ("masks+1",)),  # 21 MB
+        "mask_classes": ("int16", ("masks",)),  # class id = line of the MID in the classes file: 5.4 MB
+    },
+}
+OFFSET_OF = {"image_names_offsets": "image_names", "box_offsets": "boxes", "mask_offsets": "mask_classes",
+             "mask_names_offsets": "mask_names"}  # offsets field -> the field whose rows it points into
 
 
-def coco_category_names(json_path) -> list[str]:
-    """Category names of a COCO JSON in category order (the source's class list)."""
-    coco = _read_json(str(json_path))
-    if "categories" not in coco:
-        raise DataError(f"{json_path}: not a COCO detection JSON (no 'categories')")
-    return [c["name"] for c in coco["categories"]]
+def map_npy(path) -> np.ndarray:
+    """A read-only memory map of a .npy file, as numpy.load(mmap_mode="r") gives, advised MADV_RANDOM: training
+    reads a few rows here and there, and on a page fault the kernel would otherwise read read_ahead_kb around it
+    (8 MB on the test machine): megabytes of I/O and page cache per 16-byte box, which also showed as ~60 MiB of
+    mapped file pages per worker (tools/bench_weak_data.py). Raises ValueError for a truncated file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset, size = f.tell(), Path(path).stat().st_size
+        if size < offset + int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"{size} bytes, the header announces {dtype} {shape}")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after the file is closed
+    if hasattr(mmap, "MADV_RANDOM"):  # Linux, macOS
+        m.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype, buffer=m, offset=offset, order="F" if fortran else "C")
 
 
-@functools.lru_cache(maxsize=2)
-def _read_json(path: str) -> dict:
-    """Objects365's JSON is gigabytes: read it once per process even though class names and boxes both need it."""
+def read_index_meta(folder, kind: str) -> dict:
+    """index.json of an index folder of `kind` (class names, counts, provenance); raises if absent or of another
+    kind."""
+    path = Path(folder) / "index.json"
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable JSON ({e})") from None
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{folder}: not an index folder (no index.json); build it with `python indexes.py {kind} "
+                        f"...`") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if (meta.get("kind"), meta.get("format")) != (kind, INDEX_FORMAT):
+        raise DataError(f"{path}: a {meta.get('kind')!r} index of format {meta.get('format')}, expected {kind!r} "
+                        f"format {INDEX_FORMAT}; rebuild it with `python indexes.py {kind} ...`")
+    return meta
 
 
-# ---- The formats: one block each, one line in FORMATS ---------------------------------------------------------------
+class Index:
+    """An index folder opened for reading: `meta` (index.json) and `arrays` (field -> read-only memory map), checked
+    against each other when opened, so a truncated or inconsistent index raises naming the folder and the field.
+    The checks read the offsets only (tens of MB at full scale), never the boxes or masks. Pickled (into a spawned
+    worker), an Index carries its folder and meta and maps the files again."""
+
+    def __init__(self, folder, kind: str):
+        self.folder, self.kind = Path(folder), kind
+        self.meta = read_index_meta(folder, kind)
+        self.arrays = self._map()
+        self._check()
+
+    def __getstate__(self):
+        return {"folder": self.folder, "kind": self.kind, "meta": self.meta}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.arrays = self._map()
+
+    def _map(self) -> dict[str, np.ndarray]:
+        arrays = {}
+        for field in INDEX_FIELDS[self.kind]:
+            try:
+                arrays[field] = map_npy(self.folder / f"{field}.npy")
+            except (OSError, ValueError) as e:
+                raise DataError(f"{self.folder}: field {field} ({field}.npy) is missing, truncated or unreadable "
+                                f"({e}); rebuild the index") from None
+        return arrays
+
+    def _check(self) -> None:
+        counts = self.meta["counts"]
+        for field, (dtype, shape) in INDEX_FIELDS[self.kind].items():
+            want = tuple(d if isinstance(d, int) else counts[d[:-2]] + 1 if d.endswith("+1") else counts[d]
+                         for d in shape)
+            got = self.arrays[field]
+            if got.dtype != np.dtype(dtype) or got.shape != want:
+                raise DataError(f"{self.folder}: field {field} is {got.dtype} {got.shape}, index.json says "
+                                f"{dtype} {want}; the index is truncated or mixed up, rebuild it")
+        for field, target in OFFSET_OF.items():
+            if field in self.arrays:
+                off, rows = self.arrays[field], len(self.arrays[target])
+                if hasattr(mmap, "MADV_WILLNEED"):  # read whole, in large reads (the map is advised random)
+                    off.base.madvise(mmap.MADV_WILLNEED)
+                if off[0] != 0 or off[-1] != rows or (np.diff(off) < 0).any():
+                    raise DataError(f"{self.folder}: field {field} does not run from 0 to {rows} without going "
+                                    f"backwards (the rows of {target}); rebuild the index")
+
+    def __len__(self) -> int:
+        return self.meta["counts"]["images"]
+
+    def strings(self, field: str) -> StringTable:
+        return StringTable(self.arrays[field], self.arrays[field + "_offsets"])
+
+    def rows(self, offsets_field: str, i: int) -> slice:
+        off = self.arrays[offsets_field]
+        return slice(int(off[i]), int(off[i + 1]))
+
+
+# The box targets of a coco_boxes index (written by `clip_image.py`, which resumes): a folder of
+#   targets.npy   (total boxes, C) float16: row r = CLIP image embedding (L2-normalised) of box row r of the index,
+#                 or NaN where the image was unreadable (clip_image.py --skip_bad): those boxes have no target;
+#                 25.4M boxes x 512 x 2 B = 26 GB, memory-mapped, so only the rows of the sampled images are read
+#   done.npy      (shards,) uint8: 1 once the rows of shard s (rows s * shard_rows ...) are on disk
+#   targets.json  {index_build, rows, dim, shard_rows, encoder}
+BOX_TARGETS_FILES = ("targets.npy", "done.npy", "targets.json")
+
+
+def open_box_targets(folder, index: Index) -> np.ndarray:
+    """The finished (total boxes, C) float16 targets of `index`, memory-mapped. Targets of another index build,
+    unfinished shards or a truncated file raise naming the folder."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "targets.json").read_text())
+        done = np.load(folder / "done.npy")
+        targets = map_npy(folder / "targets.npy")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{folder}: not a box-target folder, or a truncated one ({e}); write it with "
+                        f"`clip_image.py --index {index.folder} --out {folder}`") from None
+    if meta.get("index_build") != index.meta["build"]:
+        raise DataError(f"{folder}: box targets of index build {meta.get('index_build')}, but {index.folder} is "
+                        f"build {index.meta['build']} (rebuilt since?); write the targets again")
+    if not done.all():
+        raise DataError(f"{folder}: {int((done == 0).sum())} of {len(done)} shards are not written yet; rerun "
+                        f"the clip_image.py command, it resumes with the missing shards")
+    if targets.dtype != np.float16 or targets.shape != (index.meta["counts"]["boxes"], meta.get("dim")):
+        raise DataError(f"{folder}/targets.npy: expected float16 ({index.meta['counts']['boxes']}, "
+                        f"{meta.get('dim')}), got {targets.dtype} {targets.shape}")
+    return targets
+
+
+# ---- The formats: one block each, one line in FORMATS ----------------------------------------------------------------
 # `open(cfg)` returns the samples of a source (a data.SourceConfig): len(samples), samples.image(i) -> image path,
 # samples.label(i, (w, h)) -> ((H, W) int32 raw ids, the label's path for messages) or None for a source without
 # masks, and samples.boxes(i) -> ((K, 4) float xyxy in original pixels, (K,) int64 raw ids, (K, C) box targets) or
@@ -296,13 +393,12 @@ def check_pairs(cfg) -> None:
                          f"'labels' (or a 'list' instead)")
 
 
-def sample_pairs(cfg) -> list[tuple[Path, Path]]:
-    """[(image path, label path)] of a list source or a folder-pair source."""
+def sample_pairs(cfg) -> tuple[StringTable, StringTable]:
+    """(image paths, label paths), relative to the root, of a list source or a folder-pair source. Nothing is checked
+    per file here (millions of files on a network filesystem): a file that vanished is a DataError when it is read."""
     if cfg.list:
-        pairs = read_list(cfg.path(cfg.list), Path(cfg.root))
-        check_exist([p for pair in pairs for p in pair], f"source {cfg.name} ({cfg.path(cfg.list)})")
-        return pairs
-    return pair_folders(cfg.path(cfg.images), cfg.path(cfg.labels), cfg.image_suffix, cfg.label_suffix)
+        return read_list(cfg.path(cfg.list))
+    return pair_folders(Path(cfg.root), cfg.images, cfg.labels, cfg.image_suffix, cfg.label_suffix)
 
 
 class ListSamples(Samples):
@@ -310,17 +406,21 @@ class ListSamples(Samples):
     one label file."""
 
     def __init__(self, cfg, read: Callable[[Path], np.ndarray]):
-        self.pairs = sample_pairs(cfg)  # [(image, label)]
-        self.read = read
+        self.root, self.read = Path(cfg.root), read
+        self.images, self.labels = sample_pairs(cfg)  # MSeg's seven train lists: 180k lines, ~25 MB
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.images)
 
     def image(self, i: int) -> Path:
-        return self.pairs[i][0]
+        return self.root / self.images[i]
+
+    def label_path(self, i: int) -> Path:
+        return self.root / self.labels[i]
 
     def label(self, i: int, size: tuple[int, int]):
-        return self.read(self.pairs[i][1]), self.pairs[i][1]
+        path = self.label_path(i)
+        return self.read(path), path
 
 
 def open_color_list(cfg) -> ListSamples:
@@ -328,64 +428,67 @@ def open_color_list(cfg) -> ListSamples:
     return ListSamples(cfg, lambda path: read_color_label(path, codes, ids))
 
 
-# -- openimages: OpenImages V6 segmentation (class descriptions CSV, masks CSV, one binary PNG per instance) --
+# -- openimages: OpenImages V6 segmentation through its index (indexes.py openimages): images, one PNG per instance --
 
 class OpenImagesSamples(Samples):
-    """One sample per image of the masks CSV; its label paints the image's instance masks (paint_openimages), and
+    """One sample per image of the index; its label paints the image's instance masks (paint_openimages), and
     pixels no mask covers get the raw id one past the last class, which the format ignores."""
 
     def __init__(self, cfg):
-        label_names, _ = read_class_descriptions(cfg.path(cfg.class_descriptions))
-        per_image = read_openimages_masks(cfg.path(cfg.masks_csv), {ln: i for i, ln in enumerate(label_names)})
-        # mask names stay strings (joined at load time): the train CSV has 2.7M masks and every worker holds them
-        self.masks_dir, self.unlabelled = cfg.path(cfg.masks), len(label_names)
-        self.items = [(cfg.path(cfg.images) / f"{image_id}.jpg", masks) for image_id, masks in per_image.items()]
-        check_exist([p for image, masks in self.items for p in [image] + [self.masks_dir / m for m, _ in masks]],
-                    f"source {cfg.name} ({cfg.path(cfg.masks_csv)})")
+        self.index = Index(cfg.path(cfg.index), "openimages")
+        self.images, self.masks = cfg.path(cfg.images), cfg.path(cfg.masks)
+        self.unlabelled = len(self.index.meta["class_names"])
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.index)
 
     def image(self, i: int) -> Path:
-        return self.items[i][0]
+        return self.images / f"{self.index.strings('image_names')[i]}.jpg"
 
     def label(self, i: int, size: tuple[int, int]):
-        masks = [(self.masks_dir / mask, raw_id) for mask, raw_id in self.items[i][1]]
+        rows, names = self.index.rows("mask_offsets", i), self.index.strings("mask_names")
+        classes = self.index.arrays["mask_classes"][rows]
+        masks = [(self.masks / names[j], int(c)) for j, c in zip(range(rows.start, rows.stop), classes)]
         return paint_openimages(size, masks, self.unlabelled), masks[0][0]
 
 
-# -- coco_boxes: a COCO-format box JSON (Objects365) and, for the box loss, the CLIP box-target cache of clip_image.py --
+# -- coco_boxes: a COCO-format box file (Objects365) through its index (indexes.py coco_boxes), and for the box loss
+#    the CLIP box targets of clip_image.py, row for row --
 
 class CocoBoxSamples(Samples):
-    """One sample per image of the JSON (load_coco_boxes order); no masks, boxes with their CLIP targets."""
+    """One sample per image of the index; no masks, boxes with their CLIP targets."""
 
     def __init__(self, cfg):
-        json_path = cfg.path(cfg.boxes_json)
-        self.boxes_of = load_coco_boxes(json_path)  # {file: ((K, 4), [name] * K)}
-        self.items = [(cfg.path(cfg.images) / file_name, file_name) for file_name in self.boxes_of]
-        if not self.items:
-            raise DataError(f"{json_path}: no images")
-        self.targets_path = cfg.path(cfg.box_targets)
-        check_exist([image for image, _ in self.items] + [self.targets_path], f"source {cfg.name} ({json_path})")
-        self.raw_id = {name: i for i, name in enumerate(coco_category_names(json_path))}
-        cache = torch.load(self.targets_path, map_location="cpu", weights_only=True)
-        self.targets = cache["targets"]  # {file: (K, C)} in load_coco_boxes order
+        self.index = Index(cfg.path(cfg.index), "coco_boxes")
+        self.images, self.targets_folder = cfg.path(cfg.images), cfg.path(cfg.box_targets)
+        self.targets = open_box_targets(self.targets_folder, self.index)  # (total boxes, C) float16, mapped
+
+    def __getstate__(self):  # a spawned worker maps the targets again: pickling a memmap copies all of it (26 GB)
+        return dict(self.__dict__, targets=None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.targets = map_npy(self.targets_folder / "targets.npy")
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.index)
 
     def image(self, i: int) -> Path:
-        return self.items[i][0]
+        return self.images / self.index.strings("image_names")[i]
 
     def boxes(self, i: int):
-        file_name = self.items[i][1]
-        boxes, names = self.boxes_of[file_name]
-        targets = self.targets.get(file_name)
-        if targets is None or targets.shape[0] != boxes.shape[0]:
-            got = "none" if targets is None else f"{targets.shape[0]} rows"
-            raise DataError(f"{self.targets_path}: {file_name} needs {boxes.shape[0]} box targets "
-                            f"(load_coco_boxes order), the cache has {got}")
-        return boxes, torch.tensor([self.raw_id[n] for n in names], dtype=torch.int64), targets.float()
+        rows = self.index.rows("box_offsets", i)
+        a = self.index.arrays
+        targets = self.targets[rows].astype(np.float32)  # (K, C), copied out of the read-only map
+        has = ~np.isnan(targets).any(1)  # NaN: the box's image was unreadable when the targets were made
+        return (torch.from_numpy(a["boxes"][rows][has]),  # (K', 4)
+                torch.from_numpy(a["box_classes"][rows][has].astype(np.int64)),  # (K',)
+                torch.from_numpy(targets[has]))  # (K', C)
+
+
+def index_class_names(kind: str) -> Callable:
+    """cfg -> the class names recorded in the source's index (openimages: MIDs; coco_boxes: category names)."""
+    return lambda cfg: read_index_meta(cfg.path(cfg.index), kind)["class_names"]
 
 
 @dataclass(frozen=True)
@@ -404,9 +507,7 @@ FORMATS = {
                  check=check_pairs),
     "color": Format((("list", "labels"), "colors"), lambda cfg: color_codes(cfg.colors)[2], open_color_list,
                     check=check_pairs),
-    "openimages": Format(("images", "masks", "masks_csv", "class_descriptions"),
-                         lambda cfg: read_class_descriptions(cfg.path(cfg.class_descriptions))[1],
-                         OpenImagesSamples, ignore=lambda cfg, n: [n]),  # painted where no mask lies
-    "coco_boxes": Format(("images", "boxes_json"), lambda cfg: coco_category_names(cfg.path(cfg.boxes_json)),
-                         CocoBoxSamples),
+    "openimages": Format(("index", "images", "masks"), index_class_names("openimages"), OpenImagesSamples,
+                         ignore=lambda cfg, n: [n]),  # painted where no mask lies
+    "coco_boxes": Format(("index", "images"), index_class_names("coco_boxes"), CocoBoxSamples),
 }

@@ -4,6 +4,8 @@ import csv
 import json
 from pathlib import Path
 
+import indexes
+
 import numpy as np
 import torch
 import yaml
@@ -17,7 +19,7 @@ SPEC = LabelSpec(
     sentences={k: f"An image of {k}." for k in KEYS},
     datasets={"toy-ids": {"sky": "sky", "road": "road", "car": "car", "junk": "ignore"},
               "toy-colors": {"various": "ignore", "window": "window", "road": "road"},
-              "toy-oi": {"Car": "car", "Person": "person", "Tree": "ignore"},
+              "toy-oi": {"/m/0k4j": "car", "/m/01g317": "person", "/m/07j7r": "ignore"},  # by MID
               "toy-o365": {"car": "car", "person": "person", "junk": "ignore"}})
 TABLE = LabelTable(names=KEYS, sentences=KEYS, embeddings=torch.eye(len(KEYS)), encoder="test")
 ROW = {k: i for i, k in enumerate(KEYS)}
@@ -63,8 +65,13 @@ def write_color_dataset(root: Path, n: int = 2, size=(36, 24), seed: int = 1) ->
     return out
 
 
-def write_openimages(root: Path) -> dict:
-    """OpenImages V6 layout: class descriptions CSV, masks CSV (exact public header), mask PNGs, images.
+OPENIMAGES_HEADER = ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
+                     "PredictedIoU", "Clicks"]  # train-annotations-object-segmentation.csv, as published
+
+
+def write_openimages(root: Path, index: bool = True) -> dict:
+    """OpenImages V6 layout: classes-segmentation.txt (one MID a line), oidv6-class-descriptions.csv, the masks CSV
+    (exact public header), mask PNGs as unzipped (flat, named by MaskPath), images/<ImageID>.jpg; then the index.
 
     Image a1 (W=8, H=6): a full-size Car mask on columns 0..5, a half-size Person mask (4x3 -> 8x6 by nearest) on
     rows 0..1 / columns 4..7 (so it overlaps the car at columns 4..5 and, being smaller, wins there), a Tree mask
@@ -73,10 +80,11 @@ def write_openimages(root: Path) -> dict:
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     rng = np.random.default_rng(2)
+    (root / "classes-segmentation.txt").write_text("/m/0k4j\n/m/01g317\n/m/07j7r\n")
     with open(root / "oidv6-class-descriptions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["LabelName", "DisplayName"])
-        w.writerows([["/m/0k4j", "Car"], ["/m/01g317", "Person"], ["/m/07j7r", "Tree"]])
+        w.writerows([["/m/0k4j", "Car"], ["/m/01g317", "Person"], ["/m/07j7r", "Tree"], ["/m/0xyz", "Unused"]])
     car = np.zeros((6, 8), np.uint8)
     car[:, 0:6] = 255
     person_small = np.zeros((3, 4), np.uint8)  # stored at half size
@@ -85,18 +93,19 @@ def write_openimages(root: Path) -> dict:
     tree[5, 7] = 255
     b2 = np.zeros((4, 5), np.uint8)
     b2[0, :] = 255
-    masks = [("a1_m0k4j_0001.png", "a1", "/m/0k4j", car), ("a1_m01g317_0002.png", "a1", "/m/01g317", person_small),
-             ("a1_m07j7r_0003.png", "a1", "/m/07j7r", tree), ("b2_m01g317_0004.png", "b2", "/m/01g317", b2)]
+    masks = [("a1_m0k4j_0001.png", "a1", "/m/0k4j", car), ("b2_m01g317_0004.png", "b2", "/m/01g317", b2),
+             ("a1_m01g317_0002.png", "a1", "/m/01g317", person_small), ("a1_m07j7r_0003.png", "a1", "/m/07j7r", tree)]
     for name, _, _, m in masks:
         Image.fromarray(m).save(root / "masks" / name)
     rgb_image(rng, 8, 6).save(root / "images" / "a1.jpg")
     rgb_image(rng, 5, 4).save(root / "images" / "b2.jpg")
     with open(root / "train-annotations-object-segmentation.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
-                    "PredictedIoU", "Clicks"])
-        for name, image_id, label, _ in masks:
-            w.writerow([name, image_id, label, name[-8:-4], "0.0", "1.0", "0.0", "1.0", "0.9", ""])
+        w.writerow(OPENIMAGES_HEADER)
+        for name, image_id, label, _ in masks:  # b2 between a1's masks: masks are grouped per image by the index
+            w.writerow([name, image_id, label, name[-8:-4], "0.0", "1.0", "0.0", "1.0", "0.9", "0.5 0.5 1"])
+    if index:
+        build_openimages_index(root)
     expected_a1 = np.full((6, 8), -1)
     expected_a1[:, 0:6] = ROW["car"]
     expected_a1[0:2, 4:8] = ROW["person"]
@@ -105,22 +114,53 @@ def write_openimages(root: Path) -> dict:
     return {"a1": expected_a1, "b2": expected_b2}
 
 
-def write_coco_boxes(root: Path, dim: int = 6) -> dict:
-    """Objects365-style COCO JSON (bbox = [x, y, w, h]) + images + a box-target cache in load_coco_boxes order."""
-    (root / "images").mkdir(parents=True)
+def build_openimages_index(root: Path, **kw):
+    return indexes.build_openimages(root / "train-annotations-object-segmentation.csv",
+                                    root / "classes-segmentation.txt", root / "images", root / "masks", root / "index",
+                                    descriptions=root / "oidv6-class-descriptions.csv", **kw)
+
+
+def o365_name(image_id: int) -> str:
+    """The JSON's file_name of an Objects365 V2 train image (patch 0..15 are v1 images)."""
+    return f"images/v1/patch{image_id % 16}/objects365_v1_{image_id:08d}.jpg"
+
+
+def write_coco_boxes(root: Path, dim: int = 6, layout: str = "mmdetection") -> np.ndarray:
+    """Objects365 V2 layout: zhiyuan_objv2_train.json with its fields (bbox = [x, y, w, h]), images where
+    mmdetection's layout puts them (train/patchN/<file>; layout="json": train/<file_name>), the index, and a box-target
+    folder in clip_image.py's format written here by hand. Returns the targets, (3, dim) float16 in index row order."""
     rng = np.random.default_rng(3)
-    rgb_image(rng, 64, 48).save(root / "images" / "o1.jpg")
-    rgb_image(rng, 32, 32).save(root / "images" / "o2.jpg")
-    coco = {"images": [{"id": 7, "file_name": "o1.jpg", "width": 64, "height": 48},
-                       {"id": 9, "file_name": "o2.jpg", "width": 32, "height": 32}],
-            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}, {"id": 3, "name": "junk"}],
-            "annotations": [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [4, 6, 20, 10], "iscrowd": 0},
-                            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [30, 2, 5, 5], "iscrowd": 0},
-                            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [40, 20, 10, 25], "iscrowd": 0}]}
-    (root / "o365.json").write_text(json.dumps(coco))
-    targets = {"o1.jpg": torch.randn(3, dim, generator=torch.Generator().manual_seed(0)), "o2.jpg": torch.zeros(0, dim)}
-    torch.save({"encoder": "test", "targets": targets}, root / "targets.pt")
+    for image_id, (w, h) in ((7, (64, 48)), (9, (32, 32))):
+        name = o365_name(image_id)
+        path = root / "train" / (name if layout == "json" else "/".join(name.split("/")[-2:]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rgb_image(rng, w, h).save(path)
+    coco = {"images": [{"height": 48, "id": 7, "license": 5, "width": 64, "file_name": o365_name(7), "url": ""},
+                       {"height": 32, "id": 9, "license": 5, "width": 32, "file_name": o365_name(9), "url": ""}],
+            "annotations": [dict(id=1, iscrowd=0, isfake=0, area=200.0, isreflected=0, bbox=[4, 6, 20, 10], image_id=7,
+                                 category_id=2),
+                            dict(id=2, iscrowd=0, isfake=0, area=25.0, isreflected=0, bbox=[30, 2, 5, 5], image_id=7,
+                                 category_id=3),
+                            dict(id=3, iscrowd=1, isfake=0, area=250.0, isreflected=0, bbox=[40, 20, 10, 25],
+                                 image_id=7, category_id=1)],
+            "categories": [{"name": "person", "id": 1}, {"name": "car", "id": 2}, {"name": "junk", "id": 3}],
+            "licenses": [{"name": "test", "id": 5, "url": ""}]}
+    (root / "zhiyuan_objv2_train.json").write_text(json.dumps(coco))
+    index = indexes.build_coco_boxes(root / "zhiyuan_objv2_train.json", root / "train", root / "index")
+    targets = np.random.default_rng(4).standard_normal((3, dim)).astype(np.float16)
+    write_box_targets(root / "targets", targets, index.meta["build"])
     return targets
+
+
+def write_box_targets(folder: Path, targets: np.ndarray, build: str, shard_rows: int = 2, done=None):
+    """A box-target folder as clip_image.py writes it (readers.BOX_TARGETS_FILES)."""
+    folder.mkdir(parents=True)
+    np.save(folder / "targets.npy", targets)
+    shards = -(-len(targets) // shard_rows)
+    np.save(folder / "done.npy", np.ones(shards, np.uint8) if done is None else np.asarray(done, np.uint8))
+    (folder / "targets.json").write_text(json.dumps({"index_build": build, "rows": len(targets),
+                                                     "dim": targets.shape[1], "shard_rows": shard_rows,
+                                                     "encoder": "test"}))
 
 
 def shared_sources(shared_dir: Path) -> list[dict]:

@@ -1,6 +1,14 @@
 """clip_image.py: parity of the ViT image tower with HF CLIPVisionModelWithProjection on the same random weights, in
-both checkpoint formats; strict loading; preprocessing; the box-target cache command on a synthetic COCO file."""
+both checkpoint formats; strict loading; preprocessing; the box-target command on a small index, its resumption
+after SIGKILL under torchrun."""
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +19,12 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+import indexes  # noqa: E402
 from clip_image import CLIP_MEAN, CLIP_STD, box_crops, load_image_tower, main, preprocess  # noqa: E402
-from errors import WeightsError  # noqa: E402
+from errors import DataError, WeightsError  # noqa: E402
+from readers import open_box_targets  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
               patch_size=8, hidden_act="quick_gelu")  # heads = width // 64, CLIP's rule
@@ -148,32 +160,100 @@ def test_box_crops_cut_the_box_and_stretch_it():
     torch.testing.assert_close(crops[2], black.expand(3, 16, 16), atol=1e-5, rtol=0)  # empty box: one pixel
 
 
-def test_box_cache_command(weights, tmp_path):
-    rng = np.random.default_rng(0)
-    names = ["a.jpg", "b.png", "empty.png"]
-    for i, n in enumerate(names):
-        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(tmp_path / n, quality=95)
-    anns = [(0, [2, 3, 20, 30], 1), (1, [10, 5, 30, 20], 2), (0, [30, 10, 20, 25], 2), (1, [0, 0, 56, 48], 1),
-            (0, [5, 5, 0, 0], 1)]  # interleaved images, a whole-image box, a degenerate box
-    coco = {"images": [{"id": i, "file_name": n, "width": 56, "height": 40 + 8 * i} for i, n in enumerate(names)],
-            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}],
-            "annotations": [{"id": k, "image_id": i, "bbox": b, "category_id": c} for k, (i, b, c) in enumerate(anns)]}
-    (tmp_path / "boxes.json").write_text(json.dumps(coco))
-    out = tmp_path / "cache" / "o365.pt"
-    main(["--weights", str(weights["openai"]), "--boxes", str(tmp_path / "boxes.json"), "--images", str(tmp_path),
-          "--out", str(out), "--batch", "2"])  # batch 2: batches straddle images
-    cache = torch.load(out, weights_only=True)
-    assert not list(out.parent.glob("*.tmp")) and "openai.pt" in cache["encoder"]
-    assert list(cache["targets"]) == names
-    assert [tuple(t.shape) for t in cache["targets"].values()] == [(3, 48), (2, 48), (0, 48)]
-    assert cache["targets"]["a.jpg"].dtype == torch.float16
+def write_box_index(root, n_images=3, boxes_per_image=(5, 0, 4), seed=0):
+    """A COCO box JSON with images of different sizes (one without boxes), interleaved annotations, and its index."""
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(n_images):
+        w, h = 56, 40 + 8 * i
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        images.append({"id": 100 + i, "file_name": f"{i}.png", "width": w, "height": h})
+        for _ in range(boxes_per_image[i % len(boxes_per_image)]):
+            x, y = rng.uniform(0, w - 4), rng.uniform(0, h - 4)
+            anns.append({"image_id": 100 + i, "category_id": 1,
+                         "bbox": [x, y, rng.uniform(1, w - x), rng.uniform(1, h - y)]})
+    order = rng.permutation(len(anns))  # annotations of different images interleaved
+    coco = {"images": images, "categories": [{"id": 1, "name": "thing"}],
+            "annotations": [dict(anns[k], id=j) for j, k in enumerate(order)]}
+    (root / "boxes.json").write_text(json.dumps(coco))
+    return indexes.build_coco_boxes(root / "boxes.json", root, root / "index")
+
+
+def test_box_targets_command(weights, tmp_path):
+    index = write_box_index(tmp_path)
+    out = tmp_path / "targets"
+    main(["--weights", str(weights["openai"]), "--index", str(tmp_path / "index"), "--out", str(out),
+          "--shard_rows", "3", "--batch", "2", "--workers", "1"])  # shards straddle images, batches straddle nothing
+    targets = open_box_targets(out, index)
+    assert targets.shape == (9, 48) and targets.dtype == np.float16
+    assert not list(tmp_path.glob(".targets*")) and np.load(out / "done.npy").tolist() == [1, 1, 1]
     model = load_image_tower(weights["openai"])
-    for name, rows in (("a.jpg", [0, 2, 4]), ("b.png", [1, 3])):  # rows in annotation order
-        xyxy = torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (anns[r][1] for r in rows)])
-        with Image.open(tmp_path / name) as img, torch.no_grad():
-            want = F.normalize(model.encode_image(box_crops(img, xyxy, 32)), dim=-1)
-        torch.testing.assert_close(cache["targets"][name].float(), want, atol=2e-3, rtol=0)  # fp16 storage
-    (tmp_path / "b.png").unlink()
-    with pytest.raises(FileNotFoundError, match="b.png"):
-        main(["--weights", str(weights["openai"]), "--boxes", str(tmp_path / "boxes.json"), "--images",
-              str(tmp_path), "--out", str(out)])
+    boxes, offsets = index.arrays["boxes"], index.arrays["box_offsets"]
+    for image in range(3):
+        rows = slice(offsets[image], offsets[image + 1])
+        with Image.open(tmp_path / f"{image}.png") as img, torch.no_grad():
+            want = F.normalize(model.encode_image(box_crops(img, boxes[rows], 32)), dim=-1)
+        torch.testing.assert_close(torch.from_numpy(targets[rows].astype(np.float32)), want, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match=r"holds box targets with other shard_rows"):
+        main(["--weights", str(weights["openai"]), "--index", str(tmp_path / "index"), "--out", str(out),
+              "--shard_rows", "4"])
+
+
+def run_targets(weights, root, out, torchrun=0, background=False):
+    cmd = [sys.executable, "clip_image.py", "--weights", str(weights["openai"]), "--index", str(root / "index"),
+           "--out", str(out), "--shard_rows", "4", "--batch", "2", "--workers", "0", "--device", "cpu"]
+    if torchrun:
+        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "clip_image.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same arithmetic in every process: results compare bitwise
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def kill_tree(pid):
+    """SIGKILL a process and its descendants, children first (torchrun starts each rank in a session of its own,
+    so killing its process group would leave the ranks running)."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        kill_tree(int(child))
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_killed_torchrun_resumes_with_the_unfinished_shards_only(weights, tmp_path):
+    """SIGKILL two ranks mid-run, rerun: the targets equal an uninterrupted one-process run, bit for bit."""
+    index = write_box_index(tmp_path, n_images=40, boxes_per_image=(30, 0, 20, 12))
+    rows = index.meta["counts"]["boxes"]
+    shards = -(-rows // 4)
+    run_targets(weights, tmp_path, tmp_path / "whole")
+    proc = run_targets(weights, tmp_path, tmp_path / "killed", torchrun=2, background=True)
+    done_file, start = tmp_path / "killed" / "done.npy", time.time()
+    while not (done_file.exists() and np.load(done_file).sum() >= 4):
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stdout.read()[-3000:]}"
+        assert time.time() - start < 300, "no shard finished"
+        time.sleep(0.005)
+    kill_tree(proc.pid)
+    proc.wait()
+    finished = int(np.load(done_file).sum())
+    assert 4 <= finished < shards, f"{finished} of {shards} shards done at the kill: not mid-run"
+    log = run_targets(weights, tmp_path, tmp_path / "killed", torchrun=2)
+    todo = [int(m) for m in re.findall(r"rank \d/2: (\d+) of (\d+) unfinished shards", log)[0]]
+    assert todo[1] == shards - finished  # only what was not done is done again
+    whole, resumed = (np.load(tmp_path / d / "targets.npy") for d in ("whole", "killed"))
+    assert whole.shape == (rows, 48) and np.abs(whole).sum(1).min() > 0  # every row written
+    assert np.array_equal(resumed, whole)
+
+
+def test_unreadable_image_stops_the_run_or_gets_nan_rows(weights, tmp_path):
+    index = write_box_index(tmp_path, n_images=4, boxes_per_image=(3, 2))
+    (tmp_path / "2.png").write_bytes((tmp_path / "2.png").read_bytes()[:100])  # truncated
+    args = ["--weights", str(weights["openai"]), "--index", str(tmp_path / "index"), "--shard_rows", "4",
+            "--workers", "0"]
+    with pytest.raises(DataError, match=r"2.png: unreadable or truncated image"):
+        main(args + ["--out", str(tmp_path / "strict")])
+    main(args + ["--out", str(tmp_path / "lenient"), "--skip_bad"])
+    targets = open_box_targets(tmp_path / "lenient", index)
+    offsets = index.arrays["box_offsets"]
+    nan = np.isnan(targets).any(1)
+    assert nan.tolist() == [offsets[2] <= r < offsets[3] for r in range(len(targets))]  # image 2's rows only
+    assert np.isnan(targets[nan]).all() and np.isfinite(targets[~nan]).all()

@@ -1,4 +1,7 @@
 """Sources, readers, label decoding, bad input and the merged CamVid + LabelMeFacade acceptance batch."""
+import json
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -6,9 +9,9 @@ from PIL import Image
 
 import data
 import labels
-from data_fixtures import (COLORS, ROW, SPEC, TABLE, shared_sources, write_coco_boxes, write_color_dataset,
-                           write_id_dataset, write_openimages)
-from readers import DataError, load_coco_boxes
+from data_fixtures import (COLORS, ROW, SPEC, TABLE, shared_sources, write_box_targets, write_coco_boxes,
+                           write_color_dataset, write_id_dataset, write_openimages)
+from readers import DataError
 from sampler import BalancedSampler
 from transforms import TrainTransform
 
@@ -31,7 +34,7 @@ def test_source_config_rejects_unknown_and_mistyped_keys():
         data.SourceConfig.from_dict({"name": "o", "root": "/x", "list": "t.txt", "names": "n", "kind": "boxes"})
     with pytest.raises(ValueError, match=r"source o: encoding coco_boxes needs 'box_targets'"):
         data.SourceConfig.from_dict({"name": "o", "root": "/x", "encoding": "coco_boxes", "kind": "boxes",
-                                     "images": "i", "boxes_json": "o.json"})
+                                     "images": "i", "index": "o365-index"})
     cfg = data.SourceConfig.from_dict({"name": "cam", "root": "/x", "list": "t.txt", "names": "n", "weight": 2})
     assert cfg.weight == 2.0 and cfg.ignore == [255] and cfg.kind == "dense"
 
@@ -116,10 +119,8 @@ def test_unknown_colour_names_path_and_colour(tmp_path):
 
 
 def openimages_source(root):
-    return data.SourceConfig.from_dict(dict(
-        name="oi", root=str(root), encoding="openimages", kind="coarse", taxonomy="toy-oi", images="images",
-        masks="masks", masks_csv="train-annotations-object-segmentation.csv",
-        class_descriptions="oidv6-class-descriptions.csv"))
+    return data.SourceConfig.from_dict(dict(name="oi", root=str(root), encoding="openimages", kind="coarse",
+                                            taxonomy="toy-oi", index="index", images="images", masks="masks"))
 
 
 def test_openimages_masks_resize_overlap_and_unlabelled(tmp_path):
@@ -133,35 +134,63 @@ def test_openimages_masks_resize_overlap_and_unlabelled(tmp_path):
     assert data.source_label_keys([openimages_source(tmp_path)], SPEC) == ["car", "person"]
 
 
-def test_load_coco_boxes_and_box_source(tmp_path):
-    targets = write_coco_boxes(tmp_path)
-    boxes = load_coco_boxes(tmp_path / "o365.json")
-    assert list(boxes) == ["o1.jpg", "o2.jpg"]
-    xyxy, names = boxes["o1.jpg"]
-    assert xyxy.dtype == torch.float32 and names == ["car", "junk", "person"]
-    assert xyxy.tolist() == [[4, 6, 24, 16], [30, 2, 35, 7], [40, 20, 50, 45]]
-    assert boxes["o2.jpg"][0].shape == (0, 4) and boxes["o2.jpg"][1] == []
+def box_source(root, **kw):
+    return data.SourceConfig.from_dict(dict(dict(name="o365", root=str(root), encoding="coco_boxes", kind="boxes",
+                                                 taxonomy="toy-o365", index="index", images="train",
+                                                 box_targets="targets"), **kw))
 
-    cfg = data.SourceConfig.from_dict(dict(name="o365", root=str(tmp_path), encoding="coco_boxes", kind="boxes",
-                                           taxonomy="toy-o365", images="images", boxes_json="o365.json",
-                                           box_targets="targets.pt"))
-    sample = data.MultiSourceDataset([cfg], SPEC, TABLE)[0]
+
+def test_box_source_reads_boxes_and_targets_of_the_index(tmp_path):
+    targets = write_coco_boxes(tmp_path)
+    ds = data.MultiSourceDataset([box_source(tmp_path)], SPEC, TABLE)
+    assert ds.source_sizes == [2] and ds.sources[0].class_names == ["person", "car", "junk"]
+    assert ds.sources[0].samples.image(0) == tmp_path / "train/patch7/objects365_v1_00000007.jpg"  # mmdet layout
+    sample = ds[0]
     # "junk" maps to ignore: its box and its target row are dropped together
     assert sample["box_rows"].tolist() == [ROW["car"], ROW["person"]]
-    assert torch.equal(sample["box_targets"], targets["o1.jpg"][[0, 2]])
-    assert sample["boxes"].tolist() == [[4, 6, 24, 16], [40, 20, 50, 45]]
+    assert torch.equal(sample["box_targets"], torch.from_numpy(targets[[0, 2]].astype(np.float32)))
+    assert sample["boxes"].dtype == torch.float32
+    assert sample["boxes"].tolist() == [[4, 6, 24, 16], [40, 20, 50, 45]]  # COCO x, y, w, h -> x1, y1, x2, y2
     assert (sample["target"] == -1).all() and sample["kind"] == "boxes"
+    assert ds[1]["boxes"].shape == (0, 4) and ds[1]["box_targets"].shape == (0, 6)
 
 
-def test_box_cache_row_mismatch_is_an_error(tmp_path):
-    write_coco_boxes(tmp_path)
-    torch.save({"encoder": "t", "targets": {"o1.jpg": torch.zeros(2, 6), "o2.jpg": torch.zeros(0, 6)}},
-               tmp_path / "targets.pt")
-    cfg = data.SourceConfig.from_dict(dict(name="o365", root=str(tmp_path), encoding="coco_boxes", kind="boxes",
-                                           taxonomy="toy-o365", images="images", boxes_json="o365.json",
-                                           box_targets="targets.pt"))
-    with pytest.raises(DataError, match="o1.jpg needs 3 box targets"):
-        data.MultiSourceDataset([cfg], SPEC, TABLE)[0]
+def test_boxes_without_target_are_dropped(tmp_path):
+    """NaN rows: clip_image.py --skip_bad could not read the image when it made the targets."""
+    targets = write_coco_boxes(tmp_path)
+    targets[2] = np.nan
+    build = json.loads((tmp_path / "index/index.json").read_text())["build"]
+    write_box_targets(tmp_path / "partial", targets, build)
+    sample = data.MultiSourceDataset([box_source(tmp_path, box_targets="partial")], SPEC, TABLE)[0]
+    assert sample["box_rows"].tolist() == [ROW["car"]] and sample["boxes"].tolist() == [[4, 6, 24, 16]]
+
+
+def test_weak_sources_pickle_as_folder_names(tmp_path):
+    """A spawned DataLoader worker receives the dataset pickled: the index sources must travel as folder names and
+    map the files again (a pickled memmap is a full copy: 26 GB of Objects365 box targets)."""
+    write_coco_boxes(tmp_path / "o365")
+    write_openimages(tmp_path / "oi")
+    ds = data.MultiSourceDataset([box_source(tmp_path / "o365"), openimages_source(tmp_path / "oi")], SPEC, TABLE)
+    for source in ds.sources:
+        assert len(pickle.dumps(source.samples)) < 3000
+    again = pickle.loads(pickle.dumps(ds))
+    for key in [(0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0)]:
+        a, b = ds[key], again[key]
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "target", "boxes", "box_targets"))
+
+
+def test_box_targets_must_be_finished_and_of_this_index(tmp_path):
+    targets = write_coco_boxes(tmp_path)
+    build = json.loads((tmp_path / "index/index.json").read_text())["build"]
+    write_box_targets(tmp_path / "unfinished", targets, build, done=[1, 0])
+    with pytest.raises(DataError, match=r"unfinished: 1 of 2 shards are not written yet; rerun"):
+        data.MultiSourceDataset([box_source(tmp_path, box_targets="unfinished")], SPEC, TABLE)
+    write_box_targets(tmp_path / "other", targets, "0123abcd")
+    with pytest.raises(DataError, match=r"other: box targets of index build 0123abcd, but .*index is build"):
+        data.MultiSourceDataset([box_source(tmp_path, box_targets="other")], SPEC, TABLE)
+    write_box_targets(tmp_path / "short", targets[:2], build, done=[1])
+    with pytest.raises(DataError, match=r"short/targets.npy: expected float16 \(3, 6\), got float16 \(2, 6\)"):
+        data.MultiSourceDataset([box_source(tmp_path, box_targets="short")], SPEC, TABLE)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------------
@@ -196,13 +225,21 @@ def test_label_value_outside_names(tmp_path):
         ds[2]
 
 
-def test_missing_files_listed_at_start(tmp_path):
+def test_missing_file_is_an_error_when_read_and_a_counted_skip_under_skip_bad(tmp_path):
+    """Nothing is stat-ed per file at start (MSeg's lists are 180k lines, often on a network filesystem): a file
+    that is missing is reported when it is read."""
     write_id_dataset(tmp_path, n=3)
     (tmp_path / "img/0.png").unlink()
     (tmp_path / "ann/2.png").unlink()
-    with pytest.raises(DataError, match=r"2 listed file\(s\) do not exist") as err:
-        data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
-    assert "img/0.png" in str(err.value) and "ann/2.png" in str(err.value) and "source ids" in str(err.value)
+    ds = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
+    assert ds.source_sizes == [3]
+    with pytest.raises(DataError, match=r"img/0.png: file not found"):
+        ds[0]
+    with pytest.raises(DataError, match=r"ann/2.png: file not found"):
+        ds[2]
+    skipping = data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE, skip_bad=True)
+    sample = skipping[(0, 2, 0, 0)]  # 2 is missing, 0 too: replaced by 1
+    assert sample["key"] == (0, 1) and len(sample["skipped"]) == 2
 
 
 def test_empty_list_and_malformed_line(tmp_path):
@@ -254,7 +291,7 @@ def test_merged_camvid_labelmefacade_batch(shared_dir):
     checked = {"pole": 0, "window": 0, "black": 0}
     for b, (s, i) in enumerate(batch["key"]):
         target = batch["target"][b].numpy()
-        label_path = ds.sources[s].samples.pairs[i][1]
+        label_path = ds.sources[s].samples.label_path(i)
         if batch["source"][b] == "camvid":
             raw = np.array(Image.open(label_path))  # (360, 480) ids in names.txt order, 11 = unlabelled
             names = (shared_dir / "data/camvid-11/names.txt").read_text().split()
@@ -279,12 +316,12 @@ def test_merged_camvid_labelmefacade_batch(shared_dir):
     assert all(checked.values()), checked  # each kind of spot check really ran
     # the CamVid pixels in full: every one is LUT[raw]
     s, i = next(k for k, src in zip(batch["key"], batch["source"]) if src == "camvid")
-    raw = np.array(Image.open(ds.sources[s].samples.pairs[i][1]))
+    raw = np.array(Image.open(ds.sources[s].samples.label_path(i)))
     b = batch["key"].index((s, i))
     assert np.array_equal(batch["target"][b, :360, :480].numpy(), ds.sources[s].lut[raw])
 
 
-def test_whole_real_lists_pass_the_start_check(shared_dir):
+def test_whole_real_lists(shared_dir):
     spec = labels.load_label_spec()
     sources = [data.SourceConfig.from_dict(d) for d in shared_sources(shared_dir)]
     assert data.source_label_keys(sources, spec)[:3] == ["sky", "building", "pole"]

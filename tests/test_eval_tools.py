@@ -2,12 +2,11 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from labels import load_label_spec
-from predict import UNKNOWN
+from predict import unknown_id
 from test_evaluate import write_checkpoint, write_table, write_tiny_camvid
 from tools import bench_protocol, measure_abstention
 
@@ -15,14 +14,15 @@ from tools import bench_protocol, measure_abstention
 def test_abstention_counts_by_hand():
     # dataset classes 0..3, asked: class 2 (label 0) and class 0 (label 1); -1 = ignore
     target = torch.tensor([[2, 2, 0, 0, 1, 1, 3, -1]])
-    ids = torch.tensor([[0, UNKNOWN, 1, 0, UNKNOWN, 1, 0, UNKNOWN]])
+    U = unknown_id(2)  # two asked labels
+    ids = torch.tensor([[0, U, 1, 0, U, 1, 0, U]])
     got = measure_abstention.count(ids, target, torch.tensor([2, 0]))
     assert got == {"asked_right": 2,        # pixel 0 (2 -> label 0 = class 2), pixel 2 (0 -> label 1 = class 0)
                    "asked_unknown": 1,      # pixel 1
                    "asked_wrong": 1,        # pixel 3 (class 0 labelled as class 2)
                    "other_unknown": 1,      # pixel 4 (class 1)
                    "other_labelled": 2}     # pixels 5 and 6; pixel 7 is ignored
-    unknown, pixels = measure_abstention.unknown_per_class(ids, target, 4)
+    unknown, pixels = measure_abstention.unknown_per_class(ids, target, 4, U)
     assert unknown.tolist() == [0, 1, 1, 0] and pixels.tolist() == [2, 2, 2, 1]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 import evaluate as ev
 import inference as inf
 from transforms import eval_image
-from labels import LabelTable, load_label_spec, save_label_table
+from labels import LabelSpec, LabelTable, load_label_spec, save_label_table
 from model import ModelConfig, build_model, similarity
 
 
@@ -265,6 +265,51 @@ def test_evaluate_cli_end_to_end(tmp_path):
         ev.main(args[:2] + [f"--embeddings={tmp_path / 'short.pt'}"] + args[3:])
 
 
+def test_save_prediction_png_depth_follows_the_label_count(tmp_path):
+    image = np.zeros((4, 6, 3), np.uint8)
+    ids = np.arange(24).reshape(4, 6) * 12                                # up to 276
+    inf.save_prediction(tmp_path, "wide", image, ids, [f"c{i}" for i in range(300)])
+    assert np.asarray(Image.open(tmp_path / "wide.png")).dtype == np.uint16
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "wide.png")), ids)
+    inf.save_prediction(tmp_path, "byte", image, ids % 256, [f"c{i}" for i in range(256)])
+    assert np.asarray(Image.open(tmp_path / "byte.png")).dtype == np.uint8  # 256 classes: ids 0..255 fit a byte
+    with pytest.raises(ValueError, match=r"ids \[264, 276\] are neither label ids 0..255"):
+        inf.save_prediction(tmp_path, "bad", image, ids, [f"c{i}" for i in range(256)])
+
+
+def test_evaluate_saves_raw_ids_of_300_classes(tmp_path, monkeypatch):
+    """A dataset of 300 classes (ADE20K-847 and OpenImages + Objects365 pseudo-labels are larger still): 16-bit label
+    files in, 16-bit raw-id predictions out, re-scored to the same confusion matrix."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    (root / "lab").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        Image.fromarray(rng.integers(250, 300, (40, 56)).astype(np.uint16)).save(root / "lab" / f"{i}.png")
+    (root / "val.txt").write_text("img/0.png lab/0.png\nimg/1.png lab/1.png\n")
+    names = [f"class{i}" for i in range(300)]
+    (root / "names.txt").write_text("\n".join(names) + "\n")
+    (root / "wide.yaml").write_text(f"name: wide\nroot: {root}\nlist: val.txt\nnames: names.txt\nencoding: id\n"
+                                    f"ignore: [65535]\n")
+    keys = [f"key{i}" for i in range(300)]
+    spec = LabelSpec({k: f"An image of {k}." for k in keys}, {"wide": dict(zip(names, keys))})
+    monkeypatch.setattr(ev, "load_label_spec", lambda: spec)
+    write_checkpoint(tmp_path / "ckpt.pt")
+    write_table(tmp_path / "table.pt", keys)
+    ev.main([f"--dataset={root / 'wide.yaml'}", f"--checkpoint={tmp_path / 'ckpt.pt'}",
+             f"--embeddings={tmp_path / 'table.pt'}", "--base_size=64", "--crop_size=64", "--device=cpu",
+             f"--out_dir={tmp_path / 'out'}", f"--save_pred={tmp_path / 'pred'}"])
+    conf = np.array(json.loads((tmp_path / "out" / "wide_64_ss_sentence.json").read_text())["confusion"])
+    preds = [np.asarray(Image.open(tmp_path / "pred" / f"{i}.png")) for i in range(2)]
+    assert all(p.dtype == np.uint16 for p in preds)
+    labels = [np.asarray(Image.open(root / "lab" / f"{i}.png")).astype(np.int64) for i in range(2)]
+    again = sum(ev.confusion_matrix(torch.from_numpy(p.astype(np.int64)), torch.from_numpy(t), 300)
+                for p, t in zip(preds, labels))
+    np.testing.assert_array_equal(again.numpy(), conf)
+    assert conf.sum() == 2 * 40 * 56 and conf[250:].sum() == conf.sum()
+
+
 def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
     import clip_text
     torch.manual_seed(0)
@@ -292,13 +337,13 @@ def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
     camvid = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")))
     assert len(camvid) == 101 and camvid.class_names == CAMVID
     image, target, stem = camvid[0]
-    raw = np.asarray(Image.open(camvid.source.samples.pairs[0][1])).astype(np.int64)
+    raw = np.asarray(Image.open(camvid.source.samples.label_path(0))).astype(np.int64)
     assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
     np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
     facade = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")))
     assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
     image, target, _ = facade[0]
-    rgb = np.asarray(Image.open(facade.source.samples.pairs[0][1]).convert("RGB"))
+    rgb = np.asarray(Image.open(facade.source.samples.label_path(0)).convert("RGB"))
     assert target.shape == image.shape[1:]
     np.testing.assert_array_equal(target.numpy() == -1, (rgb == 0).all(-1))  # black = various = ignored
     assert (target.numpy()[(rgb == (0, 0, 128)).all(-1)] == facade.class_names.index("window")).all()

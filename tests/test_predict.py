@@ -14,7 +14,7 @@ from inference import Protocol
 from labels import LabelTable, load_label_spec, save_label_table
 from model import ModelConfig, build_model
 
-RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
 
 class ColourModel(nn.Module):
@@ -70,15 +70,31 @@ def test_unknown_threshold(tmp_path):
     labels = ["red", "blue"]                                               # no label fits green
     emb = colour_emb(labels)
     plain = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o1")["a"]
-    assert pr.UNKNOWN not in plain                                         # threshold off: every pixel gets a label
+    assert pr.unknown_id(2) not in plain                                   # threshold off: every pixel gets a label
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2", unknown_below=0.5)["a"]
-    assert stripe_ids(ids, 3) == [0, pr.UNKNOWN, 1]
+    assert stripe_ids(ids, 3) == [0, 255, 1] and pr.unknown_id(2) == 255
     # the cosine of green with red and blue, by hand: the threshold sits between it and 1
     g = colour_emb(["green"])[0]
     assert float((emb @ g).max()) < 0.5
     everything = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o3",
                                    unknown_below=1.01)["a"]
-    assert (everything == pr.UNKNOWN).all()
+    assert (everything == 255).all()
+
+
+def test_300_labels_give_16_bit_ids(tmp_path):
+    """Beyond 255 labels the ids and the unknown id (65535) live in a 16-bit PNG; below, PNGs stay 8-bit."""
+    path = write_stripes(tmp_path / "a.png", ["red", "green", "blue"])
+    labels = [f"filler{i}" for i in range(300)]
+    labels[299], labels[260] = "red", "blue"                               # green is nobody's colour
+    emb = colour_emb([n if n in RGB else "white" for n in labels])         # fillers: white, far from green
+    ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o", unknown_below=0.5)["a"]
+    assert ids.dtype == np.uint16 and pr.unknown_id(300) == 65535
+    assert stripe_ids(ids, 3) == [299, 65535, 260]
+    written = Image.open(tmp_path / "o" / "a.png")
+    assert written.mode.startswith("I") and np.array_equal(np.asarray(written), ids)  # 16-bit grey, ids intact
+    assert Image.open(tmp_path / "o" / "a_overlay.png").size[1] > 32
+    with pytest.raises(ValueError, match="1..65535"):
+        pr.unknown_id(65536)
 
 
 def test_background_vocabulary_makes_its_pixels_unknown(tmp_path):
@@ -90,7 +106,7 @@ def test_background_vocabulary_makes_its_pixels_unknown(tmp_path):
     assert background == ["green"]
     emb = colour_emb(labels + background)                                  # (3, 3): rows past the labels = background
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2")["a"]
-    assert stripe_ids(ids, 3) == [0, pr.UNKNOWN, 1]
+    assert stripe_ids(ids, 3) == [0, pr.unknown_id(len(labels)), 1]
     assert pr.background_labels("default", ["sky", "deer"]) == [b for b in pr.DEFAULT_BACKGROUND if b != "sky"]
     assert set(pr.DEFAULT_BACKGROUND) <= set(load_label_spec().sentences)  # each has its sentence
 

@@ -25,7 +25,7 @@ import evaluate
 from checkpoints import check_width, load_checkpoint
 from distributed import pick_device
 from inference import Protocol, infer, label_embeddings
-from predict import UNKNOWN, background_labels, ids_from_scores, label_texts_for
+from predict import background_labels, ids_from_scores, label_texts_for, unknown_id
 from provenance import provenance
 from settings import parse_settings
 
@@ -46,13 +46,13 @@ class AbstentionSettings(Protocol):  # + the inference protocol's settings (infe
 
 
 def count(ids, target, asked_class):
-    """ids: (H, W) predict ids (i = i-th asked label, UNKNOWN); target: (H, W) dataset class index, -1 ignore;
+    """ids: (H, W) predict ids (i = i-th asked label, or predict.unknown_id of the asked labels); target: (H, W) dataset class index, -1 ignore;
     asked_class: (A,) dataset class index of each asked label. Returns pixel counts {other_unknown, other_labelled,
     asked_right, asked_unknown, asked_wrong}."""
     valid = target >= 0
     is_asked = torch.isin(target, asked_class) & valid
     other = valid & ~is_asked
-    unknown = ids == UNKNOWN
+    unknown = ids == unknown_id(len(asked_class))
     as_class = asked_class[ids.clamp(max=len(asked_class) - 1)]           # (H, W) dataset class of the label given
     right = ~unknown & (as_class == target)
     return {"other_unknown": int((other & unknown).sum()), "other_labelled": int((other & ~unknown).sum()),
@@ -60,10 +60,10 @@ def count(ids, target, asked_class):
             "asked_wrong": int((is_asked & ~unknown & ~right).sum())}
 
 
-def unknown_per_class(ids, target, n):
-    """(n,) pixels per dataset class that became unknown, and (n,) valid pixels per class."""
+def unknown_per_class(ids, target, n, unknown):
+    """(n,) pixels per dataset class that became unknown (id `unknown`), and (n,) valid pixels per class."""
     valid = target >= 0
-    return (torch.bincount(target[valid & (ids == UNKNOWN)], minlength=n),
+    return (torch.bincount(target[valid & (ids == unknown)], minlength=n),
             torch.bincount(target[valid], minlength=n))
 
 
@@ -107,7 +107,7 @@ def main(argv=None):
                 ids = torch.from_numpy(ids_from_scores(prob, cos, t, len(asked_keys))).long()
                 for k, pixels in count(ids, target, asked_class).items():
                     totals[(v, t)][k] += pixels
-                per_class[(v, t)] += unknown_per_class(ids, target, n)[0]
+                per_class[(v, t)] += unknown_per_class(ids, target, n, unknown_id(len(asked_keys)))[0]
         if (i + 1) % 20 == 0 or i + 1 == len(dataset):
             print(f"[{i + 1}/{len(dataset)}]", flush=True)
 
