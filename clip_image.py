@@ -322,9 +322,9 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     rank, world, device = distributed.setup(a.device)
+    model = load_image_tower(a.weights, device)
     index = Index(a.index, "coco_boxes")
     images = Path(a.images or index.meta["images_folder"])
-    model = load_image_tower(a.weights, device)
     c = model.config
     encoder = (f"{Path(a.weights).name}: CLIP ViT image tower, patch {c.patch_size}, {c.image_size}px, "
                f"width {c.width}, {c.layers} layers, {c.embed_dim}-d")
