@@ -25,7 +25,7 @@ import data
 import distributed
 from checkpoints import check_width, load_checkpoint
 from errors import ConfigError, run_main
-from inference import Protocol, infer, label_embeddings, save_prediction, to_uint8
+from inference import Protocol, infer, label_embeddings, resolve_precision, save_prediction, to_uint8
 from labels import IGNORE, dataset_label_keys, label_texts, load_label_spec, with_own_labels
 from provenance import provenance
 from readers import FORMATS
@@ -307,13 +307,13 @@ def main(argv=None):
     check_width(ckpt, label_emb, "the label embeddings")
     scale = float(model.scale().detach())
     # recorded before the run: the checkout, the files and the command as they were when it started
-    prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device,
-                      str(label_emb.dtype).removeprefix("torch."),  # inference runs in the labels' precision
+    precision = resolve_precision(s.precision, device)  # what --precision=auto means here, recorded as run
+    prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device, precision,
                       **dataset_hashes(cfg, dataset, s)) if master else None
     if master:
         print(f"{dataset.name}: {len(dataset)} images, {len(dataset.keys)} classes evaluated "
               f"({', '.join(f'{n}->{k}' for n, k in zip(dataset.class_names, dataset.keys))}); "
-              f"temperature {scale:.2f}; {world} process(es) on {device}")
+              f"temperature {scale:.2f}; {world} process(es) on {device}, network in {precision}")
 
     class_ids = torch.tensor(dataset.class_ids)
 
