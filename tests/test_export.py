@@ -17,9 +17,11 @@ except ImportError as e:  # tests/run.sh installs both from requirements-dev.txt
 import export as ex
 from errors import ConfigError
 from inference import whole_image_scores
-from labels import LabelTable, save_label_table
+from labels import LabelTable, load_label_spec, save_label_table
 from model import ModelConfig, build_model
 from readers import decode_rgb, open_image
+from test_evaluate import write_checkpoint, write_table, write_tiny_camvid
+from tools import bench_export
 from transforms import eval_image
 
 BACKBONES = ["mit_b0", "efficientnet_lite0"]
@@ -111,3 +113,17 @@ def test_missing_onnx_is_named(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)          # `import onnx` raises ImportError
     with pytest.raises(ConfigError, match="pip install onnx"):
         ex.import_onnx()
+
+
+def test_bench_export_runs(tmp_path):
+    yaml_path = write_tiny_camvid(tmp_path / "data")
+    write_checkpoint(tmp_path / "ckpt.pt")
+    write_table(tmp_path / "table.pt", sorted(load_label_spec().sentences))
+    bench_export.main(["--height=40", "--width=56", "--embed_dim=16", "--rounds=2", "--calls=1", "--threads=1",
+                       f"--checkpoint={tmp_path / 'ckpt.pt'}", f"--dataset={yaml_path}",
+                       f"--embeddings={tmp_path / 'table.pt'}", "--base_size=40", f"--out={tmp_path / 'b.json'}"])
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert set(result["latency_s"]) == {"efficientnet_lite0", "mit_b0"}
+    real = result["real_images"]
+    assert real["images"] == 3 and real["pixels"] == 3 * 40 * 56 and real["max_score_difference"] <= 1e-4
+    assert real["pixels_labelled_differently"] <= 3  # ties within float noise only (see check_against_torch)

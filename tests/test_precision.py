@@ -1,14 +1,21 @@
 """The network's precision setting (inference.Protocol.precision): what auto resolves to, the fp32 path unchanged,
 the bf16 path close to it, and a bad value named."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluate
+from checkpoints import load_checkpoint
 from errors import ConfigError
 from evaluate import EvalSettings
-from inference import Protocol, in_precision, infer, resolve_precision
+from inference import Protocol, in_precision, infer, label_embeddings, resolve_precision
+from labels import load_label_spec
 from model import ModelConfig, build_model
 from settings import parse_settings
+from test_evaluate import write_checkpoint, write_table, write_tiny_camvid
+from tools import compare_precision
 
 
 @pytest.mark.parametrize("caps, want", [({"amx_bf16": True}, "bf16"), ({"avx512_bf16": True}, "bf16"),
@@ -68,3 +75,24 @@ def test_bf16_path_is_close(tiny):
     assert torch.allclose(bf16.sum(0), torch.ones(64, 96), atol=1e-5)   # the softmax stayed fp32
     assert (bf16 - fp32).abs().max() < 0.05
     assert (bf16.argmax(0) == fp32.argmax(0)).float().mean() > 0.95
+
+
+def test_compare_precision_runs_and_matches_evaluate(tmp_path):
+    yaml_path = write_tiny_camvid(tmp_path / "data")
+    write_checkpoint(tmp_path / "ckpt.pt")
+    write_table(tmp_path / "table.pt", sorted(load_label_spec().sentences))
+    compare_precision.main([f"--dataset={yaml_path}", f"--checkpoint={tmp_path / 'ckpt.pt'}",
+                            f"--embeddings={tmp_path / 'table.pt'}", "--base_size=32", "--sliding=false",
+                            f"--out={tmp_path / 'c.json'}"])
+    result = json.loads((tmp_path / "c.json").read_text())
+    # each precision's mIoU is evaluate.py's with --precision set to it
+    cfg, spec = evaluate.load_dataset_config(str(yaml_path))
+    dataset = evaluate.EvalDataset(cfg, spec)
+    model, _ = load_checkpoint(tmp_path / "ckpt.pt", "cpu")
+    label_emb = label_embeddings(dataset.keys, [], str(tmp_path / "table.pt"))
+    for p in ("fp32", "bf16"):
+        conf = evaluate.evaluate_images(model, dataset, label_emb, float(model.scale()),
+                                        Protocol(base_size=32, sliding=False, precision=p))
+        assert result["miou"][p] == evaluate.metrics_from_confusion(conf)["miou"]
+    assert result["pixels"] == 3 * 40 * 56 and 0 <= result["pixels_differing"] <= result["pixels"]
+    assert result["labelled_pixels_differing"] <= result["pixels_differing"]
