@@ -138,8 +138,9 @@ def main(argv=None):
     label_emb = label_embeddings(keys, texts, s.embeddings, s.clip_weights, "cpu", ckpt.get("label_table"))
     check_width(ckpt, label_emb, "the label embeddings")
     segmenter = Segmenter(model, label_emb, float(model.scale().detach()), s.embeddings_out)
+    command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
     meta = {"labels": json.dumps(names), "label_keys": json.dumps(keys), "texts": json.dumps(texts),
-            "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": " ".join(sys.argv),
+            "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command,
             "input": json.dumps({"layout": "NCHW RGB", "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})}
     Path(s.out).parent.mkdir(parents=True, exist_ok=True)
     export(segmenter, s.out, metadata=meta)

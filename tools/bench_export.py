@@ -12,7 +12,8 @@ order flipping every round. Prints the median call of each and the ratio torch /
 
 Real images (--checkpoint and --dataset): every image of the set, resized as evaluate.py resizes it at --base_size
 (whole image, one scale, no flip: what the graph computes), through the export in onnxruntime and through
-evaluate.py's protocol in torch: pixels labelled differently, the largest score difference, and the mIoU of each.
+evaluate.py's protocol in torch: pixels labelled differently (and the largest margin between torch's best two labels
+among them: a tie within float rounding when tiny), the largest score difference, and the mIoU of each.
 """
 import json
 import statistics
@@ -102,14 +103,18 @@ def real_images(s, folder):
     proto = Protocol(base_size=s.base_size, sliding=False, precision="fp32")
     n = len(dataset.keys)
     conf = {"torch": torch.zeros(n, n, dtype=torch.int64), "onnxruntime": torch.zeros(n, n, dtype=torch.int64)}
-    differ, pixels, score_diff = 0, 0, 0.0
+    differ, pixels, score_diff, tie = 0, 0, 0.0, 0.0  # tie: the largest top-2 margin where the two differ
     for i in range(len(dataset)):
         image, target, _ = dataset[i]
         x = resize_short_side(image[None], s.base_size)                  # (1, 3, h, w), as infer resizes it
         prob, _ = infer(model, x[0], label_emb, scale, proto)            # (N, h, w): no resize at base_size
         ids, score = sess.run(None, {"image": x.numpy()})                # (1, h, w) each
         want_score, want = prob.max(0)
-        differ += int((torch.from_numpy(ids[0]) != want).sum())
+        changed = torch.from_numpy(ids[0]) != want                       # (h, w)
+        if changed.any():
+            top2 = prob.topk(2, 0).values                                # (2, h, w)
+            tie = max(tie, float((top2[0] - top2[1])[changed].max()))
+        differ += int(changed.sum())
         pixels += want.numel()
         score_diff = max(score_diff, float(np.abs(score[0] - want_score.numpy()).max()))
         size = target.shape  # the label's size: both predictions resized alike (nearest) when it differs
@@ -118,7 +123,7 @@ def real_images(s, folder):
             conf[name] += evaluate.confusion_matrix(pred, target, n)
     miou = {name: evaluate.metrics_from_confusion(c)["miou"] for name, c in conf.items()}
     return {"images": len(dataset), "pixels": pixels, "pixels_labelled_differently": differ,
-            "max_score_difference": score_diff, "miou": miou}
+            "max_score_difference": score_diff, "largest_margin_where_different": tie, "miou": miou}
 
 
 def main(argv=None):
@@ -136,7 +141,8 @@ def main(argv=None):
         if s.checkpoint and s.dataset:
             real = result["real_images"] = real_images(s, folder)
             print(f"{s.dataset}, {real['images']} images at base {s.base_size}: {real['pixels_labelled_differently']} "
-                  f"of {real['pixels']} pixels labelled differently by onnxruntime; largest score difference "
+                  f"of {real['pixels']} pixels labelled differently by onnxruntime (where the best two labels' "
+                  f"probabilities are within {real['largest_margin_where_different']:.1e}); largest score difference "
                   f"{real['max_score_difference']:.2e}; mIoU torch {100 * real['miou']['torch']:.2f}, onnxruntime "
                   f"{100 * real['miou']['onnxruntime']:.2f}")
     result["provenance"] = provenance("-m tools.bench_export", sys.argv[1:] if argv is None else argv, "cpu", "fp32",
