@@ -119,11 +119,12 @@ def test_bench_export_runs(tmp_path):
     yaml_path = write_tiny_camvid(tmp_path / "data")
     write_checkpoint(tmp_path / "ckpt.pt")
     write_table(tmp_path / "table.pt", sorted(load_label_spec().sentences))
-    bench_export.main(["--height=40", "--width=56", "--embed_dim=16", "--rounds=2", "--calls=1", "--threads=1",
+    bench_export.main(['--backbones=["mit_b0"]', "--height=40", "--width=56", "--embed_dim=16", "--rounds=2", "--calls=1",
+                       "--threads=1",
                        f"--checkpoint={tmp_path / 'ckpt.pt'}", f"--dataset={yaml_path}",
                        f"--embeddings={tmp_path / 'table.pt'}", "--base_size=40", f"--out={tmp_path / 'b.json'}"])
     result = json.loads((tmp_path / "b.json").read_text())
-    assert set(result["latency_s"]) == {"efficientnet_lite0", "mit_b0"}
+    assert set(result["latency_s"]) == {"mit_b0"} and set(result["latency_s"]["mit_b0"]) == {"torch", "onnxruntime"}
     real = result["real_images"]
     assert real["images"] == 3 and real["pixels"] == 3 * 40 * 56 and real["max_score_difference"] <= 1e-4
     assert real["pixels_labelled_differently"] <= 3  # ties within float noise only (see check_against_torch)
