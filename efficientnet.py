@@ -19,7 +19,6 @@ What the weights need for equal outputs, none of it visible in their keys:
 Key names are ours (`blocks.3.dw.conv.weight`); `remap_efficientnet_key` translates the public ones.
 """
 import importlib
-import math
 import re
 from pathlib import Path
 
@@ -59,10 +58,14 @@ _IN_SHIFT = [(m * 255 - 127) / 128 for m in _IMAGENET_MEAN]
 
 
 def pad_same(x, kernel: int, stride: int):
-    """TF 'SAME' padding of (B, C, H, W) for a strided conv: output size ceil(n / stride), odd pixel bottom/right."""
+    """TF 'SAME' padding of (B, C, H, W) for a strided conv: output size ceil(n / stride), odd pixel bottom/right.
+    TF's max((ceil(n / s) - 1) * s + k - n, 0) is written as (-n) % s + k - s (equal for k >= s, which every strided
+    conv here has) so that export.py's tracer records it as arithmetic on the traced size instead of freezing the
+    ceil and the max at the example's size."""
+    assert kernel >= stride, (kernel, stride)
     h, w = x.shape[-2:]
-    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
-    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
+    ph = (-h) % stride + kernel - stride
+    pw = (-w) % stride + kernel - stride
     return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
 

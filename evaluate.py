@@ -25,7 +25,7 @@ import data
 import distributed
 from checkpoints import check_width, load_checkpoint
 from errors import ConfigError, run_main
-from inference import Protocol, infer, label_embeddings, save_prediction, to_uint8
+from inference import Protocol, infer, label_embeddings, resolve_precision, save_prediction, to_uint8
 from labels import IGNORE, dataset_label_keys, label_texts, load_label_spec, with_own_labels
 from provenance import provenance
 from readers import FORMATS
@@ -136,7 +136,7 @@ def not_found(path, kind="file"):
 
 
 def load_dataset_config(name_or_path, root="", list_path="", images="", labels="", spec=None,
-                        also_missing=()):
+                        also_missing=(), need_data=True):
     """A dataset name (see dataset_yaml) or YAML path -> (data.SourceConfig, label spec). The YAML holds SourceConfig
     fields (name, root, list | images + labels, names | class_names, taxonomy, encoding, ignore, colors); a relative
     root in it is relative to the repository; --root/--list (relative to the working directory) and --images/--labels
@@ -147,7 +147,8 @@ def load_dataset_config(name_or_path, root="", list_path="", images="", labels="
     own keys); see labels.with_own_labels. The returned spec is `spec` (default: label_sentences.yaml) plus those.
 
     Raises one message for everything missing, `also_missing` (what the caller found missing, e.g. the checkpoint)
-    included: what to pass and, for the data, the YAML's header, which says where the dataset comes from."""
+    included: what to pass and, for the data, the YAML's header, which says where the dataset comes from. With
+    need_data=False (export.py: only the class list) a missing root or list is not an error."""
     spec = spec or load_label_spec()
     path = dataset_yaml(name_or_path)
     if not path.is_file():
@@ -165,14 +166,16 @@ def load_dataset_config(name_or_path, root="", list_path="", images="", labels="
         d.update(list="", images=images, labels=labels)
     d["list"] = d.get("list") or ""
     missing = []
-    if not d["root"] or not Path(d["root"]).is_dir():
+    if need_data and (not d["root"] or not Path(d["root"]).is_dir()):
         missing.append(f"--root DIR         the dataset's root folder ({not_found(d['root'], 'folder')})")
-    if not d.get("labels") and (not d["list"] or not Path(d["root"], d["list"]).is_file()):
+    if need_data and not d.get("labels") and (not d["list"] or not Path(d["root"], d["list"]).is_file()):
         missing.append(f"--list FILE        its list of `image label` lines, paths relative to the root "
                        f"({not_found(d['list'])}), or --images DIR --labels DIR, folders paired by file stem")
     if missing or also_missing:
         where = f"\n{d.get('name', path.stem)}, from {path}:\n{yaml_header(path)}" if missing else ""
         raise FileNotFoundError("evaluate.py needs\n  " + "\n  ".join([*also_missing, *missing]) + where)
+    if not need_data and not d["list"] and not d.get("labels"):
+        d["list"] = "-"  # a hack: SourceConfig validates that a dataset has a list; without data none is read
     cfg = data.SourceConfig.from_dict(d)
     taxonomy = cfg.taxonomy or cfg.name
     if sentences is not None or own_taxonomy is not None or (not cfg.taxonomy and taxonomy not in spec.datasets):
@@ -182,6 +185,24 @@ def load_dataset_config(name_or_path, root="", list_path="", images="", labels="
     return cfg, spec
 
 
+def evaluated_classes(cfg, spec):
+    """A dataset's evaluated classes: (label keys, raw class ids, class names), one entry per key, in id order; ids
+    sharing a key are one class (names joined by +); ignored ids and classes mapped to ignore are left out."""
+    names = data.source_class_names(cfg)
+    ignore = set(FORMATS[cfg.encoding].ignore(cfg, len(names)))
+    ids = [i for i in range(len(names)) if i not in ignore]
+    keys = dataset_label_keys(spec, cfg.taxonomy or cfg.name, [names[i] for i in ids])
+    out_keys, class_ids, class_names = [], [], []
+    for i, k in zip(ids, keys):
+        if k is None:
+            continue
+        if k in out_keys:
+            class_names[out_keys.index(k)] += f"+{names[i]}"
+        else:
+            out_keys.append(k), class_ids.append(i), class_names.append(names[i])
+    return out_keys, class_ids, class_names
+
+
 class EvalDataset:
     """The samples of one evaluation set, read by data.Source: item i -> (image (3, H, W) normalised, target (H, W)
     int64 class index or -1 = ignore, stem). Classes: the dataset's ids whose taxonomy key is not ignore, in id order
@@ -189,17 +210,7 @@ class EvalDataset:
 
     def __init__(self, cfg, spec, max_images=0):
         self.name, self.names = cfg.name, data.source_class_names(cfg)
-        ignore = set(FORMATS[cfg.encoding].ignore(cfg, len(self.names)))
-        ids = [i for i in range(len(self.names)) if i not in ignore]
-        keys = dataset_label_keys(spec, cfg.taxonomy or cfg.name, [self.names[i] for i in ids])
-        self.keys, self.class_ids, self.class_names = [], [], []  # one entry per evaluated class
-        for i, k in zip(ids, keys):
-            if k is None:
-                continue
-            if k in self.keys:
-                self.class_names[self.keys.index(k)] += f"+{self.names[i]}"
-            else:
-                self.keys.append(k), self.class_ids.append(i), self.class_names.append(self.names[i])
+        self.keys, self.class_ids, self.class_names = evaluated_classes(cfg, spec)
         self.source = data.Source(cfg, spec, {k: row for row, k in enumerate(self.keys)})  # raw id -> class index
         self.size = min(len(self.source), max_images) if max_images else len(self.source)
 
@@ -307,13 +318,13 @@ def main(argv=None):
     check_width(ckpt, label_emb, "the label embeddings")
     scale = float(model.scale().detach())
     # recorded before the run: the checkout, the files and the command as they were when it started
-    prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device,
-                      str(label_emb.dtype).removeprefix("torch."),  # inference runs in the labels' precision
+    precision = resolve_precision(s.precision, device)  # what --precision=auto means here, recorded as run
+    prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device, precision,
                       **dataset_hashes(cfg, dataset, s)) if master else None
     if master:
         print(f"{dataset.name}: {len(dataset)} images, {len(dataset.keys)} classes evaluated "
               f"({', '.join(f'{n}->{k}' for n, k in zip(dataset.class_names, dataset.keys))}); "
-              f"temperature {scale:.2f}; {world} process(es) on {device}")
+              f"temperature {scale:.2f}; {world} process(es) on {device}, network in {precision}")
 
     class_ids = torch.tensor(dataset.class_ids)
 

@@ -26,7 +26,7 @@ import clip_text
 from errors import ConfigError
 from labels import LabelTable, load_label_table
 from model import similarity, upsample_logits
-from settings import require
+from settings import one_of, require
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -43,6 +43,8 @@ class Protocol:
     flip: bool = False             # average with the horizontally flipped input
     sliding: bool = True           # sliding window (True) or the whole image at once
     window_batch: int = 4          # windows per forward pass
+    precision: str = "auto"        # the network's: auto (bf16 on GPUs and on CPUs with bf16 units, else fp32) | fp32 |
+                                   # bf16 (autocast; similarity, softmax and averaging stay fp32)
 
     def protocol(self) -> dict:
         """Just the protocol's fields (for results files), also of a subclass's settings."""
@@ -55,6 +57,40 @@ class Protocol:
         require(self, "stride_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
         require(self, "scales", lambda v: v and all(type(x) in (int, float) and x > 0 for x in v),
                 "must be a non-empty list of positive numbers")
+        one_of(self, "precision", ("auto", "fp32", "bf16"))
+
+
+def cpu_has_bf16():
+    """Whether this CPU has bf16 units (x86 AVX512-BF16 or AMX-BF16, as torch's cpuinfo reads them). Without them
+    oneDNN emulates bf16 (fp32 arithmetic plus conversions), which saves nothing. A torch without
+    torch.cpu.get_capabilities (2.13 has it) counts as without."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    caps = get() if get else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(precision, device):
+    """Protocol.precision on `device` -> "fp32" or "bf16", the precision the network then runs in: auto is bf16 on a
+    GPU that supports it and on a CPU with bf16 units, else fp32."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def in_precision(model, precision, device):
+    """model, or under bf16 a function running it in bf16 autocast and returning fp32: only the network runs in
+    bf16; the similarity, softmax and averaging of the protocol stay fp32."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "fp32":
+        return model
+
+    def run(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(x).float()
+    return run
 
 
 WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels
@@ -173,8 +209,10 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
     label_emb: (N, D); scale: the temperature (model.scale()).
     Returns (N, H_out, W_out) class probabilities averaged over scales (and flips), at out_size (default: the
     image's size, which is the label's); with with_cos, also (N, H_out, W_out) cosine similarities, else None.
+    The network runs in proto.precision (in_precision); what follows it, in fp32.
     """
     x = image.to(label_emb.device, label_emb.dtype)[None]                # (1, 3, H, W), the labels' precision (fp32)
+    model = in_precision(model, proto.precision, x.device)
     out_size = tuple(out_size or x.shape[-2:])
     short = proto.base_size or min(x.shape[-2:])
     sizes = [short_side_size(*x.shape[-2:], round(s * short)) for s in proto.scales]

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from checkpoints import check_width, load_checkpoint
 from errors import ConfigError, run_main
-from inference import Protocol, id_png_dtype, infer, label_embeddings, resize_short_side, save_prediction
+from inference import (Protocol, id_png_dtype, in_precision, infer, label_embeddings, resize_short_side,
+                       resolve_precision, save_prediction)
 from distributed import pick_device
 from labels import label_texts, load_label_spec
 from readers import decode_rgb, open_image
@@ -128,10 +129,11 @@ def background_labels(background, labels):
 @torch.no_grad()
 def pixel_embeddings(model, image, proto):
     """(3, H, W) normalised -> (D, h, w) L2-normalised pixel embeddings at stride 4 of the image resized to the base
-    size (whole image, first scale): the model's own resolution, so nothing is invented by upsampling."""
+    size (whole image, first scale): the model's own resolution, so nothing is invented by upsampling. The network
+    runs in proto.precision."""
     x = image[None].to(next(model.parameters()).device)                 # (1, 3, H, W)
     x = resize_short_side(x, round(proto.scales[0] * (proto.base_size or min(x.shape[-2:]))))
-    return F.normalize(model(x)[0].float(), dim=0)                       # (D, h, w)
+    return F.normalize(in_precision(model, proto.precision, x.device)(x)[0].float(), dim=0)  # (D, h, w)
 
 
 def reduce_embeddings(emb, k):
@@ -204,7 +206,8 @@ def main(argv=None):
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
          "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
          "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
-         "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})"}, indent=2) + "\n")
+         "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})",
+         "precision": resolve_precision(s.precision, device)}, indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, float(model.scale().detach()), s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)
     print(f"wrote {len(paths)} id maps and overlays to {out_dir}")

@@ -56,4 +56,4 @@ def test_bench_protocol_runs(tmp_path):
     # by hand: 0.5 -> 24x34 padded to 32x34: 1x2 windows; 1.0 -> 48x67: 2x3 (stride ceil(32 * 2/3) = 22)
     assert result["windows_per_image"] == 8
     assert result["pixels_labelled_differently"] == 0 and set(result["images_per_s"]) == {"plain", "batched"}
-    assert result["provenance"]["precision"] == "float32"
+    assert result["provenance"]["precision"] == "fp32"

@@ -10,7 +10,7 @@ from torch import nn
 
 import predict as pr
 from transforms import eval_image
-from inference import Protocol
+from inference import Protocol, resolve_precision
 from labels import LabelTable, load_label_spec, save_label_table
 from model import ModelConfig, build_model
 
@@ -166,6 +166,7 @@ def test_cli_with_a_checkpoint_and_a_table(tmp_path):
     meta = json.loads((tmp_path / "out" / "labels.json").read_text())
     assert [meta["ids"][str(i)]["label"] for i in range(3)] == names and meta["unknown"] == 255
     assert meta["background"] == {"hill": "hill"}                         # sky is asked for: not background
+    assert meta["precision"] == resolve_precision("auto", "cpu")          # what the network ran in, recorded
     for i in range(2):
         ids = np.asarray(Image.open(tmp_path / "out" / f"im{i}.png"))
         assert ids.shape == (40, 48) and set(np.unique(ids)) <= {0, 1, 2, 255}

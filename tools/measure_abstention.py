@@ -24,7 +24,7 @@ import torch
 import evaluate
 from checkpoints import check_width, load_checkpoint
 from distributed import pick_device
-from inference import Protocol, infer, label_embeddings
+from inference import Protocol, infer, label_embeddings, resolve_precision
 from predict import background_labels, ids_from_scores, label_texts_for, unknown_id
 from provenance import provenance
 from settings import parse_settings
@@ -89,7 +89,8 @@ def main(argv=None):
     print(f"{dataset.name}: {len(dataset)} images; asked {dict(zip(asked_names, asked_keys))}; other classes "
           f"{[n for n in dataset.class_names if n not in asked_names]}; background vocabulary {background}", flush=True)
 
-    prov = provenance("-m tools.measure_abstention", sys.argv[1:] if argv is None else argv, device, "float32",
+    prov = provenance("-m tools.measure_abstention", sys.argv[1:] if argv is None else argv, device,
+                      resolve_precision(s.precision, device),
                       files={"checkpoint": s.checkpoint, "label_table": s.embeddings,
                              "list": str(cfg.path(cfg.list)) if cfg.list else ""})
     vocabularies = {"none": label_emb[:len(asked_keys)], "background": label_emb}

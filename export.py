@@ -1,0 +1,152 @@
+"""Export a trained checkpoint with a fixed label set baked in to ONNX, for onnxruntime or any ONNX runtime.
+
+    python export.py --checkpoint=CKPT --dataset=camvid --out=camvid.onnx       # the dataset's evaluated classes
+    python export.py --checkpoint=CKPT --labels=road,car,sky --sentences=mine.yaml --embeddings=T.pt --out=m.onnx
+    python export.py ... --embeddings_out=true                                # also output the pixel embeddings
+
+The graph (inputs and outputs by name):
+  image   (1, 3, H, W) float32, RGB scaled to [0, 1] then ImageNet-normalised (transforms.eval_image: mean
+          0.485 0.456 0.406, std 0.229 0.224 0.225); H and W are dynamic, any size
+  ids     (1, H, W) int64, the label with the highest score: 0..N-1 in the order of --labels (or of the dataset's
+          evaluated classes), listed in the file's metadata `labels` (JSON)
+  score   (1, H, W) float32, the softmax probability of that label
+  emb     (1, D, H'/4, W'/4) float32, L2-normalised pixel embeddings (with --embeddings_out); H', W' are H, W
+          padded up to multiples of 32, half of the padding before the image (top, left), half after
+This is evaluate.py's whole-image protocol at one scale without flip (inference.whole_image_scores): the image is
+padded to a multiple of 32 (centred, zeros = the mean colour), the cosine similarity with the label embeddings
+times the checkpoint's temperature is upsampled to the padded size, the padding is cut off, softmax, argmax. Resize
+the image to the base size you evaluate at before feeding it; the graph does not resize. Labels: --labels, their
+texts and embeddings exactly as predict.py makes them; --dataset, as evaluate.py makes them.
+
+Needs the `onnx` package (pip install -r requirements-dev.txt, or pip install onnx); never imported by train.py,
+evaluate.py or predict.py. The TorchScript exporter (dynamo=False) is used: it needs nothing but onnx.
+"""
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoints import check_width, load_checkpoint
+from errors import ConfigError, run_main
+from evaluate import evaluated_classes, load_dataset_config
+from inference import WHOLE_IMAGE_MULTIPLE, label_embeddings
+from labels import label_texts
+from model import similarity, upsample_logits
+from predict import label_texts_for
+from settings import parse_settings, print_settings
+from transforms import IMAGENET_MEAN, IMAGENET_STD
+
+OPSET = 17  # Resize with dynamic sizes, Pad with dynamic pads, LayerNormalization; onnxruntime >= 1.14 runs it
+
+
+@dataclass
+class ExportSettings:
+    checkpoint: str = ""           # from train.py
+    dataset: str = ""              # a dataset name or YAML (evaluate.py's): its evaluated classes are the labels
+    labels: str = ""               # ... or comma-separated labels (predict.py's), label i -> id i
+    sentences: str = ""            # with labels: YAML {label: sentence}; wins over label_sentences.yaml
+    embeddings: str = ""           # label table; "" = the checkpoint's own training table, unless clip_weights
+    clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
+    mode: str = "sentence"         # sentence | word
+    embeddings_out: bool = False   # also output the pixel embeddings `emb`
+    out: str = "model.onnx"
+
+
+class Segmenter(nn.Module):
+    """A model with its label embeddings and temperature baked in.
+
+    image (1, 3, H, W) normalised -> ids (1, H, W) int64, score (1, H, W) float32 [, emb (1, D, H'/4, W'/4)].
+    """
+
+    def __init__(self, model, label_emb, scale, with_emb=False):
+        super().__init__()
+        self.model = model
+        self.register_buffer("label_emb", F.normalize(label_emb.float(), dim=-1))  # (N, D)
+        self.register_buffer("scale", torch.tensor(float(scale)))                   # the checkpoint's temperature
+        self.with_emb = with_emb
+        self.eval()  # the model's eval forward (embeddings only); the exporter restores the wrapper's mode after
+
+    def forward(self, image):
+        h, w = image.shape[-2:]  # traced as tensors by the exporter, so the padding below follows the input's size
+        m = WHOLE_IMAGE_MULTIPLE
+        ph, pw = (m - h % m) % m, (m - w % m) % m
+        top, left = ph // 2, pw // 2
+        # padded to a multiple of 32, centred, as inference.whole_image_scores pads (so the outputs are its)
+        x = F.pad(image, [left, pw - left, top, ph - top])                # (1, 3, H', W')
+        emb = self.model(x)                                                # (1, D, H'/4, W'/4)
+        logits = upsample_logits(similarity(emb, self.label_emb, self.scale), x.shape[-2:])  # (1, N, H', W')
+        prob = logits[:, :, top:top + h, left:left + w].softmax(1)         # (1, N, H, W)
+        score, ids = prob.max(1)                                           # (1, H, W) each
+        if self.with_emb:
+            return ids, score, F.normalize(emb, dim=1)
+        return ids, score
+
+
+def import_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError("export.py needs the `onnx` package: pip install onnx (or pip install -r "
+                          "requirements-dev.txt, which also brings onnxruntime to check the export)") from None
+    return onnx
+
+
+def labels_and_texts(s):
+    """(names, label keys or labels, texts to embed) of --dataset or --labels."""
+    if bool(s.dataset) == bool(s.labels):
+        raise ConfigError("give exactly one of --dataset=NAME (its evaluated classes) or --labels=a,b,c")
+    if s.dataset:
+        cfg, spec = load_dataset_config(s.dataset, need_data=False)
+        keys, _, names = evaluated_classes(cfg, spec)
+        return names, keys, label_texts(spec, keys, s.mode)
+    labels = [label.strip() for label in s.labels.split(",") if label.strip()]
+    if not labels or len(set(labels)) != len(labels):
+        raise ConfigError(f"--labels={s.labels!r}: give distinct comma-separated labels")
+    return labels, labels, label_texts_for(labels, s.sentences, s.mode)
+
+
+def export(segmenter, path, opset=OPSET, metadata=None):
+    """Write `segmenter` as ONNX to path with dynamic H and W; metadata {key: str} goes into the file."""
+    onnx = import_onnx()
+    names = ["ids", "score"] + (["emb"] if segmenter.with_emb else [])
+    axes = {"image": {2: "H", 3: "W"}, "ids": {1: "H", 2: "W"}, "score": {1: "H", 2: "W"},
+            "emb": {2: "h", 3: "w"}}
+    example = torch.zeros(1, 3, 64, 96)  # not a multiple of 32 would also do; the padding is traced either way
+    with torch.no_grad():
+        torch.onnx.export(segmenter, (example,), str(path), input_names=["image"], output_names=names,
+                          dynamic_axes={k: v for k, v in axes.items() if k in ["image"] + names},
+                          opset_version=opset, dynamo=False)
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    for key, value in (metadata or {}).items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+
+
+def main(argv=None):
+    s = parse_settings(ExportSettings, argv)
+    print_settings(s)
+    import_onnx()  # before any work
+    if not Path(s.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint={s.checkpoint!r}: not a file (a checkpoint written by train.py)")
+    names, keys, texts = labels_and_texts(s)
+    model, ckpt = load_checkpoint(s.checkpoint, "cpu")
+    label_emb = label_embeddings(keys, texts, s.embeddings, s.clip_weights, "cpu", ckpt.get("label_table"))
+    check_width(ckpt, label_emb, "the label embeddings")
+    segmenter = Segmenter(model, label_emb, float(model.scale().detach()), s.embeddings_out)
+    command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
+    meta = {"labels": json.dumps(names), "label_keys": json.dumps(keys), "texts": json.dumps(texts),
+            "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command,
+            "input": json.dumps({"layout": "NCHW RGB", "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})}
+    Path(s.out).parent.mkdir(parents=True, exist_ok=True)
+    export(segmenter, s.out, metadata=meta)
+    print(f"wrote {s.out}: {len(names)} labels ({', '.join(names)}), temperature {float(segmenter.scale):.2f}, "
+          f"outputs ids, score{', emb' if s.embeddings_out else ''}")
+
+
+if __name__ == "__main__":
+    run_main(main)

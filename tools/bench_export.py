@@ -1,0 +1,155 @@
+"""CPU latency of an exported model in onnxruntime against the same model in torch eager, in the same run; and,
+with a checkpoint, how the export labels a real evaluation set against evaluate.py.
+
+    python -m tools.bench_export                                      # efficientnet_lite0 and mit_b0, 360x480
+    python -m tools.bench_export --threads=1 --rounds=5
+    python -m tools.bench_export --checkpoint=CKPT --dataset=camvid-segnet-shared --base_size=360
+
+Latency: random weights (speed does not depend on them), --classes labels of width --embed_dim, batch 1, one image
+of --height x --width; export.Segmenter in torch (fp32, no_grad) and its ONNX export in onnxruntime (CPU provider,
+intra-op threads = --threads, inter-op 1) take turns: each round runs --calls calls of one, then of the other, the
+order flipping every round. Prints the median call of each and the ratio torch / onnxruntime.
+
+Real images (--checkpoint and --dataset): every image of the set, resized as evaluate.py resizes it at --base_size
+(whole image, one scale, no flip: what the graph computes), through the export in onnxruntime and through
+evaluate.py's protocol in torch: pixels labelled differently (and the largest margin between torch's best two labels
+among them: a tie within float rounding when tiny), the largest score difference, and the mIoU of each.
+"""
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import evaluate
+import export
+from checkpoints import load_checkpoint
+from inference import Protocol, infer, label_embeddings, resize_short_side
+from labels import label_texts
+from model import ModelConfig, build_model
+from provenance import provenance
+from settings import parse_settings
+
+
+@dataclass
+class BenchSettings:
+    backbones: list = field(default_factory=lambda: ["efficientnet_lite0", "mit_b0"])
+    height: int = 360
+    width: int = 480
+    embed_dim: int = 512
+    classes: int = 11
+    threads: int = 2               # torch.set_num_threads and onnxruntime's intra-op threads
+    rounds: int = 4                # torch and onnxruntime alternate, the order flipping every round
+    calls: int = 5                 # calls per engine per round (after one warm-up call each)
+    checkpoint: str = ""           # with dataset: the real-image comparison
+    dataset: str = ""              # evaluate.py's dataset name or YAML (with its root and list)
+    embeddings: str = ""           # label table; "" = the checkpoint's own training table
+    base_size: int = 360
+    max_images: int = 0            # 0 = all
+    out: str = ""                  # results JSON ("" = none)
+
+
+def session(path, threads):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def latency(backbone, s, folder):
+    """Median seconds per call of torch eager and onnxruntime for one random-weight model."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, embed_dim=s.embed_dim)).eval()
+    seg = export.Segmenter(model, torch.randn(s.classes, s.embed_dim), 14.0)
+    path = Path(folder) / f"{backbone}.onnx"
+    export.export(seg, path)
+    sess = session(path, s.threads)
+    image = torch.randn(1, 3, s.height, s.width)
+    feed = {"image": image.numpy()}
+
+    def run_torch():
+        with torch.no_grad():
+            seg(image)
+    engines = {"torch": run_torch, "onnxruntime": lambda: sess.run(None, feed)}
+    times = {name: [] for name in engines}
+    for fn in engines.values():
+        fn()  # warm-up: allocator, kernel choice, onnxruntime's first-run setup
+    for r in range(s.rounds):
+        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+            for _ in range(s.calls):
+                start = time.perf_counter()
+                engines[name]()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def real_images(s, folder):
+    """The export of a checkpoint against evaluate.py's protocol on every image of a dataset."""
+    cfg, spec = evaluate.load_dataset_config(s.dataset)
+    dataset = evaluate.EvalDataset(cfg, spec, s.max_images)
+    model, ckpt = load_checkpoint(s.checkpoint, "cpu")
+    label_emb = label_embeddings(dataset.keys, label_texts(spec, dataset.keys), s.embeddings, "", "cpu",
+                                 ckpt.get("label_table"))
+    scale = float(model.scale().detach())
+    path = Path(folder) / "checkpoint.onnx"
+    export.export(export.Segmenter(model, label_emb, scale), path)
+    sess = session(path, s.threads)
+    proto = Protocol(base_size=s.base_size, sliding=False, precision="fp32")
+    n = len(dataset.keys)
+    conf = {"torch": torch.zeros(n, n, dtype=torch.int64), "onnxruntime": torch.zeros(n, n, dtype=torch.int64)}
+    differ, pixels, score_diff, tie = 0, 0, 0.0, 0.0  # tie: the largest top-2 margin where the two differ
+    for i in range(len(dataset)):
+        image, target, _ = dataset[i]
+        x = resize_short_side(image[None], s.base_size)                  # (1, 3, h, w), as infer resizes it
+        prob, _ = infer(model, x[0], label_emb, scale, proto)            # (N, h, w): no resize at base_size
+        ids, score = sess.run(None, {"image": x.numpy()})                # (1, h, w) each
+        want_score, want = prob.max(0)
+        changed = torch.from_numpy(ids[0]) != want                       # (h, w)
+        if changed.any():
+            top2 = prob.topk(2, 0).values                                # (2, h, w)
+            tie = max(tie, float((top2[0] - top2[1])[changed].max()))
+        differ += int(changed.sum())
+        pixels += want.numel()
+        score_diff = max(score_diff, float(np.abs(score[0] - want_score.numpy()).max()))
+        size = target.shape  # the label's size: both predictions resized alike (nearest) when it differs
+        for name, pred in (("torch", want), ("onnxruntime", torch.from_numpy(ids[0]))):
+            pred = F.interpolate(pred[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            conf[name] += evaluate.confusion_matrix(pred, target, n)
+    miou = {name: evaluate.metrics_from_confusion(c)["miou"] for name, c in conf.items()}
+    return {"images": len(dataset), "pixels": pixels, "pixels_labelled_differently": differ,
+            "max_score_difference": score_diff, "largest_margin_where_different": tie, "miou": miou}
+
+
+def main(argv=None):
+    s = parse_settings(BenchSettings, argv)
+    torch.set_num_threads(s.threads)
+    result = {"settings": s.__dict__, "latency_s": {}}
+    print(f"batch 1, {s.height}x{s.width}, {s.classes} labels of width {s.embed_dim}, {s.threads} thread(s), "
+          f"{s.rounds} rounds x {s.calls} calls per engine, alternating")
+    with tempfile.TemporaryDirectory() as folder:
+        for backbone in s.backbones:
+            med = latency(backbone, s, folder)
+            result["latency_s"][backbone] = med
+            print(f"{backbone}: torch eager {1000 * med['torch']:.1f} ms, onnxruntime {1000 * med['onnxruntime']:.1f} "
+                  f"ms (median call); torch / onnxruntime = {med['torch'] / med['onnxruntime']:.2f}", flush=True)
+        if s.checkpoint and s.dataset:
+            real = result["real_images"] = real_images(s, folder)
+            print(f"{s.dataset}, {real['images']} images at base {s.base_size}: {real['pixels_labelled_differently']} "
+                  f"of {real['pixels']} pixels labelled differently by onnxruntime (where the best two labels' "
+                  f"probabilities are within {real['largest_margin_where_different']:.1e}); largest score difference "
+                  f"{real['max_score_difference']:.2e}; mIoU torch {100 * real['miou']['torch']:.2f}, onnxruntime "
+                  f"{100 * real['miou']['onnxruntime']:.2f}")
+    result["provenance"] = provenance("-m tools.bench_export", sys.argv[1:] if argv is None else argv, "cpu", "fp32",
+                                      files={"checkpoint": s.checkpoint, "label_table": s.embeddings})
+    if s.out:
+        Path(s.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
