@@ -328,9 +328,15 @@ def main(argv=None):
         log_file.close()
     if world > 1:
         # gloo finishes its work objects on worker threads that need the GIL; waiting on a barrier (GIL released)
-        # lets them finish before the process group is torn down, which otherwise can deadlock at exit
+        # lets them finish before the process group is torn down, which otherwise can deadlock at exit. The group must
+        # also not die inside DDP's reducer, which destroys it with the GIL held while such a thread waits for the GIL
+        # (seen under load: rank 0 hung at exit, gdb: ~Reducer -> ~ProcessGroupGloo vs a gloo thread in take_gil).
+        # So DDP goes first, and the last reference is this Python one, whose release frees the GIL meanwhile.
+        group = dist.group.WORLD
+        del model
         dist.barrier()
         dist.destroy_process_group()
+        del group
 
 
 if __name__ == "__main__":
