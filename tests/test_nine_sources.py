@@ -41,7 +41,7 @@ STEPS = 3
 LINES = 2  # list lines (images) per dense set
 OI_IMAGES, OI_MASKS, O365_IMAGES, O365_BOXES = 3, 6, 3, 30
 
-# The nine sources as the miniature builds them: (name, encoding, kind, taxonomy) and the dense sets' roots.
+# The nine sources of the shipped configs, in order: (name, encoding, kind, taxonomy).
 SOURCES = [("ade20k-150", "id", "dense", "ade20k-150"), ("bdd", "id", "dense", "bdd"),
            ("cityscapes-19", "id", "dense", "cityscapes-19"), ("coco-panoptic-133", "id", "dense", "coco-panoptic-133"),
            ("idd-39", "id", "dense", "idd-39"), ("mapillary-public65", "id", "dense", "mapillary-public65"),
