@@ -126,12 +126,17 @@ def onehot_table(keys, dim):
     return LabelTable(names=list(keys), sentences=list(keys), embeddings=torch.eye(len(keys), dim), encoder="onehot")
 
 
-def count_skipped(loader, device):
-    """Bad samples replaced in the batches trained so far (skip_bad), summed over ranks: every rank must call it."""
-    n = torch.tensor([loader.skipped], dtype=torch.int64, device=device)  # on the device: NCCL reduces CUDA only
+def sum_over_ranks(counts, device):
+    """Integer counts summed over ranks, as a list: every rank must call it."""
+    n = torch.tensor(counts, dtype=torch.int64, device=device)  # on the device: NCCL reduces CUDA only
     if distributed.is_distributed():
         dist.all_reduce(n)
-    return int(n.item())
+    return n.tolist()
+
+
+def count_skipped(loader, device):
+    """Bad samples replaced in the batches trained so far (skip_bad), summed over ranks: every rank must call it."""
+    return sum_over_ranks([loader.skipped], device)[0]
 
 
 def main(argv=None):
@@ -242,6 +247,7 @@ def main(argv=None):
     model.train()
     batches = iter(loader)
     t0, seen = time.time(), 0
+    drawn = np.zeros(len(sources), np.int64)  # this rank's images per source since the last log line
     while step < s.max_steps:
         try:  # one global batch: accum_steps micro-batches, never split across epochs by the sampler
             micro_batches = [next(batches) for _ in range(s.accum_steps)]
@@ -276,6 +282,7 @@ def main(argv=None):
             for k, v in terms.items():
                 mean_terms[k] = mean_terms.get(k, 0.0) + v.detach().float() / s.accum_steps
             seen += len(batch["source"]) * world
+            np.add.at(drawn, [source for source, _ in batch["key"]], 1)  # key: (source index, sample)
         terms = mean_terms
         if s.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -288,11 +295,14 @@ def main(argv=None):
         if step % s.log_every == 0 or step == s.max_steps:
             logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
             n_skipped = count_skipped(loader, device) if s.skip_bad else None
+            per_source = sum_over_ranks(drawn.tolist(), device)
+            drawn[:] = 0
             if master:
                 elapsed = time.time() - t0
                 rate = seen / elapsed
                 record = {"step": step, "lr": lr, "images_per_s": rate, "scale": raw_model.scale().item(),
-                          **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)}}  # + 0.0: no "-0.0" terms
+                          **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)},  # + 0.0: no "-0.0" terms
+                          "sources": {src.name: n for src, n in zip(sources, per_source)}}  # images since last line
                 if s.skip_bad:
                     record["skipped"] = n_skipped
                 eta = (s.max_steps - step) * s.batch_size * world * s.accum_steps / max(rate, 1e-9)
@@ -318,9 +328,15 @@ def main(argv=None):
         log_file.close()
     if world > 1:
         # gloo finishes its work objects on worker threads that need the GIL; waiting on a barrier (GIL released)
-        # lets them finish before the process group is torn down, which otherwise can deadlock at exit
+        # lets them finish before the process group is torn down, which otherwise can deadlock at exit. The group must
+        # also not die inside DDP's reducer, which destroys it with the GIL held while such a thread waits for the GIL
+        # (seen under load: rank 0 hung at exit, gdb: ~Reducer -> ~ProcessGroupGloo vs a gloo thread in take_gil).
+        # So DDP goes first, and the last reference is this Python one, whose release frees the GIL meanwhile.
+        group = dist.group.WORLD
+        del model
         dist.barrier()
         dist.destroy_process_group()
+        del group
 
 
 if __name__ == "__main__":

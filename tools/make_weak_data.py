@@ -65,13 +65,15 @@ class Linker:
         self.count += 1
 
 
-def tiny_files(folder: Path) -> dict:
+def tiny_files(folder: Path, mask_size: tuple[int, int] = SIZE) -> dict:
+    """Linkers to a SIZE photo (JPEG), a binary mask of `mask_size` (w, h) whose middle half is set, and an id PNG."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     w, h = SIZE
     photo = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    mask = np.zeros((h, w), np.uint8)
-    mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
+    mw, mh = mask_size
+    mask = np.zeros((mh, mw), np.uint8)
+    mask[mh // 4:3 * mh // 4, mw // 4:3 * mw // 4] = 255
     ids = rng.integers(0, 10, (h, w), dtype=np.uint8)
     ids[0] = 255
     return {"jpg": Linker(folder, "photo.jpg", lambda p: photo.save(p, quality=90)),
@@ -79,13 +81,14 @@ def tiny_files(folder: Path) -> dict:
             "ids": Linker(folder, "ids.png", lambda p: Image.fromarray(ids).save(p))}
 
 
-def class_lists(rng) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    """Objects365 names, OpenImages (MID, display name) of the 350 segmentation classes, and ~20k other MIDs."""
-    if (SHARED / "objects365_v2_classes.tsv").is_file():
-        o365 = [line.split("\t", 1)[1] for line in (SHARED / "objects365_v2_classes.tsv").read_text().split("\n")[1:]
+def class_lists(rng, folder: Path = SHARED) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """Objects365 names, OpenImages (MID, display name) of the 350 segmentation classes (the real ones when `folder`,
+    ../shared/data/class-lists, holds them), and ~20k other MIDs."""
+    if (folder / "objects365_v2_classes.tsv").is_file():
+        o365 = [line.split("\t", 1)[1] for line in (folder / "objects365_v2_classes.tsv").read_text().split("\n")[1:]
                 if line]
         oi = [tuple(line.split("\t")) for line in
-              (SHARED / "openimages_v6_segmentation_classes.tsv").read_text().split("\n")[1:] if line]
+              (folder / "openimages_v6_segmentation_classes.tsv").read_text().split("\n")[1:] if line]
     else:
         o365 = [f"Category {i}" for i in range(365)]
         oi = [(f"/m/0{i:05x}", f"Thing {i}") for i in range(350)]
@@ -157,18 +160,25 @@ def write_openimages(root: Path, n_images: int, n_masks: int, classes, others, j
                             f"{y0 + 0.4:.6f}", f"{iou[k]:.5f}", points])
 
 
+def write_mseg_list(name: str, list_file: Path, root: Path, lines: int, ids: Linker, photo: Linker) -> None:
+    """The MSeg train list of dataset `name` with `lines` lines in its real layout (MSEG_LISTS), each line's image
+    and label linked under the dataset root."""
+    list_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(list_file, "w") as f:
+        for i in range(lines):
+            line = MSEG_LISTS[name][2].format(i=i)
+            image, label = line.split()
+            photo.link(f"{root}/{image}")
+            ids.link(f"{root}/{label}")
+            f.write(line + "\n")
+
+
 def write_mseg(root: Path, ids: Linker, jpg: Linker) -> None:
-    for name, (lines, classes, pattern) in MSEG_LISTS.items():
+    for name, (lines, classes, _) in MSEG_LISTS.items():
         folder = root / name
-        (folder / "list").mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}_names.txt").write_text("".join(f"class_{c}\n" for c in range(classes)))
-        with open(folder / "list" / "train.txt", "w") as f:
-            for i in range(lines):
-                line = pattern.format(i=i)
-                image, label = line.split()
-                jpg.link(f"{folder}/{image}")
-                ids.link(f"{folder}/{label}")
-                f.write(line + "\n")
+        write_mseg_list(name, folder / "list" / "train.txt", folder, lines, ids, jpg)
 
 
 def write_old_formats(root: Path, classes, o365_per_image: np.ndarray, dim: int) -> None:
