@@ -56,7 +56,8 @@ class SegModel(nn.Module):
             self.decoder = SegFormerHead(self.backbone.dims, dim, cfg.embed_dim, cfg.dropout)
         elif cfg.backbone in HRNET_WIDTHS:
             if cfg.decoder_dim:
-                raise ValueError(f"decoder_dim={cfg.decoder_dim} is for MiT; HRNet's head width is sum of branches")
+                raise ConfigError(f"decoder_dim={cfg.decoder_dim} is for MiT and EfficientNet; HRNet's head width "
+                                  "is the sum of its branches")
             self.backbone = HRNet(cfg.backbone)
             self.decoder = HRNetHead(self.backbone.dims, cfg.embed_dim, cfg.dropout)
         elif cfg.backbone in EFFICIENTNET_VARIANTS:  # maps of 24, 40, 112, 320 channels into SegFormer's MLP decoder

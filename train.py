@@ -48,6 +48,7 @@ class TrainSettings:
     # model
     backbone: str = "mit_b5"       # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0
     embed_dim: int = 512           # pixel embedding width; must equal the label table's
+    decoder_dim: int = 0           # SegFormer MLP decoder width; 0 = 256 for mit_b0/b1 and lite0, 768 for the others
     aux_head: bool = False         # auxiliary FCN head on stage 3 (SegFormer-B5 in the paper)
     pretrained: str = ""           # public weights to start from: a checkpoint path, or efficientnet_lite0_imagenet
     drop_path_rate: float = 0.1    # stochastic depth in the MiT / EfficientNet encoder
@@ -83,8 +84,8 @@ class TrainSettings:
         """Every setting in range (parse_settings calls this): a bad value stops here, named, not deep inside."""
         require(self, "batch_size accum_steps max_steps log_every save_every keep_last crop_size short_side embed_dim",
                 lambda v: v >= 1, "must be >= 1")
-        require(self, "workers warmup_steps weight_decay poly_power grad_clip weight_dense weight_coarse weight_boxes "
-                "weight_aux", lambda v: v >= 0, "must be >= 0")
+        require(self, "workers decoder_dim warmup_steps weight_decay poly_power grad_clip weight_dense weight_coarse "
+                "weight_boxes weight_aux", lambda v: v >= 0, "must be >= 0")
         require(self, "lr head_lr_mult scale_min", lambda v: v > 0, "must be > 0")
         require(self, "scale_max", lambda v: v >= self.scale_min, f"must be >= scale_min={self.scale_min}")
         require(self, "coarse_drop drop_path_rate dropout momentum", lambda v: 0 <= v < 1, "must be in [0, 1)")
@@ -178,9 +179,9 @@ def main(argv=None):
                               rank=rank, world_size=world, seed=s.seed, accum_steps=s.accum_steps)
 
     # ---- model and optimizer --------------------------------------------------------------------------------------
-    model_args = ModelConfig(backbone=s.backbone, embed_dim=s.embed_dim, aux_head=s.aux_head,
-                             box_head=any(src.kind == "boxes" for src in sources), drop_path_rate=s.drop_path_rate,
-                             dropout=s.dropout)
+    model_args = ModelConfig(backbone=s.backbone, embed_dim=s.embed_dim, decoder_dim=s.decoder_dim,
+                             aux_head=s.aux_head, box_head=any(src.kind == "boxes" for src in sources),
+                             drop_path_rate=s.drop_path_rate, dropout=s.dropout)
     model = build_model(model_args)
     if s.pretrained:
         load_pretrained(model, s.pretrained)

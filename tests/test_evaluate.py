@@ -347,6 +347,14 @@ def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
     assert target.shape == image.shape[1:]
     np.testing.assert_array_equal(target.numpy() == -1, (rgb == 0).all(-1))  # black = various = ignored
     assert (target.numpy()[(rgb == (0, 0, 128)).all(-1)] == facade.class_names.index("window")).all()
+    # the seen-only variant: the same pixels, window and door (navy, olive) ignored, the other six classes kept
+    seen = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared-seen.yaml")))
+    assert seen.keys == ["building", "car", "sidewalk_pavement", "road", "sky", "vegetation"]
+    _, seen_target, _ = seen[0]
+    dropped = (rgb == 0).all(-1) | (rgb == (0, 0, 128)).all(-1) | (rgb == (128, 128, 0)).all(-1)
+    np.testing.assert_array_equal(seen_target.numpy() == -1, dropped)
+    kept = [facade.keys.index(k) for k in seen.keys]  # the full variant's index of each kept class
+    np.testing.assert_array_equal(np.asarray(kept)[seen_target.numpy()[~dropped]], target.numpy()[~dropped])
 
 
 @pytest.mark.parametrize("name", ["camvid-11", "kitti-19", "voc2012", "pascal-context-60", "scannet-20",

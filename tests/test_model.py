@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from errors import ConfigError
 from model import ModelConfig, build_model, similarity, upsample_logits
 from segformer import MIT_VARIANTS
+from settings import parse_settings
+from train import TrainSettings
 
 
 def count(module):
@@ -57,6 +60,20 @@ def test_output_shapes_and_modes(backbone):
     cl = model(x.contiguous(memory_format=torch.channels_last))
     for other in (one, cl):
         assert (other - emb).abs().max() <= 1e-5 * emb.abs().max()
+
+
+def test_decoder_dim_sets_the_decoder_width_and_is_refused_where_it_has_no_meaning():
+    with torch.device("meta"):  # sizes only
+        def width(**kw):
+            return build_model(ModelConfig(embed_dim=24, **kw)).decoder.fuse.out_channels
+        assert width(backbone="mit_b0") == 256 and width(backbone="mit_b2") == 768  # 0 = the published widths
+        assert width(backbone="efficientnet_lite0") == 256
+        assert width(backbone="mit_b0", decoder_dim=128) == 128
+        assert width(backbone="efficientnet_lite0", decoder_dim=96) == 96
+        with pytest.raises(ConfigError, match="decoder_dim=64 is for MiT and EfficientNet"):
+            build_model(ModelConfig(backbone="hrnet_w18", decoder_dim=64))
+    with pytest.raises(ConfigError, match=r"decoder_dim=-1 must be >= 0"):
+        parse_settings(TrainSettings, ["--decoder_dim=-1"])
 
 
 def test_scale_is_clamped_temperature():
