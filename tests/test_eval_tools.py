@@ -5,9 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from labels import load_label_spec
 from predict import unknown_id
-from test_evaluate import write_checkpoint, write_table, write_tiny_camvid
+from test_evaluate import write_tiny_run
 from tools import bench_protocol, measure_abstention
 
 
@@ -27,9 +26,7 @@ def test_abstention_counts_by_hand():
 
 
 def test_measure_abstention_runs(tmp_path):
-    yaml_path = write_tiny_camvid(tmp_path / "data")
-    write_checkpoint(tmp_path / "ckpt.pt")
-    write_table(tmp_path / "table.pt", sorted(load_label_spec().sentences))
+    yaml_path, _, _ = write_tiny_run(tmp_path)
     measure_abstention.main([f"--dataset={yaml_path}", f"--checkpoint={tmp_path / 'ckpt.pt'}",
                              f"--embeddings={tmp_path / 'table.pt'}", "--asked=Sky,Road", "--base_size=32",
                              "--sliding=false", "--thresholds=[-1, 0.0, 2.0]", "--device=cpu",

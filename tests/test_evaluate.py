@@ -237,6 +237,14 @@ def write_table(path, keys, dim=32):
     save_label_table(path, LabelTable(list(keys), [""] * len(keys), emb, "random test table"))
 
 
+def write_tiny_run(folder):
+    """A tiny CamVid-shaped dataset, a random MiT-B0 checkpoint and a random table of every label key, in `folder`:
+    (dataset YAML, checkpoint, table) paths, for the tools that evaluate a checkpoint."""
+    write_checkpoint(folder / "ckpt.pt")
+    write_table(folder / "table.pt", sorted(load_label_spec().sentences))
+    return write_tiny_camvid(folder / "data"), folder / "ckpt.pt", folder / "table.pt"
+
+
 def test_evaluate_cli_end_to_end(tmp_path):
     yaml_path = write_tiny_camvid(tmp_path / "data")
     write_checkpoint(tmp_path / "ckpt.pt")

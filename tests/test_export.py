@@ -17,10 +17,10 @@ except ImportError as e:  # tests/run.sh installs both from requirements-dev.txt
 import export as ex
 from errors import ConfigError
 from inference import whole_image_scores
-from labels import LabelTable, load_label_spec, save_label_table
+from labels import LabelTable, save_label_table
 from model import ModelConfig, build_model
 from readers import decode_rgb, open_image
-from test_evaluate import write_checkpoint, write_table, write_tiny_camvid
+from test_evaluate import write_tiny_run
 from tools import bench_export
 from transforms import eval_image
 
@@ -116,9 +116,7 @@ def test_missing_onnx_is_named(monkeypatch):
 
 
 def test_bench_export_runs(tmp_path):
-    yaml_path = write_tiny_camvid(tmp_path / "data")
-    write_checkpoint(tmp_path / "ckpt.pt")
-    write_table(tmp_path / "table.pt", sorted(load_label_spec().sentences))
+    yaml_path, _, _ = write_tiny_run(tmp_path)
     bench_export.main(['--backbones=["mit_b0"]', "--height=40", "--width=56", "--embed_dim=16", "--rounds=2", "--calls=1",
                        "--threads=1",
                        f"--checkpoint={tmp_path / 'ckpt.pt'}", f"--dataset={yaml_path}",

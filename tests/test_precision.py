@@ -11,10 +11,9 @@ from checkpoints import load_checkpoint
 from errors import ConfigError
 from evaluate import EvalSettings
 from inference import Protocol, in_precision, infer, label_embeddings, resolve_precision
-from labels import load_label_spec
 from model import ModelConfig, build_model
 from settings import parse_settings
-from test_evaluate import write_checkpoint, write_table, write_tiny_camvid
+from test_evaluate import write_tiny_run
 from tools import compare_precision
 
 
@@ -78,9 +77,7 @@ def test_bf16_path_is_close(tiny):
 
 
 def test_compare_precision_runs_and_matches_evaluate(tmp_path):
-    yaml_path = write_tiny_camvid(tmp_path / "data")
-    write_checkpoint(tmp_path / "ckpt.pt")
-    write_table(tmp_path / "table.pt", sorted(load_label_spec().sentences))
+    yaml_path, _, _ = write_tiny_run(tmp_path)
     compare_precision.main([f"--dataset={yaml_path}", f"--checkpoint={tmp_path / 'ckpt.pt'}",
                             f"--embeddings={tmp_path / 'table.pt'}", "--base_size=32", "--sliding=false",
                             f"--out={tmp_path / 'c.json'}"])
