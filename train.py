@@ -135,11 +135,6 @@ def sum_over_ranks(counts, device):
     return n.tolist()
 
 
-def count_skipped(loader, device):
-    """Bad samples replaced in the batches trained so far (skip_bad), summed over ranks: every rank must call it."""
-    return sum_over_ranks([loader.skipped], device)[0]
-
-
 def main(argv=None):
     s = parse_settings(TrainSettings, argv)
 
@@ -295,8 +290,7 @@ def main(argv=None):
 
         if step % s.log_every == 0 or step == s.max_steps:
             logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
-            n_skipped = count_skipped(loader, device) if s.skip_bad else None
-            per_source = sum_over_ranks(drawn.tolist(), device)
+            *per_source, n_skipped = sum_over_ranks([*drawn.tolist(), loader.skipped], device)  # one collective
             drawn[:] = 0
             if master:
                 elapsed = time.time() - t0
@@ -322,7 +316,7 @@ def main(argv=None):
                 print(f"stopped by signal at step {step}; checkpoint written")
             break
     if s.skip_bad:
-        n_skipped = count_skipped(loader, device)
+        n_skipped = sum_over_ranks([loader.skipped], device)[0]
         if master:
             print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
     if log_file:
