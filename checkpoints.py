@@ -286,6 +286,25 @@ def read_checkpoint(path, need=("model", "model_args")) -> dict:
     return ckpt
 
 
+def restore_checkpoint(path, model, optimizer, scaler, sampler, meta) -> int:
+    """Continue a run from a train.py checkpoint: its model, optimizer, scaler and sampler state into the given
+    objects (strictly). `meta` is what this run's checkpoints carry (train.checkpoint_meta); the checkpoint's model
+    and label table must be this run's. Returns the step it was saved at."""
+    ckpt = read_checkpoint(path, RESUME_KEYS)
+    if ckpt["model_args"] != meta["model_args"]:
+        raise WeightsError(f"{path}: model_args {ckpt['model_args']} differ from this run's {meta['model_args']}")
+    if ckpt["label_table"]["names"] != meta["label_table"]["names"]:
+        raise WeightsError(f"{path}: trained with another label table than {meta['config']['label_table']}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    try:
+        sampler.load_state_dict(ckpt["sampler"])
+    except ValueError as e:  # its only errors: the sources, batch size or seed differ from the checkpoint's
+        raise WeightsError(f"{path}: {e}") from None
+    return ckpt["step"]
+
+
 def load_checkpoint(path, device):
     """Rebuild the model from a train.py checkpoint alone (model_args + strict state dict). Returns (model, ckpt)."""
     if not path:

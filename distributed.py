@@ -89,3 +89,28 @@ def all_reduce_mean(values):
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether `flag` is true on any rank (itself in one process): every rank must call it."""
+    t = torch.tensor([int(flag)], device=device)  # on the device: NCCL reduces CUDA tensors only
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def teardown():
+    """End the process group (if any) without hanging at exit. Call it after dropping the DDP model.
+
+    gloo finishes its work objects on worker threads that need the GIL; waiting on a barrier (GIL released) lets them
+    finish before the group is torn down, which otherwise can deadlock at exit. The group must also not die inside
+    DDP's reducer, which destroys it with the GIL held while such a thread waits for the GIL (seen under load: rank 0
+    hung at exit, gdb: ~Reducer -> ~ProcessGroupGloo vs a gloo thread in take_gil). So DDP goes first (the caller's
+    `del model`), and the last reference is this Python one, whose release frees the GIL meanwhile.
+    """
+    if not is_distributed():
+        return
+    group = dist.group.WORLD
+    dist.barrier()
+    dist.destroy_process_group()
+    del group

@@ -21,8 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import distributed
-from checkpoints import (RESUME_KEYS, find_resume, load_pretrained, lock_run_dir, read_checkpoint, save_checkpoint,
-                         set_aside)
+from checkpoints import find_resume, load_pretrained, lock_run_dir, restore_checkpoint, save_checkpoint, set_aside
 from errors import ConfigError, DivergedError, WeightsError, run_main
 from labels import LabelTable, load_label_spec, load_label_table
 from losses import RESIZE_MODES, compute_losses
@@ -135,6 +134,123 @@ def sum_over_ranks(counts, device):
     return n.tolist()
 
 
+def training_label_table(s, keys):
+    """The label table the run trains against: one-hot rows for "onehot", else the file, as wide as embed_dim."""
+    table = onehot_table(keys, s.embed_dim) if s.label_table == "onehot" else load_label_table(s.label_table)
+    if table.embeddings.shape[1] != s.embed_dim:
+        raise WeightsError(f"label table {s.label_table} has width {table.embeddings.shape[1]}, "
+                           f"embed_dim is {s.embed_dim}")
+    return table
+
+
+def make_optimizer(model, s):
+    """AdamW (SegFormer) or SGD with momentum (HRNet) over param_groups."""
+    groups = param_groups(model, s)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
+    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)  # sgd: validate() allows no other
+
+
+def mixed_precision(amp, device):
+    """The one autocast context and the GradScaler of a run: amp auto | bf16 | fp16 | off on `device`. The scaler
+    is enabled only for fp16 (bf16 has fp32's range). Returns (autocast context, scaler)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the run to finish its step, checkpoint and exit 0 (batch schedulers send SIGTERM first)."""
+
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGTERM, self.request)
+        signal.signal(signal.SIGINT, self.request)
+
+    def request(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self, device) -> bool:
+        """Whether any rank was signalled: every rank must call it, and all stop at the same step."""
+        return distributed.any_rank(self.signal is not None, device)
+
+
+class Progress:
+    """What the log lines report: the mean loss terms, images per second, images per source since the last line,
+    skipped samples. Every rank counts its own; log() reduces them (every rank must call it), rank 0 prints the line
+    and appends it to out_dir/log.jsonl."""
+
+    def __init__(self, s, sources, world, device, master):
+        self.s, self.sources, self.world, self.device = s, sources, world, device
+        self.file = open(Path(s.out_dir) / "log.jsonl", "a") if master else None
+        self.start, self.seen = time.time(), 0
+        self.drawn = np.zeros(len(sources), np.int64)  # this rank's images per source since the last log line
+
+    def count(self, batch):
+        """One micro-batch of this rank drawn."""
+        self.seen += len(batch["source"]) * self.world
+        np.add.at(self.drawn, [source for source, _ in batch["key"]], 1)  # key: (source index, sample)
+
+    def log(self, step, lr, terms, scale, skipped):
+        s = self.s
+        logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
+        *per_source, n_skipped = sum_over_ranks([*self.drawn.tolist(), skipped], self.device)  # one collective
+        self.drawn[:] = 0
+        if not self.file:
+            return
+        rate = self.seen / (time.time() - self.start)
+        record = {"step": step, "lr": lr, "images_per_s": rate, "scale": scale,
+                  **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)},  # + 0.0: no "-0.0" terms
+                  "sources": {src.name: n for src, n in zip(self.sources, per_source)}}  # images since last line
+        if s.skip_bad:
+            record["skipped"] = n_skipped
+        eta = (s.max_steps - step) * s.batch_size * self.world * s.accum_steps / max(rate, 1e-9)
+        losses = " ".join(f"{k} {record[k]:.4f}" for k in sorted(terms))
+        print(f"step {step}/{s.max_steps} | {losses} | lr {lr:.2e} | {rate:.1f} img/s | "
+              f"eta {eta / 60:.1f} min" + (f" | skipped {n_skipped}" if s.skip_bad else ""), flush=True)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def stop_diverged(step, terms, batch, out_dir):
+    """Raise DivergedError for a non-finite loss, naming the step, the terms and the sources. With out_dir (rank 0,
+    when the newest checkpoint holds the state that gave the loss), that checkpoint is set aside first."""
+    values = {k: round(v.item(), 4) for k, v in terms.items()}
+    aside = set_aside(Path(out_dir) / f"ckpt_{step:08d}.pt") if out_dir else ""
+    raise DivergedError(f"non-finite loss at step {step}: {values}; sources {batch['source']}"
+                        + (f"; {aside}" if aside else ""))
+
+
+def checkpoint_meta(s, model_args, table, keys, sources):
+    """What every checkpoint of the run carries besides the training state: enough to rebuild, evaluate and resume
+    it without any other file."""
+    return {"config": asdict(s), "model_args": asdict(model_args),
+            "label_table": asdict(table),  # small (N x D): evaluation needs no other file
+            # what "seen" means to evaluate.py: the keys the sources can name, and their taxonomies
+            "trained_keys": keys, "taxonomies": {src.name: src.taxonomy or src.name for src in sources}}
+
+
+def resume(s, model, optimizer, scaler, sampler, meta, master) -> int:
+    """The step the run starts at: 0, or that of the checkpoint s.resume names (restored into the given objects)."""
+    path = find_resume(s.resume, s.out_dir)
+    if not path:
+        return 0
+    step = restore_checkpoint(path, model, optimizer, scaler, sampler, meta)
+    if step > s.max_steps:
+        raise ConfigError(f"{path} is at step {step}, past max_steps={s.max_steps}")
+    if master:
+        print(f"resumed from {path} at step {step}")
+        if step == s.max_steps:
+            print(f"the run is complete (max_steps={s.max_steps}): nothing to train; raise max_steps to go on")
+    return step
+
+
 def main(argv=None):
     s = parse_settings(TrainSettings, argv)
 
@@ -146,26 +262,15 @@ def main(argv=None):
         print_settings(s)
         Path(s.out_dir).mkdir(parents=True, exist_ok=True)
         lock_run_dir(s.out_dir)  # one run per out_dir: a second would overwrite checkpoints, pruning and log.jsonl
-    torch.manual_seed(s.seed + rank)
-    random.seed(s.seed + rank)
-    np.random.seed(s.seed + rank)
-
-    if s.amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    else:
-        amp = s.amp
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(s.seed + rank)
+    autocast, scaler = mixed_precision(s.amp, device)
 
     # ---- label table and data -------------------------------------------------------------------------------------
     spec = load_label_spec()
     sources = [data.SourceConfig.from_dict(d) for d in s.sources]
     keys = data.source_label_keys(sources, spec)  # every label key the sources can name, in a stable order
-    table = onehot_table(keys, s.embed_dim) if s.label_table == "onehot" else load_label_table(s.label_table)
-    if table.embeddings.shape[1] != s.embed_dim:
-        raise WeightsError(f"label table {s.label_table} has width {table.embeddings.shape[1]}, "
-                           f"embed_dim is {s.embed_dim}")
+    table = training_label_table(s, keys)
     label_emb = table.embeddings.to(device)  # (N, D), frozen: the text side is never trained
     dataset = data.MultiSourceDataset(sources, spec, table, TrainTransform(
         short_side=s.short_side, crop_size=s.crop_size, scale_range=(s.scale_min, s.scale_max)),
@@ -183,67 +288,22 @@ def main(argv=None):
     model.to(device)
     if world > 1:
         model = distributed.convert_sync_batchnorm(model, device)
-    groups = param_groups(model, s)
-    if s.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
-    else:  # sgd: validate() allows no other
-        optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
+    optimizer = make_optimizer(model, s)
 
     # ---- resume ---------------------------------------------------------------------------------------------------
-    step = 0
-    resume_path = find_resume(s.resume, s.out_dir)
-    if resume_path:
-        ckpt = read_checkpoint(resume_path, RESUME_KEYS)
-        if ckpt["model_args"] != asdict(model_args):
-            raise WeightsError(f"{resume_path}: model_args {ckpt['model_args']} differ from this run's "
-                               f"{asdict(model_args)}")
-        if ckpt["label_table"]["names"] != table.names:
-            raise WeightsError(f"{resume_path}: trained with another label table than {s.label_table}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        try:
-            sampler.load_state_dict(ckpt["sampler"])
-        except ValueError as e:  # its only errors: the sources, batch size or seed differ from the checkpoint's
-            raise WeightsError(f"{resume_path}: {e}") from None
-        if step > s.max_steps:
-            raise ConfigError(f"{resume_path} is at step {step}, past max_steps={s.max_steps}")
-        if master:
-            print(f"resumed from {resume_path} at step {step}")
-            if step == s.max_steps:
-                print(f"the run is complete (max_steps={s.max_steps}): nothing to train; raise max_steps to go on")
+    meta = checkpoint_meta(s, model_args, table, keys, sources)
+    step = resume(s, model, optimizer, scaler, sampler, meta, master)
     saved_at = step  # the step of the newest checkpoint: if the next loss is non-finite, its state gave it
     raw_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint():
-        nonlocal saved_at
-        saved_at = step
-        if master:
-            payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "step": step, "sampler": sampler.state_dict(),
-                       "config": asdict(s), "model_args": asdict(model_args),
-                       "label_table": asdict(table),  # small (N x D): evaluation needs no other file
-                       # what "seen" means to evaluate.py: the keys the sources can name, and their taxonomies
-                       "trained_keys": keys, "taxonomies": {src.name: src.taxonomy or src.name for src in sources}}
-            save_checkpoint(Path(s.out_dir) / f"ckpt_{step:08d}.pt", payload, s.keep_last)
-
-    stop = {"signal": None}  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
     # ---- loop -----------------------------------------------------------------------------------------------------
     weights = {"dense": s.weight_dense, "coarse": s.weight_coarse, "boxes": s.weight_boxes, "aux": s.weight_aux}
     loader = data.make_loader(dataset, sampler, workers=s.workers, pin_memory=device.type == "cuda")
-    log_file = open(Path(s.out_dir) / "log.jsonl", "a") if master else None
+    stop, progress = StopSignal(), Progress(s, sources, world, device, master)
     model.train()
     batches = iter(loader)
-    t0, seen = time.time(), 0
-    drawn = np.zeros(len(sources), np.int64)  # this rank's images per source since the last log line
     while step < s.max_steps:
         try:  # one global batch: accum_steps micro-batches, never split across epochs by the sampler
             micro_batches = [next(batches) for _ in range(s.accum_steps)]
@@ -258,7 +318,7 @@ def main(argv=None):
         # randomness a pure function of the step, so a resumed run needs no saved RNG state (data has its own seeds)
         torch.manual_seed(s.seed + step * world + rank)
         optimizer.zero_grad(set_to_none=True)
-        mean_terms = {}  # over the micro-batches: what the global batch's loss was
+        terms = {}  # the mean over the micro-batches: what the global batch's loss was
         for micro, batch in enumerate(micro_batches):
             batch = data.to_device(batch, device)
             last = micro == len(micro_batches) - 1
@@ -266,20 +326,15 @@ def main(argv=None):
             with model.no_sync() if world > 1 and not last else nullcontext():
                 with autocast:
                     out = model(batch["image"])
-                terms = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside
-                                       resize=s.loss_resize, drop_fraction=s.coarse_drop)
-                if not torch.isfinite(terms["loss"]):
-                    values = {k: round(v.item(), 4) for k, v in terms.items()}
-                    aside = set_aside(Path(s.out_dir) / f"ckpt_{step:08d}.pt") if master and saved_at == step else ""
-                    raise DivergedError(f"non-finite loss at step {step}: {values}; sources {batch['source']}"
-                                        + (f"; {aside}" if aside else ""))
+                loss = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside
+                                      resize=s.loss_resize, drop_fraction=s.coarse_drop)
+                if not torch.isfinite(loss["loss"]):
+                    stop_diverged(step, loss, batch, s.out_dir if master and saved_at == step else "")
                 # each micro-batch's loss is its mean: dividing by their number makes the sum the global batch's mean
-                scaler.scale(terms["loss"] / s.accum_steps).backward()
-            for k, v in terms.items():
-                mean_terms[k] = mean_terms.get(k, 0.0) + v.detach().float() / s.accum_steps
-            seen += len(batch["source"]) * world
-            np.add.at(drawn, [source for source, _ in batch["key"]], 1)  # key: (source index, sample)
-        terms = mean_terms
+                scaler.scale(loss["loss"] / s.accum_steps).backward()
+            for k, v in loss.items():
+                terms[k] = terms.get(k, 0.0) + v.detach().float() / s.accum_steps
+            progress.count(batch)
         if s.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
@@ -289,29 +344,15 @@ def main(argv=None):
         sampler.advance()  # one more global batch consumed: this is the position a resume continues from
 
         if step % s.log_every == 0 or step == s.max_steps:
-            logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
-            *per_source, n_skipped = sum_over_ranks([*drawn.tolist(), loader.skipped], device)  # one collective
-            drawn[:] = 0
+            progress.log(step, lr, terms, raw_model.scale().item(), loader.skipped)
+        stop_now = stop.agreed(device)
+        if step % s.save_every == 0 or step == s.max_steps or stop_now:
+            saved_at = step
             if master:
-                elapsed = time.time() - t0
-                rate = seen / elapsed
-                record = {"step": step, "lr": lr, "images_per_s": rate, "scale": raw_model.scale().item(),
-                          **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)},  # + 0.0: no "-0.0" terms
-                          "sources": {src.name: n for src, n in zip(sources, per_source)}}  # images since last line
-                if s.skip_bad:
-                    record["skipped"] = n_skipped
-                eta = (s.max_steps - step) * s.batch_size * world * s.accum_steps / max(rate, 1e-9)
-                losses = " ".join(f"{k} {record[k]:.4f}" for k in sorted(terms))
-                print(f"step {step}/{s.max_steps} | {losses} | lr {lr:.2e} | {rate:.1f} img/s | "
-                      f"eta {eta / 60:.1f} min" + (f" | skipped {n_skipped}" if s.skip_bad else ""), flush=True)
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-        stop_now = torch.tensor([0 if stop["signal"] is None else 1], device=device)  # NCCL: CUDA tensors only
-        if world > 1:
-            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        if step % s.save_every == 0 or step == s.max_steps or stop_now.item():
-            checkpoint()
-        if stop_now.item():
+                save_checkpoint(Path(s.out_dir) / f"ckpt_{step:08d}.pt", {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "step": step, "sampler": sampler.state_dict(), **meta}, s.keep_last)
+        if stop_now:
             if master:
                 print(f"stopped by signal at step {step}; checkpoint written")
             break
@@ -319,19 +360,9 @@ def main(argv=None):
         n_skipped = sum_over_ranks([loader.skipped], device)[0]
         if master:
             print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
-    if log_file:
-        log_file.close()
-    if world > 1:
-        # gloo finishes its work objects on worker threads that need the GIL; waiting on a barrier (GIL released)
-        # lets them finish before the process group is torn down, which otherwise can deadlock at exit. The group must
-        # also not die inside DDP's reducer, which destroys it with the GIL held while such a thread waits for the GIL
-        # (seen under load: rank 0 hung at exit, gdb: ~Reducer -> ~ProcessGroupGloo vs a gloo thread in take_gil).
-        # So DDP goes first, and the last reference is this Python one, whose release frees the GIL meanwhile.
-        group = dist.group.WORLD
-        del model
-        dist.barrier()
-        dist.destroy_process_group()
-        del group
+    progress.close()
+    del model  # DDP before the process group (distributed.teardown says why)
+    distributed.teardown()
 
 
 if __name__ == "__main__":
