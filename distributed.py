@@ -36,6 +36,35 @@ def setup(device_name="auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def cpu_has_bf16():
+    """Whether this CPU has bf16 units (x86 AVX512-BF16 or AMX-BF16, as torch's cpuinfo reads them). Without them
+    oneDNN emulates bf16 (fp32 arithmetic plus conversions), which saves nothing. A torch without
+    torch.cpu.get_capabilities (2.13 has it) counts as without."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    caps = get() if get else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+PRECISIONS = {"auto": None, "fp32": "fp32", "off": "fp32", "bf16": "bf16", "fp16": "fp16"}  # train's amp: off = fp32
+
+
+def choose_precision(setting, device):
+    """The precision the network runs in, training (amp) and inference (precision) alike, and the line saying why.
+
+    setting: auto | fp32 (or off) | bf16 | fp16. auto is bf16 on a CUDA GPU that supports it and on a CPU with bf16
+    units (cpu_has_bf16), else fp32; docs/precision.md has the measurements behind it. Returns (precision, line):
+    precision is "fp32", "bf16" or "fp16"; line e.g. "precision: bf16 (auto; cpu, bf16 units: yes)", printed at start
+    so a user sees why a run is fast or slow."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        units = torch.cuda.is_bf16_supported()
+    else:
+        units = device.type == "cpu" and cpu_has_bf16()
+    precision = PRECISIONS[setting] or ("bf16" if units else "fp32")
+    how = "auto" if setting == "auto" else "as set"
+    return precision, f"precision: {precision} ({how}; {device.type}, bf16 units: {'yes' if units else 'no'})"
+
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

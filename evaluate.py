@@ -319,6 +319,8 @@ def main(argv=None):
     scale = float(model.scale().detach())
     # recorded before the run: the checkout, the files and the command as they were when it started
     precision = resolve_precision(s.precision, device)  # what --precision=auto means here, recorded as run
+    if master:
+        print(distributed.choose_precision(s.precision, device)[1])  # and why
     prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device, precision,
                       **dataset_hashes(cfg, dataset, s)) if master else None
     if master:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import clip_text
+from distributed import choose_precision, cpu_has_bf16  # noqa: F401 (cpu_has_bf16: tools import it from here)
 from errors import ConfigError
 from labels import LabelTable, load_label_table
 from model import similarity, upsample_logits
@@ -60,24 +61,10 @@ class Protocol:
         one_of(self, "precision", ("auto", "fp32", "bf16"))
 
 
-def cpu_has_bf16():
-    """Whether this CPU has bf16 units (x86 AVX512-BF16 or AMX-BF16, as torch's cpuinfo reads them). Without them
-    oneDNN emulates bf16 (fp32 arithmetic plus conversions), which saves nothing. A torch without
-    torch.cpu.get_capabilities (2.13 has it) counts as without."""
-    get = getattr(torch.cpu, "get_capabilities", None)
-    caps = get() if get else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
 def resolve_precision(precision, device):
-    """Protocol.precision on `device` -> "fp32" or "bf16", the precision the network then runs in: auto is bf16 on a
-    GPU that supports it and on a CPU with bf16 units, else fp32."""
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    """Protocol.precision on `device` -> "fp32" or "bf16", the precision the network then runs in: auto means what it
+    means in training (distributed.choose_precision)."""
+    return choose_precision(precision, device)[0]
 
 
 def in_precision(model, precision, device):

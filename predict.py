@@ -32,7 +32,7 @@ from checkpoints import check_width, load_checkpoint
 from errors import ConfigError, run_main
 from inference import (Protocol, id_png_dtype, in_precision, infer, label_embeddings, resize_short_side,
                        resolve_precision, save_prediction)
-from distributed import pick_device
+from distributed import choose_precision, pick_device
 from labels import label_texts, load_label_spec
 from readers import decode_rgb, open_image
 from settings import parse_settings, print_settings, read_yaml
@@ -190,6 +190,7 @@ def main(argv=None):
     if s.emb_dtype not in ("float16", "float32"):
         raise ConfigError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")
     device = pick_device(s.device)
+    print(choose_precision(s.precision, device)[1])  # which precision the network runs in, and why
     paths = list_images(s.images)
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]
     if not labels or len(set(labels)) != len(labels) or len(labels) > 65535:

@@ -69,7 +69,7 @@ class TrainSettings:
     max_steps: int = 160000
     poly_power: float = 1.0
     grad_clip: float = 0.0         # 0 = off
-    amp: str = "auto"              # auto (bf16 where supported) | bf16 | fp16 | off
+    amp: str = "auto"              # auto (bf16 on GPUs and on CPUs with bf16 units, else off) | bf16 | fp16 | off
     # run
     out_dir: str = "runs/ssiw"
     seed: int = 0
@@ -151,12 +151,10 @@ def make_optimizer(model, s):
     return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)  # sgd: validate() allows no other
 
 
-def mixed_precision(amp, device):
-    """The one autocast context and the GradScaler of a run: amp auto | bf16 | fp16 | off on `device`. The scaler
-    is enabled only for fp16 (bf16 has fp32's range). Returns (autocast context, scaler)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+def mixed_precision(precision, device):
+    """The one autocast context and the GradScaler of a run in `precision` (fp32 | bf16 | fp16) on `device`. The
+    scaler is enabled only for fp16 (bf16 has fp32's range). Returns (autocast context, scaler)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -227,10 +225,11 @@ def stop_diverged(step, terms, batch, out_dir):
                         + (f"; {aside}" if aside else ""))
 
 
-def checkpoint_meta(s, model_args, table, keys, sources):
+def checkpoint_meta(s, precision, model_args, table, keys, sources):
     """What every checkpoint of the run carries besides the training state: enough to rebuild, evaluate and resume
     it without any other file."""
-    return {"config": asdict(s), "model_args": asdict(model_args),
+    return {"config": asdict(s), "precision": precision,  # what amp meant on this machine
+            "model_args": asdict(model_args),
             "label_table": asdict(table),  # small (N x D): evaluation needs no other file
             # what "seen" means to evaluate.py: the keys the sources can name, and their taxonomies
             "trained_keys": keys, "taxonomies": {src.name: src.taxonomy or src.name for src in sources}}
@@ -257,14 +256,16 @@ def main(argv=None):
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
     master = rank == 0
+    precision, why = distributed.choose_precision(s.amp, device)
     if master:
         print("settings:")
         print_settings(s)
+        print(why)
         Path(s.out_dir).mkdir(parents=True, exist_ok=True)
         lock_run_dir(s.out_dir)  # one run per out_dir: a second would overwrite checkpoints, pruning and log.jsonl
     for seed in (torch.manual_seed, random.seed, np.random.seed):
         seed(s.seed + rank)
-    autocast, scaler = mixed_precision(s.amp, device)
+    autocast, scaler = mixed_precision(precision, device)
 
     # ---- label table and data -------------------------------------------------------------------------------------
     spec = load_label_spec()
@@ -291,7 +292,7 @@ def main(argv=None):
     optimizer = make_optimizer(model, s)
 
     # ---- resume ---------------------------------------------------------------------------------------------------
-    meta = checkpoint_meta(s, model_args, table, keys, sources)
+    meta = checkpoint_meta(s, precision, model_args, table, keys, sources)
     step = resume(s, model, optimizer, scaler, sampler, meta, master)
     saved_at = step  # the step of the newest checkpoint: if the next loss is non-finite, its state gave it
     raw_model = model

@@ -188,6 +188,7 @@ def write_tiny_run(root: Path, **settings) -> dict:
     config = {"sources": [dict(street, name="a"), dict(street, name="b")], "label_table": str(root / "table.pt"),
               "crop_size": 32, "short_side": 48, "scale_min": 1.0, "scale_max": 1.2, "batch_size": 2, "workers": 0,
               "backbone": "mit_b0", "embed_dim": 32, "drop_path_rate": 0.0, "dropout": 0.0, "lr": 1e-3,
-              "warmup_steps": 2, "max_steps": 8, "log_every": 1, "save_every": 1, "keep_last": 20, **settings}
+              "warmup_steps": 2, "max_steps": 8, "log_every": 1, "save_every": 1, "keep_last": 20,
+              "amp": "off", **settings}  # fp32 whatever the CPU: tests compare runs number for number
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return config

@@ -1,6 +1,10 @@
-"""The network's precision setting (inference.Protocol.precision): what auto resolves to, the fp32 path unchanged,
-the bf16 path close to it, and a bad value named."""
+"""The network's precision (inference.Protocol.precision, train.py's amp): what auto resolves to, the same in
+training and inference and in torchrun workers, the fp32 path unchanged, the bf16 path close to it, and a bad value
+named."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,12 +12,14 @@ import torch.nn.functional as F
 
 import evaluate
 from checkpoints import load_checkpoint
+from distributed import choose_precision
 from errors import ConfigError
 from evaluate import EvalSettings
 from inference import Protocol, in_precision, infer, label_embeddings, resolve_precision
 from model import ModelConfig, build_model
 from settings import parse_settings
 from test_evaluate import write_tiny_run
+from test_train import REPO, final, setup  # noqa: F401 (setup is a fixture)
 from tools import compare_precision
 
 
@@ -34,6 +40,44 @@ def test_auto_without_get_capabilities_is_fp32(monkeypatch):
 def test_auto_follows_the_gpu(monkeypatch, supported, want):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
     assert resolve_precision("auto", "cuda:0") == want
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_training_and_inference_mean_the_same_auto_and_say_why(monkeypatch, units):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": units, "amx_bf16": False})
+    want = "bf16" if units else "fp32"
+    assert choose_precision("auto", torch.device("cpu")) == (want, f"precision: {want} (auto; cpu, bf16 units: "
+                                                                   f"{'yes' if units else 'no'})")
+    assert resolve_precision("auto", "cpu") == want                      # inference's precision=auto
+    # train's amp: off is fp32, an explicit choice stands whatever the CPU, and the line says it was set
+    assert choose_precision("off", "cpu")[0] == "fp32" and choose_precision("fp16", "cpu")[0] == "fp16"
+    said = "yes" if units else "no"
+    assert choose_precision("bf16", "cpu")[1] == f"precision: bf16 (as set; cpu, bf16 units: {said})"
+
+
+# torch.cpu.get_capabilities as a CPU with (1) or without (0) bf16 units reports it, in every python that starts with
+# this folder on PYTHONPATH (torchrun's workers included): the variable is read by a sitecustomize
+SITECUSTOMIZE = """import os
+if os.environ.get("FAKE_BF16_UNITS") in ("0", "1"):
+    import torch
+    units = os.environ["FAKE_BF16_UNITS"] == "1"
+    torch.cpu.get_capabilities = lambda: {"avx512_bf16": units, "amx_bf16": units}
+"""
+
+
+@pytest.mark.parametrize("units", ["1", "0"])
+def test_torchrun_workers_train_in_what_auto_means_on_their_cpu(setup, tmp_path, units):
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", FAKE_BF16_UNITS=units,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", str(setup / "config.yaml"), f"--out_dir={out}", "--amp=auto", "--max_steps=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    want = "bf16" if units == "1" else "fp32"
+    assert f"precision: {want} (auto; cpu, bf16 units: {'yes' if units == '1' else 'no'})" in done.stdout
+    assert final(out, 1)["precision"] == want  # what the run trained in, recorded
 
 
 def test_bad_precision_is_named():
