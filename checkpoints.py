@@ -9,6 +9,8 @@ raises WeightsError naming it, what it should be and where such files come from.
 """
 import atexit
 import fcntl
+import hashlib
+import json
 import os
 import socket
 import time
@@ -286,15 +288,57 @@ def read_checkpoint(path, need=("model", "model_args")) -> dict:
     return ckpt
 
 
-def restore_checkpoint(path, model, optimizer, scaler, sampler, meta) -> int:
+def label_table_sha256(table: dict) -> str:
+    """sha256 of a label table's content, not of its file: its names (JSON) and its embeddings' shape and float32
+    bytes. The same table saved as .pt or loaded from .npy has one hash; other embeddings under the same names, or
+    another order, another. table: a dict with "names" and "embeddings" (N, D), e.g. asdict(LabelTable)."""
+    emb = table["embeddings"].detach().float().cpu().contiguous()  # (N, D)
+    h = hashlib.sha256(json.dumps(table["names"]).encode())
+    h.update(str(tuple(emb.shape)).encode())
+    h.update(emb.numpy().tobytes())
+    return h.hexdigest()
+
+
+def newest_finite_before(path) -> str:
+    """For an error message: the newest ckpt_*.pt older than `path` in its folder whose model and optimizer state is
+    finite, as a sentence saying how to resume from it (or that there is none)."""
+    path = Path(path)
+    for older in sorted(path.parent.glob("ckpt_*.pt"), reverse=True):
+        if older.name < path.name:
+            ckpt = read_torch_file(older, CHECKPOINT)
+            if isinstance(ckpt, dict) and not nonfinite_tensors({k: ckpt.get(k) for k in ("model", "optimizer")}):
+                return f"the newest finite checkpoint before it is {older.name}: resume with --resume={older}"
+    return (f"no older checkpoint in {path.parent} is finite: start over (--overwrite=true) or from other weights "
+            f"(--pretrained)")
+
+
+def restore_checkpoint(path, model, optimizer, scaler, sampler, meta, allow_new_label_table=False,
+                       verbose=True) -> int:
     """Continue a run from a train.py checkpoint: its model, optimizer, scaler and sampler state into the given
-    objects (strictly). `meta` is what this run's checkpoints carry (train.checkpoint_meta); the checkpoint's model
-    and label table must be this run's. Returns the step it was saved at."""
+    objects (strictly). `meta` is what this run's checkpoints carry (train.checkpoint_meta): the checkpoint's
+    model_args and label table (sha256 of its names and embeddings) must be this run's, the label table unless
+    allow_new_label_table. A NaN or inf in the model or optimizer state raises DivergedError naming the tensors and
+    the newest finite checkpoint before it: training from such a state cannot recover. Returns the step it was
+    saved at."""
     ckpt = read_checkpoint(path, RESUME_KEYS)
     if ckpt["model_args"] != meta["model_args"]:
         raise WeightsError(f"{path}: model_args {ckpt['model_args']} differ from this run's {meta['model_args']}")
-    if ckpt["label_table"]["names"] != meta["label_table"]["names"]:
-        raise WeightsError(f"{path}: trained with another label table than {meta['config']['label_table']}")
+    bad = nonfinite_tensors({"model": ckpt["model"], "optimizer": ckpt["optimizer"]})
+    if bad:
+        raise DivergedError(f"{path} holds NaN or inf in {len(bad)} tensors ({', '.join(bad[:3])}"
+                            f"{', ...' if len(bad) > 3 else ''}), from which training cannot recover; "
+                            f"{newest_finite_before(path)}")
+    old, new = ckpt["label_table"], meta["label_table"]
+    old_sha = ckpt.get("label_table_sha256") or label_table_sha256(old)  # checkpoints before the hash was stored
+    if old_sha != meta["label_table_sha256"]:
+        change = (f"{path} was trained with label table sha256 {old_sha[:12]} ({old['encoder']}, {len(old['names'])}"
+                  f" labels), this run's {meta['config']['label_table']} is sha256 "
+                  f"{meta['label_table_sha256'][:12]} ({new['encoder']}, {len(new['names'])} labels)")
+        if not allow_new_label_table:
+            raise WeightsError(f"{change}: give the run's own table, or --allow_new_label_table=true if the change "
+                               f"is meant")
+        if verbose:
+            print(f"note: {change}; allowed by --allow_new_label_table, the next checkpoints carry the new table")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -328,6 +372,37 @@ def check_width(ckpt, label_emb, what):
     width = ckpt["model_args"].get("embed_dim")
     if width != label_emb.shape[1]:
         raise WeightsError(f"{what} has width {label_emb.shape[1]}, the checkpoint's pixel embeddings {width}")
+
+
+def claim_out_dir(out_dir, resume, overwrite):
+    """Make out_dir and take it for this run (lock_run_dir); then refuse to start a new run over the checkpoints of
+    an earlier one, which it would replace one by one (and --resume=auto would later mix with its own): unless
+    `resume` continues from a checkpoint, or `overwrite` deletes them (train.py keeps the earlier log.jsonl, see
+    set_aside_log). Only the process that writes checkpoints calls it."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out_dir)  # first: a live run in out_dir is reported as such, not as an earlier one
+    old = sorted(Path(out_dir).glob("ckpt_*.pt"))
+    if resume or not old:
+        return
+    which = f"{len(old)} checkpoint(s) of an earlier run ({old[0].name}{' .. ' + old[-1].name if old[1:] else ''})"
+    if not overwrite:
+        raise InputError(f"{out_dir} holds {which}, which a new run would replace: --resume=auto continues that run, "
+                         f"--overwrite=true deletes them and starts over (keeping its log.jsonl as log-<time>.jsonl),"
+                         f" or give another --out_dir")
+    for path in old:
+        path.unlink()
+    print(f"{out_dir}: --overwrite: deleted {which}")
+
+
+def set_aside_log(out_dir) -> str:
+    """A run starting at step 0 writes a new log.jsonl: an earlier run's, if any, is renamed log-<its last write,
+    UTC>.jsonl instead of being appended to. Returns a sentence saying so ("" if there was none)."""
+    log = Path(out_dir) / "log.jsonl"
+    if not log.is_file() or log.stat().st_size == 0:
+        return ""
+    kept = log.with_name(time.strftime("log-%Y%m%d-%H%M%S.jsonl", time.gmtime(log.stat().st_mtime)))
+    os.replace(log, kept)
+    return f"{out_dir}: the log.jsonl of an earlier run is kept as {kept.name}"
 
 
 _LOCKS = {}  # out_dir (resolved) -> lock file held by this process

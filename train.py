@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import distributed
-from checkpoints import find_resume, load_pretrained, lock_run_dir, restore_checkpoint, save_checkpoint, set_aside
+from checkpoints import (claim_out_dir, find_resume, label_table_sha256, load_pretrained, restore_checkpoint,
+                         save_checkpoint, set_aside, set_aside_log)
 from errors import ConfigError, DivergedError, WeightsError, run_main
 from labels import LabelTable, load_label_spec, load_label_table
 from losses import RESIZE_MODES, compute_losses
@@ -77,6 +78,8 @@ class TrainSettings:
     save_every: int = 1000
     keep_last: int = 3             # newest checkpoints kept (and always the one before the newest)
     resume: str = ""               # "" | "auto" (latest checkpoint in out_dir) | a checkpoint path
+    overwrite: bool = False        # start over in an out_dir holding checkpoints: deletes them (log.jsonl is kept)
+    allow_new_label_table: bool = False  # resume with another label table than the checkpoint's, on purpose
     device: str = "auto"           # auto | cpu | cuda
 
     def validate(self):
@@ -92,6 +95,8 @@ class TrainSettings:
         one_of(self, "optimizer", ("adamw", "sgd"))
         one_of(self, "loss_resize", RESIZE_MODES)
         require(self, "sources", bool, "is empty: list at least one training source")
+        require(self, "overwrite", lambda v: not (v and self.resume), f"contradicts resume={self.resume!r}: "
+                "overwrite starts over, resume continues")
         require(self, "label_table", bool, "is not set: give a label table .pt made by clip_text.py, the authors' "
                 "universal_cat2vec.npy, or onehot")
 
@@ -180,8 +185,12 @@ class Progress:
     skipped samples. Every rank counts its own; log() reduces them (every rank must call it), rank 0 prints the line
     and appends it to out_dir/log.jsonl."""
 
-    def __init__(self, s, sources, world, device, master):
+    def __init__(self, s, sources, world, device, master, step):
         self.s, self.sources, self.world, self.device = s, sources, world, device
+        if master and step == 0:  # a new run: its own log.jsonl, not appended to an earlier run's
+            kept = set_aside_log(s.out_dir)
+            if kept:
+                print(kept)
         self.file = open(Path(s.out_dir) / "log.jsonl", "a") if master else None
         self.start, self.seen = time.time(), 0
         self.drawn = np.zeros(len(sources), np.int64)  # this rank's images per source since the last log line
@@ -231,6 +240,7 @@ def checkpoint_meta(s, precision, model_args, table, keys, sources):
     return {"config": asdict(s), "precision": precision,  # what amp meant on this machine
             "model_args": asdict(model_args),
             "label_table": asdict(table),  # small (N x D): evaluation needs no other file
+            "label_table_sha256": label_table_sha256(asdict(table)),  # a resume onto other embeddings is refused
             # what "seen" means to evaluate.py: the keys the sources can name, and their taxonomies
             "trained_keys": keys, "taxonomies": {src.name: src.taxonomy or src.name for src in sources}}
 
@@ -240,7 +250,7 @@ def resume(s, model, optimizer, scaler, sampler, meta, master) -> int:
     path = find_resume(s.resume, s.out_dir)
     if not path:
         return 0
-    step = restore_checkpoint(path, model, optimizer, scaler, sampler, meta)
+    step = restore_checkpoint(path, model, optimizer, scaler, sampler, meta, s.allow_new_label_table, master)
     if step > s.max_steps:
         raise ConfigError(f"{path} is at step {step}, past max_steps={s.max_steps}")
     if master:
@@ -261,8 +271,7 @@ def main(argv=None):
         print("settings:")
         print_settings(s)
         print(why)
-        Path(s.out_dir).mkdir(parents=True, exist_ok=True)
-        lock_run_dir(s.out_dir)  # one run per out_dir: a second would overwrite checkpoints, pruning and log.jsonl
+        claim_out_dir(s.out_dir, s.resume, s.overwrite)  # one run per out_dir, and not over an earlier run's
     for seed in (torch.manual_seed, random.seed, np.random.seed):
         seed(s.seed + rank)
     autocast, scaler = mixed_precision(precision, device)
@@ -302,7 +311,7 @@ def main(argv=None):
     # ---- loop -----------------------------------------------------------------------------------------------------
     weights = {"dense": s.weight_dense, "coarse": s.weight_coarse, "boxes": s.weight_boxes, "aux": s.weight_aux}
     loader = data.make_loader(dataset, sampler, workers=s.workers, pin_memory=device.type == "cuda")
-    stop, progress = StopSignal(), Progress(s, sources, world, device, master)
+    stop, progress = StopSignal(), Progress(s, sources, world, device, master, step)
     model.train()
     batches = iter(loader)
     while step < s.max_steps:

@@ -4,6 +4,7 @@ expected error, printed as one `error: ...` line without a traceback), that the 
 that nothing good was deleted. The matrix's cases run two at a time (most of each is importing torch); signals, two
 runs in one out_dir and torchrun have their own tests below.
 """
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from PIL import Image
 from checkpoints import save_checkpoint
 from data_fixtures import write_tiny_run
 from errors import ConfigError, DataError, DivergedError, run_main
+from labels import LabelTable, save_label_table
 from sampler import BalancedSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,8 +134,8 @@ def checkpoint_without(*keys):
 
 
 def poisoned_optimizer(world, case):
-    """The good run's latest checkpoint with one Adam second moment set to inf: the loss stays finite (the weights
-    are), the update is zero, and the state stays non-finite."""
+    """The good run's latest checkpoint with one Adam second moment set to inf: the loss would stay finite (the
+    weights are), so only a check of the state on loading catches it."""
     good_run_copy(world, case)
     path = case / "out" / f"ckpt_{GOOD_STEPS:08d}.pt"
     ckpt = torch.load(path, weights_only=True)
@@ -287,8 +289,9 @@ CASES = [
          rf"--resume=auto continues from .*ckpt_{GOOD_STEPS:08d}\.pt", prepare=good_run_copy,
          check=assert_diverged_set_aside),
     Case("faults", "non_finite_optimizer_state", train("--resume=auto", "--max_steps=8"),
-         rf"step {GOOD_STEPS + 1}: the model/optimizer state holds NaN or inf in 1 tensors "
-         r"\(e\.g\. optimizer\.state\.5\.exp_avg_sq\); ckpt_00000004\.pt is not written", prepare=poisoned_optimizer,
+         rf"ckpt_{GOOD_STEPS:08d}\.pt holds NaN or inf in 1 tensors \(optimizer\.state\.5\.exp_avg_sq\), from which "
+         rf"training cannot recover; the newest finite checkpoint before it is ckpt_{GOOD_STEPS - 1:08d}\.pt",
+         prepare=poisoned_optimizer,
          check=good_checkpoints_kept(1, 2, 3)),
     Case("faults", "disk_full_on_save", [*FILES_UP_TO_1MB, *train("--resume=auto", "--max_steps=8")],
          rf"could not write checkpoint .*ckpt_{GOOD_STEPS + 1:08d}\.pt: File too large; the older checkpoints are kept",
@@ -461,3 +464,87 @@ def test_a_non_finite_state_is_neither_written_nor_prunes(tmp_path, value):
     with pytest.raises(DivergedError, match=r"step 2: .* 1 tensors \(e\.g\. model\.w\); ckpt_00000002\.pt is not written"):
         save_checkpoint(tmp_path / "ckpt_00000002.pt", state(2, value), keep_last=1)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000001.pt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming safely: onto the same label embeddings, from a finite state, never over an earlier run by accident
+
+def train_in(world, out, *flags):
+    return run(["train.py", str(world / "config.yaml"), f"--out_dir={out}", *flags])
+
+
+def last_error(done):
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_resuming_onto_other_label_embeddings_is_refused_unless_meant(world, tmp_path):
+    """Same keys, other embeddings and encoder: the model would silently learn other targets."""
+    shutil.copytree(world / "good", tmp_path / "out")
+    table = torch.load(world / "table.pt", weights_only=True)
+    other = torch.nn.functional.normalize(torch.randn(table["embeddings"].shape,
+                                                      generator=torch.Generator().manual_seed(1)), dim=1)
+    save_label_table(tmp_path / "t2.pt", LabelTable(table["names"], table["sentences"], other, "other encoder"))
+    flags = ["--resume=auto", f"--label_table={tmp_path / 't2.pt'}", f"--max_steps={GOOD_STEPS + 1}"]
+    last = last_error(train_in(world, tmp_path / "out", *flags))
+    assert re.fullmatch(rf"error: .*ckpt_{GOOD_STEPS:08d}\.pt was trained with label table sha256 [0-9a-f]{{12}} "
+                        r"\(random test table, \d+ labels\), this run's .*t2\.pt is sha256 [0-9a-f]{12} \(other "
+                        r"encoder, \d+ labels\): .*--allow_new_label_table=true if the change is meant", last), last
+    assert not (tmp_path / "out" / f"ckpt_{GOOD_STEPS + 1:08d}.pt").exists()
+    done = train_in(world, tmp_path / "out", *flags, "--allow_new_label_table=true")
+    assert done.returncode == 0 and "allowed by --allow_new_label_table" in done.stdout, done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "out" / f"ckpt_{GOOD_STEPS + 1:08d}.pt", weights_only=True)
+    assert torch.equal(ckpt["label_table"]["embeddings"], other) and ckpt["label_table"]["encoder"] == "other encoder"
+    # the hash is of the names and the embeddings' bytes, computed here independently of checkpoints.py
+    want = hashlib.sha256(json.dumps(table["names"]).encode() + str(tuple(other.shape)).encode()
+                          + other.numpy().tobytes()).hexdigest()
+    assert ckpt["label_table_sha256"] == want
+
+
+def poison(path, *where):
+    """Set one tensor of a checkpoint to NaN: where = ("optimizer", "state", 5, "exp_avg_sq") etc."""
+    ckpt = torch.load(path, weights_only=True)
+    node = ckpt
+    for key in where:
+        node = node[key]
+    node.fill_(float("nan"))
+    torch.save(ckpt, path)
+
+
+def test_resuming_from_a_non_finite_state_names_it_and_the_newest_finite_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "good", out)
+    newest = out / f"ckpt_{GOOD_STEPS:08d}.pt"
+    poison(newest, "optimizer", "state", 5, "exp_avg_sq")
+    done = train_in(world, out, "--resume=auto", "--max_steps=8")
+    last = last_error(done)
+    assert re.fullmatch(rf"error: {re.escape(str(newest))} holds NaN or inf in 1 tensors \(optimizer\.state\.5\."
+                        rf"exp_avg_sq\), from which training cannot recover; the newest finite checkpoint before it "
+                        rf"is ckpt_{GOOD_STEPS - 1:08d}\.pt: resume with --resume=.*ckpt_{GOOD_STEPS - 1:08d}\.pt",
+                        last), last
+    assert f"step {GOOD_STEPS + 1}/" not in done.stdout  # refused before training, not at the next save
+    for step in range(1, GOOD_STEPS):
+        poison(out / f"ckpt_{step:08d}.pt", "model", "logit_scale")
+    last = last_error(train_in(world, out, "--resume=auto", "--max_steps=8"))
+    assert re.search(rf"; no older checkpoint in {re.escape(str(out))} is finite: start over", last), last
+    assert sorted(p.name for p in out.glob("ckpt_*")) == [f"ckpt_{s:08d}.pt" for s in range(1, GOOD_STEPS + 1)]
+
+
+def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_resumed_or_overwritten(world, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "good", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.lock"}
+    last = last_error(train_in(world, out, "--max_steps=2"))
+    assert re.fullmatch(rf"error: {re.escape(str(out))} holds {GOOD_STEPS} checkpoint\(s\) of an earlier run "
+                        rf"\(ckpt_00000001\.pt \.\. ckpt_{GOOD_STEPS:08d}\.pt\), which a new run would replace: "
+                        r"--resume=auto continues that run, --overwrite=true deletes them and starts over \(keeping "
+                        r"its log\.jsonl as log-<time>\.jsonl\), or give another --out_dir", last), last
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.lock"} == before  # nothing touched
+    done = train_in(world, out, "--max_steps=2", "--overwrite=true")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "--overwrite: deleted 3 checkpoint(s) of an earlier run" in done.stdout
+    assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    kept = list(out.glob("log-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_bytes() == before["log.jsonl"], kept  # the earlier run's log, whole
+    assert f"log.jsonl of an earlier run is kept as {kept[0].name}" in done.stdout
