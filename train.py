@@ -192,7 +192,7 @@ class Progress:
             if kept:
                 print(kept)
         self.file = open(Path(s.out_dir) / "log.jsonl", "a") if master else None
-        self.start, self.seen = time.time(), 0
+        self.start, self.first_step, self.seen = time.time(), step, 0
         self.drawn = np.zeros(len(sources), np.int64)  # this rank's images per source since the last log line
 
     def count(self, batch):
@@ -207,8 +207,10 @@ class Progress:
         self.drawn[:] = 0
         if not self.file:
             return
-        rate = self.seen / (time.time() - self.start)
-        record = {"step": step, "lr": lr, "images_per_s": rate, "scale": scale,
+        now = time.time()
+        rate = self.seen / (now - self.start)
+        record = {"step": step, "time": round(now, 3), "elapsed_s": round(now - self.start, 3),  # unix time; this run's
+                  "lr": lr, "images_per_s": rate, "scale": scale,
                   **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)},  # + 0.0: no "-0.0" terms
                   "sources": {src.name: n for src, n in zip(self.sources, per_source)}}  # images since last line
         if s.skip_bad:
@@ -220,9 +222,15 @@ class Progress:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
-    def close(self):
-        if self.file:
-            self.file.close()
+    def close(self, step, last_checkpoint):
+        """The run's summary line (rank 0; none if it trained no step) and the end of log.jsonl."""
+        if not self.file:
+            return
+        self.file.close()
+        seconds = time.time() - self.start
+        if step > self.first_step:
+            print(f"trained steps {self.first_step + 1}..{step} ({step - self.first_step} steps, {self.seen} images) "
+                  f"in {seconds / 60:.1f} min, {self.seen / seconds:.1f} images/s; last checkpoint {last_checkpoint}")
 
 
 def stop_diverged(step, terms, batch, out_dir):
@@ -271,6 +279,9 @@ def main(argv=None):
         print("settings:")
         print_settings(s)
         print(why)
+        if s.max_steps < s.warmup_steps:
+            print(f"warning: max_steps={s.max_steps} < warmup_steps={s.warmup_steps}: the run ends in the warm-up, "
+                  f"its learning rate never reaches lr={s.lr}")
         claim_out_dir(s.out_dir, s.resume, s.overwrite)  # one run per out_dir, and not over an earlier run's
     for seed in (torch.manual_seed, random.seed, np.random.seed):
         seed(s.seed + rank)
@@ -370,7 +381,7 @@ def main(argv=None):
         n_skipped = sum_over_ranks([loader.skipped], device)[0]
         if master:
             print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
-    progress.close()
+    progress.close(step, Path(s.out_dir) / f"ckpt_{saved_at:08d}.pt")
     del model  # DDP before the process group (distributed.teardown says why)
     distributed.teardown()
 

@@ -1,6 +1,8 @@
 """train.py end to end on tiny synthetic data: DDP == one process, kill -9 / SIGTERM resume == uninterrupted,
 atomic checkpoints, bf16 autocast on CPU, non-finite loss reporting, the learning-rate schedule."""
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,3 +194,23 @@ def test_param_groups_split_heads_and_exempt_norms_biases_and_temperature():
         if p.ndim == 1:
             assert group["weight_decay"] == 0.0, name
     assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_log_lines_carry_time_and_the_run_ends_with_a_summary(setup, tmp_path):
+    out = tmp_path / "summary"
+    before = time.time()
+    log = run(setup, out, "--max_steps=3", "--warmup_steps=5")
+    after = time.time()
+    assert "warning: max_steps=3 < warmup_steps=5: the run ends in the warm-up, its learning rate never reaches " \
+           "lr=0.001" in log
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert before < records[0]["time"] <= records[-1]["time"] < after
+    for r in records:  # elapsed: since this run started; batch 2, one process: 2 images a step
+        assert r["elapsed_s"] > 0 and r["images_per_s"] * r["elapsed_s"] == pytest.approx(2 * r["step"], rel=1e-2)
+    summary = log.strip().splitlines()[-1]
+    assert re.fullmatch(r"trained steps 1\.\.3 \(3 steps, 6 images\) in \d+\.\d min, \d+\.\d images/s; "
+                        rf"last checkpoint {re.escape(str(out / 'ckpt_00000003.pt'))}", summary), summary
+    resumed = run(setup, out, "--resume=auto", "--max_steps=4")
+    assert re.search(r"^trained steps 4\.\.4 \(1 steps, 2 images\)", resumed.strip().splitlines()[-1]), resumed
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
