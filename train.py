@@ -21,12 +21,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import distributed
-from checkpoints import (claim_out_dir, find_resume, label_table_sha256, load_pretrained, restore_checkpoint,
-                         save_checkpoint, set_aside, set_aside_log)
+from checkpoints import load_pretrained
 from errors import ConfigError, DivergedError, WeightsError, run_main
 from labels import LabelTable, load_label_spec, load_label_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
+from run_dir import (claim_out_dir, find_resume, label_table_sha256, restore_checkpoint, save_checkpoint, set_aside,
+                     set_aside_log)
 from sampler import BalancedSampler
 from settings import one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
@@ -222,8 +223,13 @@ class Progress:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
-    def close(self, step, last_checkpoint):
-        """The run's summary line (rank 0; none if it trained no step) and the end of log.jsonl."""
+    def close(self, step, last_checkpoint, skipped):
+        """The end of the run: with skip_bad, the samples all ranks skipped (every rank must call it); the summary
+        line (rank 0; none if it trained no step); the end of log.jsonl."""
+        if self.s.skip_bad:
+            n_skipped = sum_over_ranks([skipped], self.device)[0]
+            if self.file:
+                print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
         if not self.file:
             return
         self.file.close()
@@ -377,11 +383,7 @@ def main(argv=None):
             if master:
                 print(f"stopped by signal at step {step}; checkpoint written")
             break
-    if s.skip_bad:
-        n_skipped = sum_over_ranks([loader.skipped], device)[0]
-        if master:
-            print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
-    progress.close(step, Path(s.out_dir) / f"ckpt_{saved_at:08d}.pt")
+    progress.close(step, Path(s.out_dir) / f"ckpt_{saved_at:08d}.pt", loader.skipped)
     del model  # DDP before the process group (distributed.teardown says why)
     distributed.teardown()
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from checkpoints import save_checkpoint
+from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
 from errors import ConfigError, DataError, DivergedError, run_main
 from labels import LabelTable, save_label_table
@@ -495,7 +495,7 @@ def test_resuming_onto_other_label_embeddings_is_refused_unless_meant(world, tmp
     assert done.returncode == 0 and "allowed by --allow_new_label_table" in done.stdout, done.stderr[-3000:]
     ckpt = torch.load(tmp_path / "out" / f"ckpt_{GOOD_STEPS + 1:08d}.pt", weights_only=True)
     assert torch.equal(ckpt["label_table"]["embeddings"], other) and ckpt["label_table"]["encoder"] == "other encoder"
-    # the hash is of the names and the embeddings' bytes, computed here independently of checkpoints.py
+    # the hash is of the names and the embeddings' bytes, computed here independently of run_dir.py
     want = hashlib.sha256(json.dumps(table["names"]).encode() + str(tuple(other.shape)).encode()
                           + other.numpy().tobytes()).hexdigest()
     assert ckpt["label_table_sha256"] == want

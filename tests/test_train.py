@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from checkpoints import save_checkpoint
+from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
 from labels import load_label_spec
 
