@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-import evaluate
-from checkpoints import check_width, load_checkpoint
 from distributed import pick_device
-from inference import Protocol, infer, label_embeddings, resolve_precision
-from predict import background_labels, ids_from_scores, label_texts_for, unknown_id
+from evaluation import EvalDataset, load_dataset_config
+from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
+                       unknown_id)
+from labels import label_texts_for
 from provenance import provenance
 from settings import parse_settings
 
@@ -70,8 +70,8 @@ def unknown_per_class(ids, target, n, unknown):
 def main(argv=None):
     s = parse_settings(AbstentionSettings, argv)
     device = pick_device(s.device)
-    cfg, spec = evaluate.load_dataset_config(s.dataset, s.root, s.list)
-    dataset = evaluate.EvalDataset(cfg, spec, s.max_images)
+    cfg, spec = load_dataset_config(s.dataset, s.root, s.list)
+    dataset = EvalDataset(cfg, spec, s.max_images)
     asked_names = [a.strip() for a in s.asked.split(",") if a.strip()]
     unknown_names = [a for a in asked_names if a not in dataset.class_names]
     if unknown_names or not asked_names:
@@ -80,12 +80,9 @@ def main(argv=None):
     asked_class = torch.tensor([dataset.class_names.index(a) for a in asked_names])
     asked_keys = [dataset.keys[i] for i in asked_class]
     background = background_labels(s.background, asked_keys)
-    model, ckpt = load_checkpoint(s.checkpoint, device)
     keys = asked_keys + background
-    label_emb = label_embeddings(keys, label_texts_for(keys, spec=spec), s.embeddings, "", device,  # (A + B, D)
-                                 ckpt.get("label_table"))
-    check_width(ckpt, label_emb, "the label embeddings")
-    scale = float(model.scale().detach())
+    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, label_texts_for(keys, spec=spec),  # (A+B, D)
+                                                       s.embeddings, "", device)
     print(f"{dataset.name}: {len(dataset)} images; asked {dict(zip(asked_names, asked_keys))}; other classes "
           f"{[n for n in dataset.class_names if n not in asked_names]}; background vocabulary {background}", flush=True)
 
