@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from errors import ConfigError, LabelKeyError
+from errors import ConfigError, DataError, LabelKeyError
 from labels import dataset_label_keys
-from readers import FORMATS, DataError, decode_rgb, open_image
+from readers import FORMATS, decode_rgb, open_image
 from sampler import BalancedSampler
 from transforms import TrainTransform, draft_size, eval_image
 
@@ -62,7 +62,7 @@ class SourceConfig:
     colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
     kind: str = "dense"        # dense (L_HD) | coarse (L_LD) | boxes (L_WD)
     weight: float = 1.0        # sampling weight (equal weights = the paper's balance)
-    index: str = ""            # openimages/coco_boxes: index folder written by `python indexes.py` (readers.Index)
+    index: str = ""            # openimages/coco_boxes: index folder written by `python indexes.py` (index_format.Index)
     images: str = ""           # openimages/coco_boxes: image folder (openimages: <ImageID>.jpg); id/color: with labels
     labels: str = ""           # id/color, instead of list: label folder, paired with `images` by file stem
     image_suffix: str = ".jpg"  # id/color folder pairs: the image file of stem s is s + image_suffix

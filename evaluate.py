@@ -28,7 +28,7 @@ from evaluation import (EvalDataset, evaluate_images, load_dataset_config, metri
 from inference import Protocol, load_for_inference, resolve_precision
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
-from provenance import provenance
+from provenance import provenance, repo_relative
 from settings import parse_settings, print_settings
 
 
@@ -141,7 +141,7 @@ def main(argv=None):
         seen = seen_classes(dataset.keys, ckpt)
         metrics["split"] = split_miou(metrics["iou"], seen)
         stem = f"{dataset.name}_{s.base_size}_{'ms' if len(s.scales) > 1 else 'ss'}{'_flip' if s.flip else ''}_{s.mode}"
-        result = {"dataset": dataset.name, "checkpoint": s.checkpoint, "step": ckpt.get("step"),
+        result = {"dataset": dataset.name, "checkpoint": repo_relative(s.checkpoint), "step": ckpt.get("step"),
                   "labels": s.embeddings or (f"{s.clip_weights} ({s.mode})" if s.clip_weights
                                              else "the checkpoint's training table"), "protocol": s.protocol(),
                   "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds,

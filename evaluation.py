@@ -15,6 +15,7 @@ import data
 import distributed
 from errors import ConfigError
 from inference import infer
+from provenance import repo_relative
 from labels import IGNORE, dataset_label_keys, load_label_spec, with_own_labels
 from readers import FORMATS
 from settings import read_yaml
@@ -96,13 +97,6 @@ def yaml_header(path):
             break
         lines.append("  " + line[1:].removeprefix(" "))
     return "\n".join(lines)
-
-
-def repo_relative(path):
-    """path relative to the repository when it lies under it, else absolute: for messages and results files that
-    must read the same on every machine."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _read_dataset_yaml(name_or_path, root="", list_path="", images="", labels=""):

@@ -377,3 +377,8 @@ def test_mseg_dataset_yamls_match_names_files_and_taxonomy(name, shared_dir):
         assert d["class_names"] == [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
     with pytest.raises(FileNotFoundError, match="--root"):
         evaluation.load_dataset_config(name)
+
+
+def test_window_batch_auto_is_one_window_on_a_cpu_and_four_on_a_gpu():
+    assert inf.window_batch(0, "cpu") == 1 and inf.window_batch(0, "cuda:0") == 4
+    assert inf.window_batch(3, "cpu") == 3 and inf.window_batch(3, torch.device("cuda")) == 3

@@ -19,7 +19,7 @@ import torch
 from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
 from inference import Protocol, cpu_has_bf16, infer, load_for_inference
 from labels import label_texts
-from provenance import provenance
+from provenance import provenance, repo_relative
 from settings import parse_settings
 
 
@@ -64,7 +64,7 @@ def main(argv=None):
         differ, differ_labelled = differ + int(changed.sum()), differ_labelled + int(changed[keep].sum())
         pixels, labelled = pixels + changed.numel(), labelled + int(keep.sum())
     metrics = {p: metrics_from_confusion(c) for p, c in conf.items()}
-    result = {"dataset": dataset.name, "images": len(dataset), "checkpoint": s.checkpoint, "protocol": s.protocol(),
+    result = {"dataset": dataset.name, "images": len(dataset), "checkpoint": repo_relative(s.checkpoint), "protocol": s.protocol(),
               "cpu_has_bf16": cpu_has_bf16(), "threads": torch.get_num_threads(),
               "pixels": pixels, "pixels_differing": differ, "labelled_pixels": labelled,
               "labelled_pixels_differing": differ_labelled,

@@ -26,7 +26,7 @@ from evaluation import EvalDataset, load_dataset_config
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
                        unknown_id)
 from labels import label_texts_for
-from provenance import provenance
+from provenance import provenance, repo_relative
 from settings import parse_settings
 
 
@@ -130,7 +130,7 @@ def main(argv=None):
     if s.out:
         result = {"dataset": dataset.name, "images": len(dataset), "asked": dict(zip(asked_names, asked_keys)),
                   "other_classes": [n for n in dataset.class_names if n not in asked_names],
-                  "background": background, "protocol": s.protocol(), "checkpoint": s.checkpoint,
+                  "background": background, "protocol": s.protocol(), "checkpoint": repo_relative(s.checkpoint),
                   "step": ckpt.get("step"), "labels": s.embeddings or "the checkpoint's training table",
                   "rows": rows, "settings": asdict(s), "provenance": prov}
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)
