@@ -32,16 +32,20 @@ from index_format import Index, StringTable, map_npy, open_box_targets, read_ind
 Image.MAX_IMAGE_PIXELS = 200_000_000  # Mapillary/OpenImages originals are large but legitimate; this still stops bombs
 
 
-def read_list(list_path: Path) -> tuple[StringTable, StringTable]:
+def read_list(list_path: Path, label_folder: str = "", label_suffix: str = ".png") -> tuple[StringTable, StringTable]:
     """MSeg-style list -> (image paths, label paths) as written in the list (relative to the dataset root).
-    An empty list or a bad line raise."""
+    With label_folder, a line may hold the image alone (LabelMeFacade's own lists): its label is
+    label_folder/<image stem><label_suffix>. An empty list or a bad line raise."""
     images, labels = [], []
     for n, line in enumerate(Path(list_path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split()
+        if len(fields) == 1 and label_folder:
+            fields.append(f"{label_folder}/{Path(fields[0]).stem}{label_suffix}")
         if len(fields) != 2:
-            raise DataError(f"{list_path}:{n}: expected `image_path label_path`, got {line!r}")
+            alone = "" if label_folder else " (or the image alone, with label_folder set)"
+            raise DataError(f"{list_path}:{n}: expected `image_path label_path`{alone}, got {line!r}")
         images.append(fields[0])
         labels.append(fields[1])
     if not images:
@@ -221,7 +225,7 @@ def sample_pairs(cfg) -> tuple[StringTable, StringTable]:
     """(image paths, label paths), relative to the root, of a list source or a folder-pair source. Nothing is checked
     per file here (millions of files on a network filesystem): a file that vanished is a DataError when it is read."""
     if cfg.list:
-        return read_list(cfg.path(cfg.list))
+        return read_list(cfg.path(cfg.list), cfg.label_folder, cfg.label_suffix)
     return pair_folders(Path(cfg.root), cfg.images, cfg.labels, cfg.image_suffix, cfg.label_suffix)
 
 

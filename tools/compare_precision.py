@@ -1,7 +1,7 @@
 """evaluate.py's evaluation in fp32 and in bf16 (--precision), image by image in the same run: how often the label
 differs, the mIoU of each, and the speed of each.
 
-    python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-segnet-shared --base_size=360 --sliding=false
+    python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-segnet --base_size=360 --sliding=false
     python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-11 --root=R --list=L --embeddings=T.pt
 
 Per image both precisions run evaluate.py's protocol (inference.infer; only the network in bf16 autocast), the
@@ -26,7 +26,7 @@ from settings import parse_settings
 @dataclass
 class CompareSettings(Protocol):   # + the inference protocol's settings; precision is ignored: both are run
     checkpoint: str = ""
-    dataset: str = "camvid-segnet-shared"  # evaluate.py's dataset name or YAML
+    dataset: str = "camvid-segnet"  # evaluate.py's dataset name or YAML
     root: str = ""
     list: str = ""
     embeddings: str = ""           # label table; "" = the checkpoint's own training table

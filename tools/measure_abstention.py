@@ -2,7 +2,7 @@
 
     python -m tools.measure_abstention --checkpoint=CKPT --asked=Sky,Building,Road,Car          # CamVid val
     python -m tools.measure_abstention --checkpoint=CKPT --asked=Sky,Road --background=wall,sky,vegetation \
-        --thresholds="[-1, 0.3, 0.5]" --dataset=configs/eval/camvid-segnet-shared.yaml --out=abstention.json
+        --thresholds="[-1, 0.3, 0.5]" --dataset=configs/eval/camvid-segnet.yaml --out=abstention.json
 
 Each image is segmented as predict.py segments it (inference.infer, then predict.ids_from_scores) into the label
 keys of the asked classes, once with no background vocabulary and once with --background's (predict.py's setting;
@@ -32,7 +32,7 @@ from settings import parse_settings
 
 @dataclass
 class AbstentionSettings(Protocol):  # + the inference protocol's settings (inference.Protocol)
-    dataset: str = "configs/eval/camvid-segnet-shared.yaml"
+    dataset: str = "configs/eval/camvid-segnet.yaml"
     root: str = ""
     list: str = ""
     asked: str = "Sky,Building,Road,Car"  # class names of the dataset to ask for (comma-separated)
