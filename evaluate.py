@@ -42,7 +42,7 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     images: str = ""               # ... or an image folder and a label folder paired by file stem (relative to root;
     labels: str = ""               # detectron2's layouts of the open-vocabulary benchmarks); override the YAML's
     checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
-    embeddings: str = ""           # label table (.pt from clip_text.py, or universal_cat2vec.npy); "" = the
+    embeddings: str = ""           # label table (.pt from label_table.py, or universal_cat2vec.npy); "" = the
                                    # checkpoint's own training table, unless clip_weights is given
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)

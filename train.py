@@ -37,7 +37,7 @@ class TrainSettings:
     # data: each source is a dict of data.SourceConfig fields (name, root, list, names, taxonomy, encoding, kind, ...)
     sources: list = field(default_factory=list)
     data_root: str = "data"        # a source's relative root is a folder in here (README: where to put each dataset)
-    label_table: str = ""          # table .pt from clip_text.py, universal_cat2vec.npy, or "onehot" (ablation)
+    label_table: str = ""          # table .pt from label_table.py, universal_cat2vec.npy, or "onehot" (ablation)
     crop_size: int = 640           # random crop (SegFormer 640, HRNet 713)
     short_side: int = 1080         # resize the shorter edge to this before random scaling
     scale_min: float = 0.5         # random scale range, relative to short_side
@@ -94,7 +94,7 @@ class TrainSettings:
         one_of(self, "optimizer", ("adamw", "sgd"))
         one_of(self, "loss_resize", RESIZE_MODES)
         require(self, "sources", bool, "is empty: list at least one training source")
-        require(self, "label_table", bool, "is not set: give a label table .pt made by clip_text.py, the authors' "
+        require(self, "label_table", bool, "is not set: give a label table .pt made by label_table.py, the authors' "
                 "universal_cat2vec.npy, or onehot")
 
 

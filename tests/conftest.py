@@ -26,3 +26,10 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared folder not found at {path} (set SSIW_SHARED to its path)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def text_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Label texts embedded during tests are cached under the session's temporary folder (text_cache.py), never in the
+    user's ~/.cache/ssiw; the processes tests start inherit the setting."""
+    monkeypatch.setenv("SSIW_CACHE", str(tmp_path_factory.getbasetemp() / "ssiw_cache"))

@@ -1,5 +1,5 @@
 """Bad input and faults, tried as a user tries them: every case runs a script in a subprocess (python train.py ...,
-evaluate.py, predict.py, clip_text.py, clip_image.py, tools.synthetic_data) and checks its exit status (2 for an
+evaluate.py, predict.py, label_table.py, clip_image.py, tools.synthetic_data) and checks its exit status (2 for an
 expected error, printed as one `error: ...` line without a traceback), that the last line names the culprit, and
 that nothing good was deleted. The matrix's cases run two at a time (most of each is importing torch); signals, two
 runs in one out_dir and torchrun have their own tests below.
@@ -242,7 +242,7 @@ CASES = [
     Case("files", "pretrained_label_table", train("--pretrained={world}/table.pt"),
          r"table\.pt: not a state dict of tensors .*expected pretrained weights"),
     Case("files", "label_table_text", train("--label_table={world}/notes.txt"),
-         r"notes\.txt: not a complete file written by torch\.save.*expected a label table.*clip_text\.py"),
+         r"notes\.txt: not a complete file written by torch\.save.*expected a label table.*label_table\.py"),
     Case("files", "label_table_folder", train("--label_table={world}"), r"faults\d*: a folder; expected a label table"),
     Case("files", "label_table_npy_text", train("--label_table={case}/table.npy"), r"table\.npy: not a \.npy array",
          prepare=lambda world, case: (case / "table.npy").write_text("0.1 0.2\n")),
@@ -262,7 +262,8 @@ CASES = [
          r"notes\.txt: .*expected a label table"),
     Case("files", "predict_embeddings_object", [*PREDICT, "--checkpoint=" + CKPT, "--embeddings={world}/object.pt"],
          r"object\.pt: it holds a Python object"),
-    Case("files", "clip_text_weights_text", ["clip_text.py", "--weights={world}/notes.txt", "--out={case}/t.pt"],
+    Case("files", "label_table_clip_weights_text", ["label_table.py", "--clip_weights={world}/notes.txt",
+                                                    "--out={case}/t.pt", "--text_cache=off"],
          r"notes\.txt: .*expected CLIP weights.*openai/clip-vit-base-patch32"),
     Case("files", "clip_image_weights_text", ["clip_image.py", "--weights={world}/notes.txt", "--index={world}/nope",
                                               "--images=.", "--out={case}/t.pt", "--device=cpu"],

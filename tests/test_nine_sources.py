@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import clip_image
-import clip_text
+import label_table
 import indexes
 from clip_image import VisionConfig, VisionTransformer
 from clip_text import TextConfig, TextTransformer
@@ -36,7 +36,7 @@ from tools.make_weak_data import (MSEG_LISTS, SIZE, Linker, class_lists, tiny_fi
                                   write_objects365, write_openimages)
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = {"indexes.py": indexes.main, "clip_image.py": clip_image.main, "clip_text.py": clip_text.main}
+COMMANDS = {"indexes.py": indexes.main, "clip_image.py": clip_image.main, "label_table.py": label_table.main}
 STEPS = 3
 LINES = 2  # list lines (images) per dense set
 OI_IMAGES, OI_MASKS, O365_IMAGES, O365_BOXES = 3, 6, 3, 30
@@ -144,7 +144,7 @@ def mini(shared_dir, tmp_path_factory):
     commands = header_commands(config)
     assert commands == header_commands(REPO / "configs" / "ssiw_hrnet_w48.yaml")
     assert sorted(next(word for word in c if word.endswith(".py")) for c in commands) == [
-        "clip_image.py", "clip_text.py", "indexes.py", "indexes.py"]
+        "clip_image.py", "indexes.py", "indexes.py", "label_table.py"]
     write_random_clip(root / "ViT-B-32.pt")
     here = os.getcwd()
     os.chdir(root)  # the commands' paths are relative to the miniature's root
