@@ -43,7 +43,7 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     labels: str = ""               # detectron2's layouts of the open-vocabulary benchmarks); override the YAML's
     checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
     embeddings: str = ""           # label table (.pt from label_table.py, or universal_cat2vec.npy); "" = the
-                                   # checkpoint's own training table, unless clip_weights is given
+                                   # checkpoint's own encoder (docs/labels.md) or its training table's rows
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
     max_images: int = 0            # evaluate the first N images only (0 = all)

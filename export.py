@@ -41,7 +41,7 @@ class ExportSettings:
     dataset: str = ""              # a dataset name or YAML (evaluate.py's): its evaluated classes are the labels
     labels: str = ""               # ... or comma-separated labels (predict.py's), label i -> id i
     sentences: str = ""            # with labels: YAML {label: sentence}; wins over label_sentences.yaml
-    embeddings: str = ""           # label table; "" = the checkpoint's own training table, unless clip_weights
+    embeddings: str = ""           # label table; "" = the checkpoint's own encoder or its table (docs/labels.md)
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     embeddings_out: bool = False   # also output the pixel embeddings `emb`
