@@ -155,7 +155,7 @@ def main(argv=None):
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
          "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
          "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
-         "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})",
+         "labels_from": s.embeddings or f"{s.clip_weights or 'the checkpoint (its encoder or table)'} ({s.mode})",
          "precision": resolve_precision(s.precision, device)}, indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, scale, s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)
