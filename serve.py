@@ -18,7 +18,7 @@ label's sentence embedded on request), once per label set (the last --label_cach
          background     optional "default" or [labels]: more labels whose winning pixels are unknown
          maps           optional bool: also return winner_png and cosine_png (what the page re-thresholds)
        -> {"labels", "size": [w, h], "unknown_id", "colours": {label: "#rrggbb"},
-           "shares": {label: fraction of the pixels, ..., "unknown": ...},
+           "shares": {label: fraction of the pixels}, "unknown_share": the fraction of unknown pixels,
            "scores": {label: mean cosine of its pixels with it, or null where it has none},
            "ids_png": base64 grey PNG of ids (8-bit; 16-bit over 255 labels), "overlay_png": base64 RGB PNG (colours
            over the photo, legend below), "seconds"; with maps also "winner_png" (RGB, R + 256 G = the winning label
@@ -246,7 +246,7 @@ class Segmenter:
         out = {"labels": labels, "size": [ws, hs], "image_size": list(original), "unknown_id": unknown,
                "colours": {x: "#%02x%02x%02x" % label_colour(x) for x in labels},
                "texts": dict(zip(labels + extra, texts)), "background": extra,
-               "shares": {x: counts[i] / ids.size for i, x in enumerate(labels + ["unknown"])},
+               "shares": {x: counts[i] / ids.size for i, x in enumerate(labels)}, "unknown_share": counts[n] / ids.size,
                "scores": {x: sums[i] / counts[i] if counts[i] else None for i, x in enumerate(labels)},
                "ids_png": png_base64(ids), "overlay_png": png_base64(overlay_with_legend(photo, ids, labels))}
         if maps:
@@ -292,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         self.route("PATCH")
 
     def route(self, method):
-        t0, self.note = time.perf_counter(), ""
+        t0, self.note, self.body_read = time.perf_counter(), "", False
         path = urlsplit(self.path).path
         try:
             if path not in self.ROUTES:
@@ -322,16 +322,14 @@ class Handler(BaseHTTPRequestHandler):
     def segment(self):
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") or length is None:
-            self.close_connection = True
             raise HttpError(411, "send the body with a Content-Length (chunked bodies are not read)")
         if not length.isdigit():
-            self.close_connection = True
             raise HttpError(400, f"Content-Length {length!r:.30} is not a byte count")
         if int(length) > self.server.segmenter.s.max_body:
-            self.close_connection = True  # the body stays unread: this connection cannot carry another request
             raise HttpError(413, f"body of {int(length)} bytes is over this server's max_body "
                                  f"({self.server.segmenter.s.max_body} bytes); refused without reading it")
         raw = self.rfile.read(int(length))
+        self.body_read = True
         if len(raw) < int(length):
             self.close_connection = True
             raise HttpError(400, f"body ended after {len(raw)} of {length} bytes")
@@ -343,13 +341,16 @@ class Handler(BaseHTTPRequestHandler):
                                                                                   self.server.segmenter.s.max_labels)
         out = self.server.segmenter.segment(data, labels, sentences, unknown_below, background, maps)
         self.note = f" {len(labels)} labels {out['image_size'][0]}x{out['image_size'][1]} -> {out['size'][0]}x" \
-                    f"{out['size'][1]} model+answer {out['seconds']:.3f}s"
+                    f"{out['size'][1]} in segment {out['seconds']:.3f}s"
         return out
 
     def send_json(self, status, obj, headers=None):
         return self.send(status, json.dumps(obj).encode(), "application/json", headers)
 
     def send(self, status, payload, content_type, headers=None):
+        unread = self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0") != "0"
+        if unread and not self.body_read:
+            self.close_connection = True  # a body left unread would be read as the next request: end the connection
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)

@@ -85,7 +85,7 @@ def test_segment_answers_ids_shares_scores_and_overlay(server):
     assert ids.shape == (h, w) and ids.dtype == np.uint8 and ids.max() < len(LABELS)  # no threshold: no unknown
     counts = np.bincount(ids.ravel(), minlength=len(LABELS))
     assert [r["shares"][x] for x in LABELS] == pytest.approx(counts / ids.size, abs=1e-12)
-    assert r["shares"]["unknown"] == 0
+    assert r["unknown_share"] == 0
     overlay = png(r["overlay_png"])
     assert overlay.shape[1] == w and overlay.shape[0] > h and overlay.shape[2] == 3  # the legend strip below
     assert r["texts"]["car"] == "An image of a red car." and r["texts"]["sky"].startswith("An image of")
@@ -118,7 +118,7 @@ def test_threshold_in_the_page_equals_the_servers(server):
     page = np.where(q < round((t + 1) / 2 * 65535), unknown_id(len(LABELS)), winner[..., 0] + 256 * winner[..., 1])
     near = np.abs(cos - t) < 2 / 65535                             # the 16-bit rounding's reach
     assert (ids == page)[~near].all() and near.mean() < 0.01
-    assert cut["shares"]["unknown"] == pytest.approx(np.mean(ids == 255)) and 0.3 < cut["shares"]["unknown"] < 0.5
+    assert cut["unknown_share"] == pytest.approx(np.mean(ids == 255)) and 0.3 < cut["unknown_share"] < 0.5
 
 
 def test_model_runs_one_request_at_a_time(server):
@@ -216,6 +216,9 @@ def test_wrong_paths_and_methods(server):
     for method in ("POST", "PUT", "DELETE"):
         status, r, resp = call(server, method, "/", body="x")
         assert status == 405 and resp.getheader("Allow") == "GET"
+        assert resp.getheader("Connection") == "close"  # its body was not read: it must not pass for a request
+    status, r, resp = call(server, "GET", "/api/health")
+    assert resp.getheader("Connection") is None         # nothing unread: the connection stays open
     status, page, _ = call(server, "GET", "/")
     assert status == 200 and "unknown below" in page and "/api/segment" in page
     still_serving(server)
@@ -298,3 +301,12 @@ def test_page_in_headless_chromium(tmp_path, shared_dir):
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def test_load_test_smoke(tmp_path):
+    from tools import bench_serve
+    out = tmp_path / "bench.json"
+    result = bench_serve.main(["--requests=6", "--clients=2", "--threads=1", f"--out={out}"])
+    assert result["ok"] == 6 and result["errors"] == 0, result["error_samples"]
+    assert result["requests_per_s"] > 0 and 0 < result["latency_s"]["p50"] <= result["latency_s"]["p95"]
+    assert json.loads(out.read_text())["server_rss_mb"]["after_bench"] > 0
