@@ -213,3 +213,13 @@ def test_where_weights_come_from(tmp_path, monkeypatch):
     folder = write_folder(tmp_path / "tiny")
     with open(folder / "model.safetensors", "rb") as f:
         assert se.weights_sha256(folder) == hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def test_pytorch_model_bin_loads_as_safetensors(tmp_path):
+    from safetensors.torch import load_file
+    folder = write_folder(tmp_path / "tiny")
+    expected = se.load(folder)(*se.load(folder).tokenizer.tokenize(TINY_TEXTS))
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    model = se.load(folder)
+    assert torch.equal(model(*model.tokenizer.tokenize(TINY_TEXTS)), expected)
