@@ -28,7 +28,7 @@ from errors import ConfigError, run_main
 from inference import Protocol, infer, label_embeddings, resolve_precision, save_prediction, to_uint8
 from labels import IGNORE, dataset_label_keys, label_texts, load_label_spec, with_own_labels
 from provenance import provenance
-from readers import FORMATS
+from readers import FORMATS, MAX_PIXELS, set_max_pixels
 from settings import parse_settings, print_settings, read_yaml
 
 REPO = Path(__file__).resolve().parent
@@ -49,6 +49,7 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
     max_images: int = 0            # evaluate the first N images only (0 = all)
+    max_pixels: int = MAX_PIXELS   # an image (or label) larger than this is refused before decoding (100 MP)
     save_pred: str = ""            # folder for id PNGs and overlays with a legend ("" = none)
     out_dir: str = "out/eval"      # results JSON + markdown
     print_every: int = 10          # progress line every N images
@@ -300,6 +301,7 @@ def dataset_hashes(cfg, dataset, s):
 
 def main(argv=None):
     s = parse_settings(EvalSettings, argv)
+    set_max_pixels(s.max_pixels)
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
     if master:
