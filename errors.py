@@ -35,7 +35,12 @@ import torch
 
 
 class InputError(Exception):
-    """An expected error (see the module docstring); the message names what is at fault."""
+    """An expected error (see the module docstring); the message names what is at fault. `hint`: a few short lines
+    on how to fix it (e.g. where a dataset comes from), printed above the error line."""
+
+    def __init__(self, message="", hint=""):
+        super().__init__(message)
+        self.hint = hint
 
     def __str__(self):
         return Exception.__str__(self)  # KeyError's own __str__ would quote the message
@@ -263,6 +268,9 @@ def run_main(main, argv=None):
             raise
         line = "error: " + " ".join(part.strip() for part in original_message(e).splitlines())
         sys.stdout.flush()
+        hint = getattr(e, "hint", "")
+        if hint:  # above the error line, so that the error is the last line of a log
+            print(hint.rstrip(), file=sys.stderr)
         print(line, file=sys.stderr, flush=True)
         tell_torchrun(line)
         sys.exit(2)
