@@ -5,9 +5,8 @@ Follows OpenAI CLIP (clip/simple_tokenizer.py, clip/model.py) token for token an
 
     python clip_text.py --weights ViT-B-32.pt --out label_embeddings.pt [--mode sentence|word]
                         [--labels k1,k2 | --sentences FILE.yaml]
-    python clip_text.py --random-init --out label_embeddings.pt     # offline demo: MEANINGLESS embeddings
+    python clip_text.py --random_init --out label_embeddings.pt     # offline demo: MEANINGLESS embeddings
 """
-import argparse
 import functools
 import gzip
 import html
@@ -24,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distributed import set_threads
 from errors import ConfigError, WeightsError, read_torch_file, run_main
+from settings import one_of, parse_settings, require, required
 
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -233,7 +234,7 @@ class TextTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """OpenAI's initialize_parameters (only used by --random-init and tests; loading overwrites everything)."""
+        """OpenAI's initialize_parameters (only used by --random_init and tests; loading overwrites everything)."""
         c = self.config
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -410,21 +411,34 @@ def load(path, device="cpu") -> TextTransformer:
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
+@dataclass
+class TextSettings:
+    weights: str = ""              # OpenAI CLIP .pt, HF model.safetensors / pytorch_model.bin, or HF folder
+    random_init: bool = False      # ... or a ViT-B/32-sized tower with random weights, fixed seed (offline demo
+                                   # only: the embeddings mean nothing)
+    out: str = ""                  # output label table, e.g. label_embeddings.pt
+    mode: str = "sentence"         # sentence (embed each label's sentence) | word (its key, underscores as spaces)
+    labels: str = ""               # comma-separated label keys ("" = every label in the sentences file)
+    sentences: str = ""            # label sentences YAML ("" = the repo's label_sentences.yaml)
+    batch_size: int = 256          # sentences per forward pass
+    device: str = "cpu"            # cpu | cuda
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
+
+    def validate(self):
+        """Exactly one text tower; the rest in range (parse_settings calls this)."""
+        if bool(self.weights) == self.random_init:
+            raise ConfigError("settings: give --weights (CLIP weights) or --random_init (offline demo), "
+                              + ("not both" if self.random_init else "one of them"))
+        required(self, "out")
+        one_of(self, "mode", ("sentence", "word"))
+        require(self, "batch_size", lambda v: v >= 1, "must be >= 1")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Embed label sentences (or words) with CLIP's text tower into a label "
-                                            "table (.pt: names, sentences, embeddings[N, D] L2-normalised, encoder).")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="OpenAI CLIP .pt, HF model.safetensors / pytorch_model.bin, or HF folder")
-    src.add_argument("--random-init", action="store_true", help="ViT-B/32-sized tower, random weights, fixed seed "
-                                                                "(offline demo only: the embeddings mean nothing)")
-    p.add_argument("--out", required=True, help="output label table, e.g. label_embeddings.pt")
-    p.add_argument("--mode", choices=["sentence", "word"], default="sentence",
-                   help="embed each label's sentence, or its key with underscores as spaces")
-    p.add_argument("--labels", help="comma-separated label keys (default: every label in the sentences file)")
-    p.add_argument("--sentences", help="label sentences YAML (default: the repo's label_sentences.yaml)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    """Embed label sentences (or words) with CLIP's text tower into a label table (.pt: names, sentences,
+    embeddings[N, D] L2-normalised, encoder)."""
+    args = parse_settings(TextSettings, argv)
+    set_threads(args.threads)
 
     import labels  # the one place label YAML is read (imported here: the tokenizer/model need no labels)
     spec = labels.load_label_spec(args.sentences) if args.sentences else labels.load_label_spec()
@@ -435,7 +449,7 @@ def main(argv=None):
         torch.manual_seed(0)
         model = TextTransformer(TextConfig()).to(args.device).eval()
         encoder = "clip-text ViT-B/32 RANDOM INIT (seed 0): meaningless embeddings"
-        print("=" * 100 + "\nWARNING: --random-init: the text tower has RANDOM weights (seed 0). These embeddings "
+        print("=" * 100 + "\nWARNING: --random_init: the text tower has RANDOM weights (seed 0). These embeddings "
               "carry no meaning;\nthey only exercise the pipeline offline. Use --weights with real CLIP weights for "
               "any result.\n" + "=" * 100)
     else:

@@ -29,7 +29,7 @@ from inference import Protocol, infer, label_embeddings, resolve_precision, save
 from labels import IGNORE, dataset_label_keys, label_texts, load_label_spec, with_own_labels
 from provenance import provenance
 from readers import FORMATS
-from settings import parse_settings, print_settings, read_yaml
+from settings import one_of, parse_settings, print_settings, read_yaml, require
 
 REPO = Path(__file__).resolve().parent
 EVAL_CONFIGS = REPO / "configs" / "eval"
@@ -41,8 +41,9 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
                                    # camvid-11) or a path to a dataset YAML (data.SourceConfig fields)
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
-    images: str = ""               # ... or an image folder and a label folder paired by file stem (relative to root;
-    labels: str = ""               # detectron2's layouts of the open-vocabulary benchmarks); override the YAML's
+    images: str = ""               # ... or an image folder (relative to root) whose images pair with the label
+                                   # files of `labels` by file stem (detectron2's open-vocabulary layouts)
+    labels: str = ""               # the label folder for `images` (relative to root); both override the YAML's
     checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
     embeddings: str = ""           # label table (.pt from clip_text.py, or universal_cat2vec.npy); "" = the
                                    # checkpoint's own training table, unless clip_weights is given
@@ -53,6 +54,14 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     out_dir: str = "out/eval"      # results JSON + markdown
     print_every: int = 10          # progress line every N images
     device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch's CPU threads per process; 0 = from the usable cores
+
+    def validate(self):
+        """The protocol's settings and these in range (parse_settings calls this)."""
+        super().validate()
+        require(self, "max_images", lambda v: v >= 0, "must be >= 0")
+        require(self, "print_every", lambda v: v >= 1, "must be >= 1")
+        one_of(self, "mode", ("sentence", "word"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +311,7 @@ def main(argv=None):
     s = parse_settings(EvalSettings, argv)
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
+    distributed.set_threads(s.threads, verbose=master)
     if master:
         print_settings(s)
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import check_width, load_checkpoint
+from distributed import set_threads
 from errors import ConfigError, run_main
 from evaluate import evaluated_classes, load_dataset_config
 from inference import WHOLE_IMAGE_MULTIPLE, label_embeddings
@@ -53,7 +54,8 @@ class ExportSettings:
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     embeddings_out: bool = False   # also output the pixel embeddings `emb`
-    out: str = "model.onnx"
+    out: str = "model.onnx"        # the ONNX file to write
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
 
 class Segmenter(nn.Module):
@@ -130,6 +132,7 @@ def export(segmenter, path, opset=OPSET, metadata=None):
 def main(argv=None):
     s = parse_settings(ExportSettings, argv)
     print_settings(s)
+    set_threads(s.threads)
     import_onnx()  # before any work
     if not Path(s.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint={s.checkpoint!r}: not a file (a checkpoint written by train.py)")

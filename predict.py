@@ -32,10 +32,10 @@ from checkpoints import check_width, load_checkpoint
 from errors import ConfigError, run_main
 from inference import (Protocol, id_png_dtype, in_precision, infer, label_embeddings, resize_short_side,
                        resolve_precision, save_prediction)
-from distributed import pick_device
+from distributed import pick_device, set_threads
 from labels import label_texts, load_label_spec
 from readers import decode_rgb, open_image
-from settings import parse_settings, print_settings, read_yaml
+from settings import one_of, parse_settings, print_settings, read_yaml, require
 from transforms import eval_image
 
 # The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
@@ -65,7 +65,16 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
     export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
     emb_dtype: str = "float16"     # float16 | float32
-    device: str = "auto"
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores
+
+    def validate(self):
+        """The protocol's settings and these in range (parse_settings calls this)."""
+        super().validate()
+        require(self, "unknown_below", lambda v: -1 <= v <= 1, "must be in [-1, 1] (a cosine similarity; -1 = off)")
+        require(self, "emb_dims", lambda v: v >= 0, "must be >= 0")
+        one_of(self, "mode", ("sentence", "word"))
+        one_of(self, "emb_dtype", ("float16", "float32"))
 
 
 def list_images(spec):
@@ -187,8 +196,7 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
 def main(argv=None):
     s = parse_settings(PredictSettings, argv)
     print_settings(s)
-    if s.emb_dtype not in ("float16", "float32"):
-        raise ConfigError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")
+    set_threads(s.threads)
     device = pick_device(s.device)
     paths = list_images(s.images)
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]

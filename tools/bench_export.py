@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import evaluate
 import export
 from checkpoints import load_checkpoint
+from distributed import set_threads
+from errors import run_main
 from inference import Protocol, infer, label_embeddings, resize_short_side
 from labels import label_texts
 from model import ModelConfig, build_model
@@ -44,7 +46,7 @@ class BenchSettings:
     width: int = 480
     embed_dim: int = 512
     classes: int = 11
-    threads: int = 2               # torch.set_num_threads and onnxruntime's intra-op threads
+    threads: int = 0               # torch's and onnxruntime's intra-op threads; 0 = from the usable cores
     rounds: int = 4                # torch and onnxruntime alternate, the order flipping every round
     calls: int = 5                 # calls per engine per round (after one warm-up call each)
     checkpoint: str = ""           # with dataset: the real-image comparison
@@ -128,7 +130,7 @@ def real_images(s, folder):
 
 def main(argv=None):
     s = parse_settings(BenchSettings, argv)
-    torch.set_num_threads(s.threads)
+    s.threads = set_threads(s.threads)  # the count onnxruntime gets too, and the one recorded
     result = {"settings": s.__dict__, "latency_s": {}}
     print(f"batch 1, {s.height}x{s.width}, {s.classes} labels of width {s.embed_dim}, {s.threads} thread(s), "
           f"{s.rounds} rounds x {s.calls} calls per engine, alternating")
@@ -152,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

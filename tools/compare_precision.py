@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 import evaluate
+from distributed import set_threads
+from errors import run_main
 from checkpoints import check_width, load_checkpoint
 from inference import Protocol, cpu_has_bf16, infer, label_embeddings
 from labels import label_texts
@@ -32,14 +34,13 @@ class CompareSettings(Protocol):   # + the inference protocol's settings; precis
     list: str = ""
     embeddings: str = ""           # label table; "" = the checkpoint's own training table
     max_images: int = 0            # 0 = all
-    threads: int = 0               # torch.set_num_threads; 0 = torch's default
+    threads: int = 0               # torch.set_num_threads; 0 = from the usable cores
     out: str = ""                  # results JSON ("" = none)
 
 
 def main(argv=None):
     s = parse_settings(CompareSettings, argv)
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    set_threads(s.threads)
     cfg, spec = evaluate.load_dataset_config(s.dataset, s.root, s.list)
     dataset = evaluate.EvalDataset(cfg, spec, s.max_images)
     model, ckpt = load_checkpoint(s.checkpoint, "cpu")
@@ -87,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
