@@ -121,7 +121,7 @@ def parse_settings(cls, argv=None, positional=None):
     settings = cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text(cls))
+        print(help_text(cls, positional))
         sys.exit(0)
     from_files, from_flags, extra = [], [], []  # (key, value, where); positional values
     i = 0
@@ -235,7 +235,7 @@ def _script_doc(cls):
     return ((module.__doc__ if module else None) or "").strip()
 
 
-def help_text(cls, width=118):
+def help_text(cls, positional=None, width=118):
     """The script's docstring, then one row per setting: flag, type, default, meaning."""
     settings, meanings = cls(), field_meanings(cls)
     rows = [(f"--{f.name}", _type_name(getattr(settings, f.name)), repr(getattr(settings, f.name)), meanings[f.name])
@@ -254,9 +254,10 @@ def help_text(cls, width=118):
         lines.extend(" " * indent + more for more in wrapped[1:])
     own = cls.__dict__.get("__doc__") or ""
     own = "" if own.startswith(cls.__name__ + "(") else own.strip() + "\n\n"  # dataclass's generated signature
-    return (f"{_script_doc(cls)}\n\n{own}Settings: the defaults below, overridden by a YAML file (a positional argument), "
-            "then by --key=value or --key value flags\n(flags win wherever they stand; a bool also takes --key alone; "
-            "a list takes [a, b] or a,b):\n\n" + "\n".join(lines).rstrip())
+    files = f"positional arguments (added to --{positional})" if positional else "a YAML file (a positional argument)"
+    return (f"{_script_doc(cls)}\n\n{own}Settings: the defaults below, overridden by {files}, then by --key=value or "
+            "--key value flags\n(flags win wherever they stand; a bool also takes --key alone; a list takes [a, b] or "
+            "a,b):\n\n" + "\n".join(lines).rstrip())
 
 
 # ----------------------------------------------------------------------------------------------------------------
