@@ -27,7 +27,12 @@ import torch
 
 
 class InputError(Exception):
-    """An expected error (see the module docstring); the message names what is at fault."""
+    """An expected error (see the module docstring); the message names what is at fault. `hint`: a few short lines
+    on how to fix it (e.g. where a dataset comes from), printed above the error line."""
+
+    def __init__(self, message="", hint=""):
+        super().__init__(message)
+        self.hint = hint
 
     def __str__(self):
         return Exception.__str__(self)  # KeyError's own __str__ would quote the message
@@ -85,5 +90,8 @@ def run_main(main, argv=None):
         if os.environ.get("SSIW_TRACEBACK"):
             raise
         sys.stdout.flush()
+        hint = getattr(e, "hint", "")
+        if hint:  # above the error line, so that the error is the last line of a log
+            print(hint.rstrip(), file=sys.stderr)
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr, flush=True)
         sys.exit(2)

@@ -144,6 +144,17 @@ def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence", extra:
     return [extra.get(k) or spec.sentences.get(k) or k.replace("_", " ") for k in keys]
 
 
+def label_texts_for(labels, sentences="", mode="sentence", spec=None):
+    """The text to embed per label: --sentences YAML, then label_sentences.yaml, then the label as a word."""
+    user = {}
+    if sentences:
+        user = read_yaml(sentences) or {}
+        bad = {k: v for k, v in user.items() if not isinstance(v, str)} if isinstance(user, dict) else user
+        if bad:
+            raise ConfigError(f"{sentences}: expected a mapping {{label: sentence}}, got {bad!r:.200}")
+    return label_texts(spec or load_label_spec(), labels, mode, extra=user, unknown_as_word=True)
+
+
 @dataclass
 class LabelTable:
     names: list[str]  # N label keys

@@ -1,4 +1,5 @@
 """Shared test fixtures. Tests that read ../shared (real data, key listings) get it from `shared_dir`."""
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the product is a flat set of scripts, not an installed package
+
+# SSIW_TEST_BF16=1 (or 0): this process and every Python process the tests start report bf16 units present (absent),
+# so `SSIW_TEST_BF16=1 bash tests/run.sh` and `SSIW_TEST_BF16=0 bash tests/run.sh` run both sides of precision=auto
+# on any CPU (see cpu_features/sitecustomize.py)
+if os.environ.get("SSIW_TEST_BF16") in ("0", "1"):
+    FEATURES = str(Path(__file__).resolve().parent / "cpu_features")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [FEATURES, os.environ.get("PYTHONPATH")] if p)
+    _spec = importlib.util.spec_from_file_location("cpu_features", os.path.join(FEATURES, "sitecustomize.py"))
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))  # patches this process too
 
 
 @pytest.fixture(scope="session")

@@ -271,7 +271,7 @@ CASES = [
     Case("evaluate/predict", "evaluate_dataset_unknown", ["evaluate.py", "--dataset=nope", "--checkpoint=" + CKPT],
          r"unknown dataset 'nope'"),
     Case("evaluate/predict", "evaluate_checkpoint_unset", EVAL,
-         r"--checkpoint CKPT +a checkpoint written by train\.py \(not given\)"),
+         r"evaluate\.py --dataset=\S+ needs --checkpoint CKPT"),
     Case("evaluate/predict", "evaluate_scales_empty", [*EVAL, "--checkpoint=" + CKPT, "--scales=[]"],
          r"scales=\[\] must be a non-empty list"),
     Case("evaluate/predict", "predict_labels_empty", [*PREDICT, "--labels=", "--checkpoint=" + CKPT],

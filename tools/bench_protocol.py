@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import evaluate
 from distributed import set_threads
 from errors import run_main
+from evaluation import evaluate_images
 from inference import Protocol, infer, short_side_size, window_starts
 from model import ModelConfig, build_model
 from provenance import provenance
@@ -90,11 +90,11 @@ def main(argv=None):
     best, preds = {name: float("inf") for name in variants}, {name: [] for name in variants}
     for r in range(s.rounds):
         for name, proto in protos.items():
-            keep = (lambda stem, image, pred, name=name: preds[name].append(pred)) if r == 0 else None
+            keep = (lambda stem, image, pred, target, name=name: preds[name].append(pred)) if r == 0 else None
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            evaluate.evaluate_images(model, samples, label_emb, 10.0, proto, on_pred=keep)
+            evaluate_images(model, samples, label_emb, 10.0, proto, on_pred=keep)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start

@@ -82,7 +82,8 @@ def train_once(s, config: Path, threads: int, busy: bool, images_per_step: int) 
 
 def make_demo_inputs(config: dict) -> None:
     """The demo's synthetic data and random label table, as demo.sh makes them, where they are missing."""
-    sources = [REPO / src["root"] / src["list"] for src in config["sources"]]
+    data_root = REPO / config.get("data_root", "data")  # train.py's default: relative roots are under data/
+    sources = [data_root / src["root"] / src["list"] for src in config["sources"]]
     if all(p.is_file() for p in sources) and (REPO / config["label_table"]).is_file():
         return
     for cmd in DEMO_INPUTS:
