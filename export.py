@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from distributed import set_threads
 from errors import ConfigError, run_main
 from evaluation import dataset_classes
 from inference import load_for_inference
@@ -45,7 +46,8 @@ class ExportSettings:
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     embeddings_out: bool = False   # also output the pixel embeddings `emb`
-    out: str = "model.onnx"
+    out: str = "model.onnx"        # the ONNX file to write
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
 
 def labels_and_texts(s):
@@ -64,6 +66,7 @@ def labels_and_texts(s):
 def main(argv=None):
     s = parse_settings(ExportSettings, argv)
     print_settings(s)
+    set_threads(s.threads)
     import_onnx()  # before any work
     if not Path(s.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint={s.checkpoint!r}: not a file (a checkpoint written by train.py)")

@@ -16,6 +16,7 @@ import torch
 
 import clip_text
 import text_cache
+from distributed import set_threads
 from errors import ConfigError, run_main
 from labels import TEXT_MODES, LabelTable, label_texts, load_label_spec, save_label_table
 from settings import one_of, parse_settings, print_settings, require
@@ -31,6 +32,7 @@ class LabelTableSettings:
     labels: str = ""                # comma-separated label keys; "" = every label of the sentences file
     sentences: str = ""             # label sentences YAML in label_sentences.yaml's format; "" = the repo's
     text_cache: str = ""            # text-embedding cache folder; "" = $SSIW_CACHE or ~/.cache/ssiw; "off" = none
+    threads: int = 0                # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
 
     def validate(self):
         require(self, "out", bool, "is not set: give the table's path, e.g. --out=label_embeddings.pt")
@@ -56,6 +58,7 @@ def random_clip_embeddings(texts):
 
 def main(argv=None):
     s = parse_settings(LabelTableSettings, argv)
+    set_threads(s.threads)
     print_settings(s)
     spec = load_label_spec(s.sentences) if s.sentences else load_label_spec()
     keys = [k.strip() for k in s.labels.split(",") if k.strip()] if s.labels else list(spec.sentences)

@@ -257,3 +257,20 @@ def test_unreadable_image_stops_the_run_or_gets_nan_rows(weights, tmp_path):
     nan = np.isnan(targets).any(1)
     assert nan.tolist() == [offsets[2] <= r < offsets[3] for r in range(len(targets))]  # image 2's rows only
     assert np.isnan(targets[nan]).all() and np.isfinite(targets[~nan]).all()
+
+
+def test_an_out_folder_that_is_not_box_targets_is_one_error_line(weights, tmp_path):
+    """python clip_image.py --out=<a folder of something else>: exit 2, one `error:` line naming the folder, and the
+    folder untouched."""
+    write_box_index(tmp_path, n_images=2, boxes_per_image=(2,))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me\n")
+    cmd = [sys.executable, "clip_image.py", "--weights", str(weights["openai"]), "--index", str(tmp_path / "index"),
+           "--out", str(tmp_path / "mine"), "--workers=0", "--device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SSIW_TRACEBACK", None)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'mine'} exists and is not a box-target "
+                                                    "folder (no targets.json); choose another --out")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]

@@ -396,6 +396,34 @@ CASES = [
          anywhere=True, prepare=stale_lock, check=assert_stale_lock_taken_over),
 ]
 
+# ---- the command line: ranges named, one style, one error line for every script and tool
+CASES += [
+    Case("settings", "lr_overflows_float32_steps", train("--lr=3e38"),
+         r"lr=3e\+38 x head_lr_mult=10 overflows float32 in the optimizer's step"),
+    Case("settings", "float_beyond_float32", train("--weight_decay=1e39"),
+         r"flag --weight_decay=1e39: weight_decay=1e\+39 is beyond float32's range"),
+    Case("evaluate/predict", "predict_unknown_below_5", [*PREDICT, "--checkpoint=" + CKPT, "--unknown_below=5"],
+         r"unknown_below=5\.0 must be in \[-1, 1\] \(a cosine similarity; -1 = off\)"),
+    Case("evaluate/predict", "evaluate_max_images_negative", [*EVAL, "--checkpoint=" + CKPT, "--max_images=-1"],
+         r"max_images=-1 must be >= 0"),
+    Case("tools", "bench_export_backbones_not_names", ["-m", "tools.bench_export", "--backbones=[1, 2]"],
+         r"backbones\[0\] must be str, got int 1"),
+    Case("tools", "plot_log_not_a_log", ["-m", "tools.plot_log", "{world}/notes.txt", "--out={case}/loss.png"],
+         r"notes\.txt:1: not a JSON record"),
+    Case("tools", "indexes_without_command", ["indexes.py", "--json=x.json"],
+         r"give a command first: coco_boxes \| openimages \(got '--json=x\.json'\)"),
+    Case("tools", "indexes_out_missing", ["indexes.py", "coco_boxes", "--json=x.json", "--images=."],
+         r"--out is required \(index folder to write\)"),
+    Case("tools", "indexes_json_missing", ["indexes.py", "coco_boxes", "--json={case}/nope.json", "--images={case}",
+                                           "--out={case}/index"], r"No such file or directory: .*nope\.json"),
+    Case("tools", "indexes_help", ["indexes.py", "coco_boxes", "--help"],
+         r"^  --json +str +'' +e\.g\. objects365/zhiyuan_objv2_train\.json$", code=0, anywhere=True),
+    Case("tools", "clip_text_weights_and_random_init", ["clip_text.py", "--weights={world}/notes.txt",
+                                                        "--random_init", "--out={case}/t.pt"],
+         r"give --weights \(CLIP weights\) or --random_init \(offline demo\), not both"),
+    Case("tools", "clip_text_out_missing", ["clip_text.py", "--random-init"], r"--out is required"),
+]
+
 
 def run_case(case, world):
     folder = world / "cases" / str(case)
@@ -703,3 +731,16 @@ def test_under_torchrun_the_failure_summary_ends_with_the_rank_error_line(world,
     assert re.fullmatch(r"=+", lines[-1]), done.stderr[-3000:]
     assert re.fullmatch(r"\s*traceback : error: \S+/images/train_000\d\.png: unreadable or truncated image "
                         r"\(image file is truncated\)", lines[-2]), done.stderr[-3000:]
+
+
+# Flags and the settings file
+
+def test_flag_before_config_file_still_wins(world, tmp_path):
+    """`train.py --max_steps=2 config.yaml` (whose max_steps is 3): the flag wins wherever it stands, the printed
+    settings show it, and the run stops at step 2."""
+    done = run(["train.py", "--max_steps=2", str(world / "config.yaml"), f"--out_dir={tmp_path / 'out'}"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^  max_steps = 2$", done.stdout, re.MULTILINE), done.stdout[-3000:]
+    assert re.search(r"^threads: 1 \(set by OMP_NUM_THREADS", done.stdout, re.MULTILINE), done.stdout[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
