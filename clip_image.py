@@ -155,21 +155,6 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def to_clip_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> (3, H, W) float, CLIP-normalised."""
-    return normalise(torch.from_numpy(np.array(img.convert("RGB"))))
-
-
-def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """CLIP's own transform for a whole image: bicubic resize of the shorter side to `size`, centre crop, normalise.
-    -> (3, size, size)."""
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return to_clip_tensor(img.crop((left, top, left + size, top + size)))
-
-
 def box_pixels(img: Image.Image, boxes, size: int) -> torch.Tensor:
     """The CLIP inputs of eq. 6 before normalising: boxes (K, 4) xyxy in the image's pixels -> (K, size, size, 3)
     uint8 (a quarter of the float size, for the trip from a DataLoader worker).
@@ -186,11 +171,6 @@ def box_pixels(img: Image.Image, boxes, size: int) -> torch.Tensor:
         right, bottom = max(min(int(np.ceil(x2)), W), left + 1), max(min(int(np.ceil(y2)), H), top + 1)
         crops.append(np.asarray(img.crop((left, top, right, bottom)).resize((size, size), Image.BICUBIC)))
     return torch.from_numpy(np.stack(crops)) if crops else torch.zeros(0, size, size, 3, dtype=torch.uint8)
-
-
-def box_crops(img: Image.Image, boxes, size: int) -> torch.Tensor:
-    """box_pixels, CLIP-normalised: (K, 4) -> (K, 3, size, size)."""
-    return normalise(box_pixels(img, boxes, size))
 
 
 # ----------------------------------------------------------------------------------------------------- box targets

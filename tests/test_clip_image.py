@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import indexes  # noqa: E402
-from clip_image import CLIP_MEAN, CLIP_STD, box_crops, load_image_tower, main, preprocess  # noqa: E402
+from clip_image import CLIP_MEAN, CLIP_STD, box_pixels, load_image_tower, main, normalise  # noqa: E402
 from errors import DataError, WeightsError  # noqa: E402
 from index_format import open_box_targets  # noqa: E402
 
@@ -137,21 +137,11 @@ def _normalised(rgb):
     return (np.array(rgb) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
 
 
-def test_preprocess_resizes_shorter_side_and_centre_crops():
-    img = np.zeros((32, 64, 3), np.uint8)
-    img[:, :16] = (255, 0, 0)  # left and right quarters red, middle half blue
-    img[:, 16:48] = (0, 0, 255)
-    img[:, 48:] = (255, 0, 0)
-    x = preprocess(Image.fromarray(img), 16)  # 64x32 -> 32x16 -> centre 16x16 = the blue middle
-    assert x.shape == (3, 16, 16)
-    np.testing.assert_allclose(x[:, 4:12, 4:12].mean((1, 2)).numpy(), _normalised((0, 0, 255)), atol=1e-5)
-
-
 def test_box_crops_cut_the_box_and_stretch_it():
     img = np.zeros((40, 60, 3), np.uint8)
     img[10:20, 30:50] = (0, 255, 0)  # a 20x10 green box
-    crops = box_crops(Image.fromarray(img), torch.tensor([[30.0, 10.0, 50.0, 20.0], [55.0, 35.0, 70.0, 45.0],
-                                                          [5.0, 5.0, 5.0, 5.0]]), 16)
+    boxes = torch.tensor([[30.0, 10.0, 50.0, 20.0], [55.0, 35.0, 70.0, 45.0], [5.0, 5.0, 5.0, 5.0]])
+    crops = normalise(box_pixels(Image.fromarray(img), boxes, 16))  # (3, 3, 16, 16)
     assert crops.shape == (3, 3, 16, 16)
     green = torch.tensor(_normalised((0, 255, 0)), dtype=torch.float32)[:, None, None]
     torch.testing.assert_close(crops[0], green.expand(3, 16, 16), atol=1e-5, rtol=0)  # whole box, aspect not kept
@@ -192,7 +182,7 @@ def test_box_targets_command(weights, tmp_path):
     for image in range(3):
         rows = slice(offsets[image], offsets[image + 1])
         with Image.open(tmp_path / f"{image}.png") as img, torch.no_grad():
-            want = F.normalize(model.encode_image(box_crops(img, boxes[rows], 32)), dim=-1)
+            want = F.normalize(model.encode_image(normalise(box_pixels(img, boxes[rows], 32))), dim=-1)
         torch.testing.assert_close(torch.from_numpy(targets[rows].astype(np.float32)), want, atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match=r"holds box targets with other shard_rows"):
         main(["--weights", str(weights["openai"]), "--index", str(tmp_path / "index"), "--out", str(out),
