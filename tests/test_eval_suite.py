@@ -11,14 +11,15 @@ import torch
 import yaml
 from PIL import Image
 
+import evaluation
 import evaluate as ev
 import provenance
 from data import SourceConfig
-from labels import load_label_spec
-from readers import DataError
+from labels import label_texts, load_label_spec
+from errors import DataError
 from test_evaluate import write_checkpoint, write_table
 
-REPO = ev.REPO
+REPO = evaluation.REPO
 
 # The detectron2 layouts of the five benchmarks as CAT-Seg prepares and registers them (datasets/README.md,
 # datasets/prepare_*.py, cat_seg/data/datasets/register_*.py), paths relative to $DETECTRON2_DATASETS:
@@ -73,8 +74,8 @@ def user_yaml(root, name, **extra):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_benchmark_layouts_read_their_ids(tmp_path, name):
     written = write_layout(tmp_path, name)
-    cfg, spec = ev.load_dataset_config(str(user_yaml(tmp_path, name)))
-    dataset = ev.EvalDataset(cfg, spec)
+    cfg, spec = evaluation.load_dataset_config(str(user_yaml(tmp_path, name)))
+    dataset = evaluation.EvalDataset(cfg, spec)
     n, ignore = LAYOUTS[name][5], LAYOUTS[name][4]
     assert len(dataset) == 2 and len(dataset.keys) == n   # the image without a label (another split) is no sample
     for i, (stem, label) in enumerate(sorted(written.items())):
@@ -117,16 +118,16 @@ def test_folder_pairs_errors(tmp_path):
     write_layout(tmp_path, "voc-20")
     images, labels = LAYOUTS["voc-20"][:2]
     os.remove(tmp_path / images / "2008_000003.jpg")
-    cfg, spec = ev.load_dataset_config(str(user_yaml(tmp_path, "voc-20")))
+    cfg, spec = evaluation.load_dataset_config(str(user_yaml(tmp_path, "voc-20")))
     with pytest.raises(DataError, match="2008_000003"):             # a label without its image is named
-        ev.EvalDataset(cfg, spec)
+        evaluation.EvalDataset(cfg, spec)
     with pytest.raises(ValueError, match="both 'images' and 'labels'"):
         SourceConfig.from_dict({"name": "x", "root": str(tmp_path), "labels": labels, "class_names": ["a"]})
     with pytest.raises(ValueError, match="exactly one of"):
         SourceConfig.from_dict({"name": "x", "root": str(tmp_path), "list": "l.txt", "images": images,
                                 "labels": labels, "class_names": ["a"]})
     with pytest.raises(DataError, match="no label files ending in '.tif'"):
-        ev.EvalDataset(*ev.load_dataset_config(str(user_yaml(tmp_path, "voc-20", label_suffix=".tif"))))
+        evaluation.EvalDataset(*evaluation.load_dataset_config(str(user_yaml(tmp_path, "voc-20", label_suffix=".tif"))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,17 +202,17 @@ def test_user_labels_errors_name_the_classes(tmp_path):
     for change, message in cases:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**d, **change}))
         with pytest.raises(ValueError, match=message):
-            ev.load_dataset_config(str(tmp_path / "bad.yaml"))
+            evaluation.load_dataset_config(str(tmp_path / "bad.yaml"))
     # without sentences or a taxonomy of its own, a dataset label_sentences.yaml does not know: its classes are
     # their own keys, and those without a sentence are listed in one error
     d.pop("sentences"), d.pop("taxonomy")
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(ValueError, match=r"3 class\(es\) have no sentence: 'tarmac' -> 'tarmac', 'heaven' -> "
                                          r"'heaven', 'solar panel' -> 'solar panel'\. Map each"):
-        ev.load_dataset_config(str(tmp_path / "bare.yaml"))   # sky is a key, unlabelled is ignored: not listed
+        evaluation.load_dataset_config(str(tmp_path / "bare.yaml"))   # sky is a key, unlabelled is ignored: not listed
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**d, "taxonomy": "camvid-segnett"}))
     with pytest.raises(KeyError, match="unknown dataset 'camvid-segnett'"):  # a named taxonomy must exist
-        ev.EvalDataset(*ev.load_dataset_config(str(tmp_path / "typo.yaml")))
+        evaluation.EvalDataset(*evaluation.load_dataset_config(str(tmp_path / "typo.yaml")))
 
 
 def test_provenance_git_state_and_hashes(tmp_path):
@@ -237,14 +238,14 @@ def test_provenance_git_state_and_hashes(tmp_path):
 
 def test_seen_unseen_split_by_hand():
     iou = [0.5, float("nan"), 0.25, 0.75, 0.0]
-    split = ev.split_miou(iou, [True, True, False, True, False])
+    split = evaluation.split_miou(iou, [True, True, False, True, False])
     assert split["seen"] == {"miou": 0.625, "classes": 3, "with_iou": 2}     # (0.5 + 0.75) / 2, nan left out
     assert split["unseen"] == {"miou": 0.125, "classes": 2, "with_iou": 2}
     assert split["all"]["miou"] == pytest.approx(1.5 / 4)
-    assert ev.split_miou(iou, [None] * 5)["unseen"] == "unknown"
+    assert evaluation.split_miou(iou, [None] * 5)["unseen"] == "unknown"
     ckpt = {"trained_keys": ["road", "sky", "car"]}
-    assert ev.seen_classes(["sky", "window", "car"], ckpt) == [True, False, True]
-    assert ev.seen_classes(["sky"], {}) == [None]
+    assert evaluation.seen_classes(["sky", "window", "car"], ckpt) == [True, False, True]
+    assert evaluation.seen_classes(["sky"], {}) == [None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,13 +256,13 @@ def test_benchmark_configs_read_their_layouts(tmp_path, name):
     """The shipped config of each benchmark, with only --root given, reads tiny files in that benchmark's layout."""
     images, labels, suffix, _, ignore, n = LAYOUTS[name]
     written = write_layout(tmp_path, name)
-    d = yaml.safe_load((ev.EVAL_CONFIGS / f"{name}.yaml").read_text())
+    d = yaml.safe_load((evaluation.EVAL_CONFIGS / f"{name}.yaml").read_text())
     assert len(d["class_names"]) == n and d["ignore"] == [ignore]
     assert (d["images"], d["labels"], d["label_suffix"]) == (images, labels, suffix)
-    cfg, spec = ev.load_dataset_config(name, root=str(tmp_path))
-    dataset = ev.EvalDataset(cfg, spec)
+    cfg, spec = evaluation.load_dataset_config(name, root=str(tmp_path))
+    dataset = evaluation.EvalDataset(cfg, spec)
     assert len(dataset) == len(written) and len(dataset.keys) <= n
-    ev.label_texts(spec, dataset.keys)                               # every evaluated key has a sentence
+    label_texts(spec, dataset.keys)                               # every evaluated key has a sentence
     for i, label in enumerate(written[s] for s in sorted(written)):
         target = dataset[i][1].numpy()
         assert ((target == -1) == (label == ignore)).all()

@@ -15,10 +15,13 @@ import yaml
 from PIL import Image
 from torch import nn
 
+import evaluation
+import overlays
 import evaluate as ev
+from errors import ConfigError
 import inference as inf
 from transforms import eval_image
-from labels import LabelSpec, LabelTable, load_label_spec, save_label_table
+from labels import LabelSpec, LabelTable, label_texts, load_label_spec, save_label_table
 from model import ModelConfig, build_model, similarity
 
 
@@ -71,8 +74,8 @@ def test_miou_equals_numpy_on_random_predictions():
     target[0, :10] = 255                           # an out-of-range id is ignored too
     target[target == 6] = 5                        # class 6 never in the ground truth ...
     pred[pred == 6] = 0                            # ... nor predicted: its IoU is undefined
-    conf = sum(ev.confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), n) for p, t in zip(pred, target))
-    m = ev.metrics_from_confusion(conf)
+    conf = sum(evaluation.confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), n) for p, t in zip(pred, target))
+    m = evaluation.metrics_from_confusion(conf)
     want = numpy_iou(pred, target, n)
     np.testing.assert_allclose(m["iou"], want, rtol=1e-12)
     assert math.isnan(m["iou"][6])
@@ -97,7 +100,7 @@ def test_single_scale_without_flip_is_the_plain_forward():
     # which would hide a protocol error of that size; in float64 the two paths must agree to rounding
     model, emb, scale = PatchModel(stride=4).eval().double(), label_emb().double(), 20.0
     image = random_image(48, 72).double()          # shorter side 48 -> 64: (64, 96), multiples of 32, so no padding
-    proto = inf.Protocol(base_size=64, scales=[1.0], flip=False, sliding=False)
+    proto = inf.Protocol(base_size=64, scales=[1.0], flip=False, sliding=False, precision="fp32")
     prob, _ = inf.infer(model, image, emb, scale, proto)
     # the plain forward, written out: resize, network, cosine x scale, upsample, softmax, resize back
     x = F.interpolate(image[None], size=(64, 96), mode="bilinear", align_corners=False)  # (1, 3, 64, 96)
@@ -113,8 +116,8 @@ def test_single_scale_without_flip_is_the_plain_forward():
 def test_sliding_window_covering_the_image_equals_whole_image(crop, flip):
     model, emb = PatchModel(stride=1).eval(), label_emb()
     image = random_image(48, 72)                   # -> (64, 96) at base size 64
-    whole = inf.Protocol(base_size=64, sliding=False)
-    slide = inf.Protocol(base_size=64, crop_size=crop, sliding=True, flip=flip, window_batch=2)
+    whole = inf.Protocol(base_size=64, sliding=False, precision="fp32")
+    slide = inf.Protocol(base_size=64, crop_size=crop, sliding=True, flip=flip, window_batch=2, precision="fp32")
     stride = math.ceil(crop * 2 / 3)
     n_windows = len(inf.window_starts(max(64, crop), crop, stride)) * len(inf.window_starts(max(96, crop), crop, stride))
     assert n_windows > 1                           # overlapping windows (crop 80 also pads the height)
@@ -132,7 +135,7 @@ def test_windows_batched_across_scales_and_flips_equal_one_window_at_a_time(batc
     # 0.5: 32x45 -> 1x2 windows; 1.0: 64x90 -> 3x4; 1.5: 96x134 -> 4x6; 38 in all, so batches of 2 and 5 span scales
     model, emb = PatchModel(stride=4).eval(), label_emb()
     image = random_image(40, 56)
-    proto = dict(base_size=64, crop_size=32, scales=[0.5, 1.0, 1.5], flip=True)
+    proto = dict(base_size=64, crop_size=32, scales=[0.5, 1.0, 1.5], flip=True, precision="fp32")
     one, cos_one = inf.infer(model, image, emb, 10.0, inf.Protocol(**proto, window_batch=1), with_cos=True)
     many, cos_many = inf.infer(model, image, emb, 10.0, inf.Protocol(**proto, window_batch=batch), with_cos=True)
     torch.testing.assert_close(many, one, atol=1e-6, rtol=0)
@@ -146,9 +149,9 @@ def test_windows_batched_across_scales_and_flips_equal_one_window_at_a_time(batc
 def test_multi_scale_is_the_mean_of_single_scales():
     model, emb = PatchModel(stride=4).eval(), label_emb()
     image = random_image(40, 56)
-    one = [inf.infer(model, image, emb, 10.0, inf.Protocol(base_size=64, scales=[s], crop_size=64))[0]
-           for s in (0.5, 1.0, 1.5)]
-    multi, _ = inf.infer(model, image, emb, 10.0, inf.Protocol(base_size=64, scales=[0.5, 1.0, 1.5], crop_size=64))
+    proto = dict(base_size=64, crop_size=64, precision="fp32")
+    one = [inf.infer(model, image, emb, 10.0, inf.Protocol(**proto, scales=[s]))[0] for s in (0.5, 1.0, 1.5)]
+    multi, _ = inf.infer(model, image, emb, 10.0, inf.Protocol(**proto, scales=[0.5, 1.0, 1.5]))
     torch.testing.assert_close(multi, sum(one) / 3, atol=1e-6, rtol=0)
 
 
@@ -171,7 +174,7 @@ class ListSamples:
         return self.items[i]
 
 
-PROTO = inf.Protocol(base_size=48, crop_size=32, scales=[1.0, 1.25], flip=True)
+PROTO = inf.Protocol(base_size=48, crop_size=32, scales=[1.0, 1.25], flip=True, precision="fp32")
 
 
 def _distributed_worker(rank, world, port, out_path):
@@ -179,7 +182,7 @@ def _distributed_worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        conf = ev.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO, rank, world)
+        conf = evaluation.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO, rank, world)
         if rank == 0:
             torch.save(conf, out_path)
     finally:
@@ -193,7 +196,7 @@ def free_port():
 
 
 def test_distributed_two_gloo_processes_equal_single_process(tmp_path):
-    single = ev.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO)
+    single = evaluation.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO)
     out = tmp_path / "conf.pt"
     mp.spawn(_distributed_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     both = torch.load(out)
@@ -262,7 +265,7 @@ def test_evaluate_cli_end_to_end(tmp_path):
     np.testing.assert_array_equal(conf.sum(1), [np.sum(labels == c) for c in range(11)])
     # the saved id PNGs are raw CamVid ids, and re-scoring them gives the same confusion matrix
     preds = np.stack([np.asarray(Image.open(tmp_path / "pred" / f"{i}.png")) for i in range(3)])
-    again = ev.confusion_matrix(torch.from_numpy(preds.astype(np.int64)),
+    again = evaluation.confusion_matrix(torch.from_numpy(preds.astype(np.int64)),
                                 torch.from_numpy(np.where(labels == 11, -1, labels).astype(np.int64)), 11)
     np.testing.assert_array_equal(again.numpy(), conf)
     assert (tmp_path / "pred" / "0_overlay.png").is_file()
@@ -276,13 +279,13 @@ def test_evaluate_cli_end_to_end(tmp_path):
 def test_save_prediction_png_depth_follows_the_label_count(tmp_path):
     image = np.zeros((4, 6, 3), np.uint8)
     ids = np.arange(24).reshape(4, 6) * 12                                # up to 276
-    inf.save_prediction(tmp_path, "wide", image, ids, [f"c{i}" for i in range(300)])
+    overlays.save_prediction(tmp_path, "wide", image, ids, [f"c{i}" for i in range(300)])
     assert np.asarray(Image.open(tmp_path / "wide.png")).dtype == np.uint16
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "wide.png")), ids)
-    inf.save_prediction(tmp_path, "byte", image, ids % 256, [f"c{i}" for i in range(256)])
+    overlays.save_prediction(tmp_path, "byte", image, ids % 256, [f"c{i}" for i in range(256)])
     assert np.asarray(Image.open(tmp_path / "byte.png")).dtype == np.uint8  # 256 classes: ids 0..255 fit a byte
     with pytest.raises(ValueError, match=r"ids \[264, 276\] are neither label ids 0..255"):
-        inf.save_prediction(tmp_path, "bad", image, ids, [f"c{i}" for i in range(256)])
+        overlays.save_prediction(tmp_path, "bad", image, ids, [f"c{i}" for i in range(256)])
 
 
 def test_evaluate_saves_raw_ids_of_300_classes(tmp_path, monkeypatch):
@@ -302,7 +305,7 @@ def test_evaluate_saves_raw_ids_of_300_classes(tmp_path, monkeypatch):
                                     f"ignore: [65535]\n")
     keys = [f"key{i}" for i in range(300)]
     spec = LabelSpec({k: f"An image of {k}." for k in keys}, {"wide": dict(zip(names, keys))})
-    monkeypatch.setattr(ev, "load_label_spec", lambda: spec)
+    monkeypatch.setattr(evaluation, "load_label_spec", lambda: spec)
     write_checkpoint(tmp_path / "ckpt.pt")
     write_table(tmp_path / "table.pt", keys)
     ev.main([f"--dataset={root / 'wide.yaml'}", f"--checkpoint={tmp_path / 'ckpt.pt'}",
@@ -312,7 +315,7 @@ def test_evaluate_saves_raw_ids_of_300_classes(tmp_path, monkeypatch):
     preds = [np.asarray(Image.open(tmp_path / "pred" / f"{i}.png")) for i in range(2)]
     assert all(p.dtype == np.uint16 for p in preds)
     labels = [np.asarray(Image.open(root / "lab" / f"{i}.png")).astype(np.int64) for i in range(2)]
-    again = sum(ev.confusion_matrix(torch.from_numpy(p.astype(np.int64)), torch.from_numpy(t), 300)
+    again = sum(evaluation.confusion_matrix(torch.from_numpy(p.astype(np.int64)), torch.from_numpy(t), 300)
                 for p, t in zip(preds, labels))
     np.testing.assert_array_equal(again.numpy(), conf)
     assert conf.sum() == 2 * 40 * 56 and conf[250:].sum() == conf.sum()
@@ -325,7 +328,7 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
     torch.save(tower.state_dict(), tmp_path / "clip.pt")                   # a plain OpenAI-format state dict
     spec = load_label_spec()
     keys = ["sky", "sidewalk_pavement"]
-    sentences, words = ev.label_texts(spec, keys, "sentence"), ev.label_texts(spec, keys, "word")
+    sentences, words = label_texts(spec, keys, "sentence"), label_texts(spec, keys, "word")
     assert words == ["sky", "sidewalk pavement"] and sentences[0].startswith("An image of")
     got = inf.label_embeddings(keys, sentences, clip_weights=str(tmp_path / "clip.pt"))
     torch.testing.assert_close(got, clip_text.encode_sentences(tower.eval(), sentences))
@@ -341,14 +344,19 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
     torch.testing.assert_close(inf.label_embeddings(keys, sentences, trained_table=trained), emb[[1, 2]])
 
 
-def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
-    camvid = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "camvid-segnet-shared.yaml")))
+def shipped_dataset(name, shared_dir):
+    """A shipped dataset YAML read with the data root at shared/data, the local copy of the README's downloads."""
+    return evaluation.EvalDataset(*evaluation.load_dataset_config(name, data_root=str(shared_dir / "data")))
+
+
+def test_shipped_dataset_yamls_read_the_downloaded_layouts(shared_dir):
+    camvid = shipped_dataset("camvid-segnet", shared_dir)
     assert len(camvid) == 101 and camvid.class_names == CAMVID
     image, target, stem = camvid[0]
     raw = np.asarray(Image.open(camvid.source.samples.label_path(0))).astype(np.int64)
     assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
     np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
-    facade = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared.yaml")))
+    facade = shipped_dataset("labelmefacade", shared_dir)
     assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
     image, target, _ = facade[0]
     rgb = np.asarray(Image.open(facade.source.samples.label_path(0)).convert("RGB"))
@@ -356,7 +364,7 @@ def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
     np.testing.assert_array_equal(target.numpy() == -1, (rgb == 0).all(-1))  # black = various = ignored
     assert (target.numpy()[(rgb == (0, 0, 128)).all(-1)] == facade.class_names.index("window")).all()
     # the seen-only variant: the same pixels, window and door (navy, olive) ignored, the other six classes kept
-    seen = ev.EvalDataset(*ev.load_dataset_config(str(ev.EVAL_CONFIGS / "labelmefacade-shared-seen.yaml")))
+    seen = shipped_dataset("labelmefacade-seen", shared_dir)
     assert seen.keys == ["building", "car", "sidewalk_pavement", "road", "sky", "vegetation"]
     _, seen_target, _ = seen[0]
     dropped = (rgb == 0).all(-1) | (rgb == (0, 0, 128)).all(-1) | (rgb == (128, 128, 0)).all(-1)
@@ -368,10 +376,31 @@ def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
 @pytest.mark.parametrize("name", ["camvid-11", "kitti-19", "voc2012", "pascal-context-60", "scannet-20",
                                   "wilddash-19", "nyuv2-40"])
 def test_mseg_dataset_yamls_match_names_files_and_taxonomy(name, shared_dir):
-    d = yaml.safe_load((ev.EVAL_CONFIGS / f"{name}.yaml").read_text())
+    d = yaml.safe_load((evaluation.EVAL_CONFIGS / f"{name}.yaml").read_text())
     assert set(d["class_names"]) <= set(load_label_spec().datasets[d["taxonomy"]])
     names_file = shared_dir / "data" / "mseg-lists" / "dataset_lists" / name / f"{name}_names.txt"
     if name != "nyuv2-40":  # MSeg's own names file: same classes, same order (line index = id)
         assert d["class_names"] == [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-    with pytest.raises(FileNotFoundError, match="--root"):
-        ev.load_dataset_config(name)
+    with pytest.raises(ConfigError, match="--root") as missing:
+        evaluation.load_dataset_config(name)
+    assert f"configs/eval/{name}.yaml says where the data comes from" in missing.value.hint
+
+
+def test_window_batch_auto_is_one_window_on_a_cpu_and_four_on_a_gpu():
+    assert inf.window_batch(0, "cpu") == 1 and inf.window_batch(0, "cuda:0") == 4
+    assert inf.window_batch(3, "cpu") == 3 and inf.window_batch(3, torch.device("cuda")) == 3
+
+
+def test_labelmefacade_own_lists_name_the_image_alone(tmp_path, shared_dir):
+    """The repository's own train.txt/test.txt hold `images/X.jpg` alone: the label is labels/X.png."""
+    own = tmp_path / "labelmefacade"
+    own.mkdir()
+    for folder in ("images", "labels"):
+        (own / folder).symlink_to(shared_dir / "data" / "labelmefacade" / folder)
+    pairs = (shared_dir / "data" / "labelmefacade" / "test.txt").read_text().splitlines()
+    (own / "test.txt").write_text("".join(line.split()[0] + "\n" for line in pairs))
+    alone = evaluation.EvalDataset(*evaluation.load_dataset_config("labelmefacade", data_root=str(tmp_path)))
+    paired = shipped_dataset("labelmefacade", shared_dir)
+    assert len(alone) == len(paired) == 300
+    assert [str(alone.source.samples.label_path(i)) for i in (0, 299)] == \
+        [str(paired.source.samples.label_path(i)).replace(str(shared_dir / "data"), str(tmp_path)) for i in (0, 299)]

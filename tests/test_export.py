@@ -14,6 +14,7 @@ except ImportError as e:  # tests/run.sh installs both from requirements-dev.txt
     pytest.skip(f"export tests need onnx and onnxruntime (pip install -r requirements-dev.txt): {e}",
                 allow_module_level=True)
 
+import onnx_export
 import export as ex
 from errors import ConfigError
 from inference import whole_image_scores
@@ -38,7 +39,7 @@ def exported(request, tmp_path_factory):
                 m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
     label_emb = F.normalize(torch.randn(5, 16), dim=-1)
     path = tmp_path_factory.mktemp(request.param) / "m.onnx"
-    ex.export(ex.Segmenter(model, label_emb, 14.0, with_emb=True), path)
+    onnx_export.export(onnx_export.Segmenter(model, label_emb, 14.0, with_emb=True), path)
     return model, label_emb, 14.0, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -112,7 +113,7 @@ def test_dataset_labels_are_evaluate_pys():
 def test_missing_onnx_is_named(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)          # `import onnx` raises ImportError
     with pytest.raises(ConfigError, match="pip install onnx"):
-        ex.import_onnx()
+        onnx_export.import_onnx()
 
 
 def test_bench_export_runs(tmp_path):

@@ -276,10 +276,13 @@ def test_the_design_cards_command_lines_as_written(setup, tmp_path):
                                 capture_output=True, text=True, timeout=300)
     assert as_written.returncode == 2  # an expected error: one line `error: ...` (errors.run_main), no traceback
     message = as_written.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: evaluate.py needs") and "Traceback" not in as_written.stderr
-    for needed in ("--checkpoint CKPT", "--root DIR", "--list FILE", "camvid-11", "mseg_download_camvid.sh",
-                   "mseg-api", "dataset_lists/camvid-11/list/val.txt"):
+    assert message.startswith("error: evaluate.py --dataset=camvid-11 needs") and "Traceback" not in as_written.stderr
+    for needed in ("--checkpoint CKPT", "--root DIR", "--list FILE"):  # what to pass, on the last line
         assert needed in message, message
+    for needed in ("configs/eval/camvid-11.yaml", "mseg_download_camvid.sh", "mseg-api",  # where the data comes from
+                   "dataset_lists/camvid-11/list/val.txt"):
+        assert needed in as_written.stderr, as_written.stderr
+    assert max(map(len, as_written.stderr.splitlines())) < 130 and str(tmp_path) not in as_written.stderr
     assert "unknown dataset" not in as_written.stderr and "--key=value" not in as_written.stderr
 
     labelled = write_mseg_camvid(tmp_path / "mseg_dataset" / "Camvid")

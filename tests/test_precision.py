@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate
+import evaluation
 from checkpoints import load_checkpoint
 from distributed import choose_precision
 from errors import ConfigError
@@ -127,13 +127,13 @@ def test_compare_precision_runs_and_matches_evaluate(tmp_path):
                             f"--out={tmp_path / 'c.json'}"])
     result = json.loads((tmp_path / "c.json").read_text())
     # each precision's mIoU is evaluate.py's with --precision set to it
-    cfg, spec = evaluate.load_dataset_config(str(yaml_path))
-    dataset = evaluate.EvalDataset(cfg, spec)
+    cfg, spec = evaluation.load_dataset_config(str(yaml_path))
+    dataset = evaluation.EvalDataset(cfg, spec)
     model, _ = load_checkpoint(tmp_path / "ckpt.pt", "cpu")
     label_emb = label_embeddings(dataset.keys, [], str(tmp_path / "table.pt"))
     for p in ("fp32", "bf16"):
-        conf = evaluate.evaluate_images(model, dataset, label_emb, float(model.scale()),
+        conf = evaluation.evaluate_images(model, dataset, label_emb, float(model.scale()),
                                         Protocol(base_size=32, sliding=False, precision=p))
-        assert result["miou"][p] == evaluate.metrics_from_confusion(conf)["miou"]
+        assert result["miou"][p] == evaluation.metrics_from_confusion(conf)["miou"]
     assert result["pixels"] == 3 * 40 * 56 and 0 <= result["pixels_differing"] <= result["pixels"]
     assert result["labelled_pixels_differing"] <= result["pixels_differing"]

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import labels
+import inference
 import predict as pr
 from transforms import eval_image
 from inference import Protocol, resolve_precision
@@ -52,7 +54,7 @@ def stripe_ids(ids, n, w=16, margin=4):
     return out
 
 
-PROTO = Protocol(base_size=0, sliding=False)  # keep the image's size
+PROTO = Protocol(base_size=0, sliding=False, precision="fp32")  # keep the image's size
 
 
 def test_ids_follow_the_label_order(tmp_path):
@@ -70,9 +72,9 @@ def test_unknown_threshold(tmp_path):
     labels = ["red", "blue"]                                               # no label fits green
     emb = colour_emb(labels)
     plain = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o1")["a"]
-    assert pr.unknown_id(2) not in plain                                   # threshold off: every pixel gets a label
+    assert inference.unknown_id(2) not in plain                                   # threshold off: every pixel gets a label
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2", unknown_below=0.5)["a"]
-    assert stripe_ids(ids, 3) == [0, 255, 1] and pr.unknown_id(2) == 255
+    assert stripe_ids(ids, 3) == [0, 255, 1] and inference.unknown_id(2) == 255
     # the cosine of green with red and blue, by hand: the threshold sits between it and 1
     g = colour_emb(["green"])[0]
     assert float((emb @ g).max()) < 0.5
@@ -88,13 +90,13 @@ def test_300_labels_give_16_bit_ids(tmp_path):
     labels[299], labels[260] = "red", "blue"                               # green is nobody's colour
     emb = colour_emb([n if n in RGB else "white" for n in labels])         # fillers: white, far from green
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o", unknown_below=0.5)["a"]
-    assert ids.dtype == np.uint16 and pr.unknown_id(300) == 65535
+    assert ids.dtype == np.uint16 and inference.unknown_id(300) == 65535
     assert stripe_ids(ids, 3) == [299, 65535, 260]
     written = Image.open(tmp_path / "o" / "a.png")
     assert written.mode.startswith("I") and np.array_equal(np.asarray(written), ids)  # 16-bit grey, ids intact
     assert Image.open(tmp_path / "o" / "a_overlay.png").size[1] > 32
     with pytest.raises(ValueError, match="1..65535"):
-        pr.unknown_id(65536)
+        inference.unknown_id(65536)
 
 
 def test_background_vocabulary_makes_its_pixels_unknown(tmp_path):
@@ -102,13 +104,13 @@ def test_background_vocabulary_makes_its_pixels_unknown(tmp_path):
     labels = ["red", "blue"]
     forced = pr.predict_images(ColourModel(), [path], labels, colour_emb(labels), 50.0, PROTO, tmp_path / "o1")["a"]
     assert stripe_ids(forced, 3)[1] in (0, 1)                              # green is forced into red or blue
-    background = pr.background_labels("green,red", labels)                 # red is asked for: not background
+    background = inference.background_labels("green,red", labels)                 # red is asked for: not background
     assert background == ["green"]
     emb = colour_emb(labels + background)                                  # (3, 3): rows past the labels = background
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2")["a"]
-    assert stripe_ids(ids, 3) == [0, pr.unknown_id(len(labels)), 1]
-    assert pr.background_labels("default", ["sky", "deer"]) == [b for b in pr.DEFAULT_BACKGROUND if b != "sky"]
-    assert set(pr.DEFAULT_BACKGROUND) <= set(load_label_spec().sentences)  # each has its sentence
+    assert stripe_ids(ids, 3) == [0, inference.unknown_id(len(labels)), 1]
+    assert inference.background_labels("default", ["sky", "deer"]) == [b for b in inference.DEFAULT_BACKGROUND if b != "sky"]
+    assert set(inference.DEFAULT_BACKGROUND) <= set(load_label_spec().sentences)  # each has its sentence
 
 
 def test_embedding_export_pca_reconstructs(tmp_path):
@@ -138,16 +140,16 @@ def test_embedding_export_pca_reconstructs(tmp_path):
 
 def test_label_texts():
     spec = load_label_spec()
-    assert pr.label_texts_for(["sky", "deer_antler"], spec=spec) == [spec.sentences["sky"], "deer antler"]
-    assert pr.label_texts_for(["sky"], mode="word", spec=spec) == ["sky"]
+    assert labels.label_texts_for(["sky", "deer_antler"], spec=spec) == [spec.sentences["sky"], "deer antler"]
+    assert labels.label_texts_for(["sky"], mode="word", spec=spec) == ["sky"]
 
 
 def test_label_texts_from_user_yaml(tmp_path):
     (tmp_path / "s.yaml").write_text("sky: An image of heaven.\n")
-    assert pr.label_texts_for(["sky"], str(tmp_path / "s.yaml")) == ["An image of heaven."]
+    assert labels.label_texts_for(["sky"], str(tmp_path / "s.yaml")) == ["An image of heaven."]
     (tmp_path / "bad.yaml").write_text("- sky\n")
     with pytest.raises(ValueError, match="bad.yaml"):
-        pr.label_texts_for(["sky"], str(tmp_path / "bad.yaml"))
+        labels.label_texts_for(["sky"], str(tmp_path / "bad.yaml"))
 
 
 def test_cli_with_a_checkpoint_and_a_table(tmp_path):

@@ -3,10 +3,10 @@ with a checkpoint, how the export labels a real evaluation set against evaluate.
 
     python -m tools.bench_export                                      # efficientnet_lite0 and mit_b0, 360x480
     python -m tools.bench_export --threads=1 --rounds=5
-    python -m tools.bench_export --checkpoint=CKPT --dataset=camvid-segnet-shared --base_size=360
+    python -m tools.bench_export --checkpoint=CKPT --dataset=camvid-segnet --base_size=360
 
 Latency: random weights (speed does not depend on them), --classes labels of width --embed_dim, batch 1, one image
-of --height x --width; export.Segmenter in torch (fp32, no_grad) and its ONNX export in onnxruntime (CPU provider,
+of --height x --width; onnx_export.Segmenter in torch (fp32, no_grad) and its ONNX export in onnxruntime (CPU provider,
 intra-op threads = --threads, inter-op 1) take turns: each round runs --calls calls of one, then of the other, the
 order flipping every round. Prints the median call of each and the ratio torch / onnxruntime.
 
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import evaluate
-import export
-from checkpoints import load_checkpoint
-from inference import Protocol, infer, label_embeddings, resize_short_side
+from distributed import set_threads
+from errors import run_main
+from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
+from inference import Protocol, infer, load_for_inference, resize_short_side
 from labels import label_texts
 from model import ModelConfig, build_model
+from onnx_export import Segmenter, export
 from provenance import provenance
 from settings import parse_settings
 
@@ -44,7 +45,7 @@ class BenchSettings:
     width: int = 480
     embed_dim: int = 512
     classes: int = 11
-    threads: int = 2               # torch.set_num_threads and onnxruntime's intra-op threads
+    threads: int = 0               # torch's and onnxruntime's intra-op threads; 0 = from the usable cores
     rounds: int = 4                # torch and onnxruntime alternate, the order flipping every round
     calls: int = 5                 # calls per engine per round (after one warm-up call each)
     checkpoint: str = ""           # with dataset: the real-image comparison
@@ -66,9 +67,9 @@ def latency(backbone, s, folder):
     """Median seconds per call of torch eager and onnxruntime for one random-weight model."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, embed_dim=s.embed_dim)).eval()
-    seg = export.Segmenter(model, torch.randn(s.classes, s.embed_dim), 14.0)
+    seg = Segmenter(model, torch.randn(s.classes, s.embed_dim), 14.0)
     path = Path(folder) / f"{backbone}.onnx"
-    export.export(seg, path)
+    export(seg, path)
     sess = session(path, s.threads)
     image = torch.randn(1, 3, s.height, s.width)
     feed = {"image": image.numpy()}
@@ -91,14 +92,12 @@ def latency(backbone, s, folder):
 
 def real_images(s, folder):
     """The export of a checkpoint against evaluate.py's protocol on every image of a dataset."""
-    cfg, spec = evaluate.load_dataset_config(s.dataset)
-    dataset = evaluate.EvalDataset(cfg, spec, s.max_images)
-    model, ckpt = load_checkpoint(s.checkpoint, "cpu")
-    label_emb = label_embeddings(dataset.keys, label_texts(spec, dataset.keys), s.embeddings, "", "cpu",
-                                 ckpt.get("label_table"))
-    scale = float(model.scale().detach())
+    cfg, spec = load_dataset_config(s.dataset)
+    dataset = EvalDataset(cfg, spec, s.max_images)
+    model, _, label_emb, scale = load_for_inference(s.checkpoint, dataset.keys, label_texts(spec, dataset.keys),
+                                                    s.embeddings)
     path = Path(folder) / "checkpoint.onnx"
-    export.export(export.Segmenter(model, label_emb, scale), path)
+    export(Segmenter(model, label_emb, scale), path)
     sess = session(path, s.threads)
     proto = Protocol(base_size=s.base_size, sliding=False, precision="fp32")
     n = len(dataset.keys)
@@ -120,15 +119,15 @@ def real_images(s, folder):
         size = target.shape  # the label's size: both predictions resized alike (nearest) when it differs
         for name, pred in (("torch", want), ("onnxruntime", torch.from_numpy(ids[0]))):
             pred = F.interpolate(pred[None, None].float(), size=size, mode="nearest")[0, 0].long()
-            conf[name] += evaluate.confusion_matrix(pred, target, n)
-    miou = {name: evaluate.metrics_from_confusion(c)["miou"] for name, c in conf.items()}
+            conf[name] += confusion_matrix(pred, target, n)
+    miou = {name: metrics_from_confusion(c)["miou"] for name, c in conf.items()}
     return {"images": len(dataset), "pixels": pixels, "pixels_labelled_differently": differ,
             "max_score_difference": score_diff, "largest_margin_where_different": tie, "miou": miou}
 
 
 def main(argv=None):
     s = parse_settings(BenchSettings, argv)
-    torch.set_num_threads(s.threads)
+    s.threads = set_threads(s.threads)  # the count onnxruntime gets too, and the one recorded
     result = {"settings": s.__dict__, "latency_s": {}}
     print(f"batch 1, {s.height}x{s.width}, {s.classes} labels of width {s.embed_dim}, {s.threads} thread(s), "
           f"{s.rounds} rounds x {s.calls} calls per engine, alternating")
@@ -152,4 +151,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

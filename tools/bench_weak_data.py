@@ -16,17 +16,17 @@ Private_Dirty of its /proc/self/smaps_rollup: the pages no other process maps) a
 wrote: allocated, or copied from the trainer by writes such as reference counts and the garbage collector's), read
 by the worker itself before and after a full garbage collection (which a long run does sooner or later).
 Box targets of this branch are a sparse file marked done (never encoded): reading them is what is measured. Also the
-MiB read from disk when 50 images' boxes are read from a cold boxes.npy, through readers.map_npy (MADV_RANDOM) and
+MiB read from disk when 50 images' boxes are read from a cold boxes.npy, through index_format.map_npy (MADV_RANDOM) and
 through numpy.load(mmap_mode="r"); with --compare_freeze, the index run again without data.Loader's gc.freeze().
 main's code comes from `git archive <commit>` into the work folder. Its run is skipped where the memory it would
 need (extrapolated from the smaller fractions) is not available; the table says so.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,9 +172,9 @@ def annotation_files(srcs: list[dict]) -> list[Path]:
 
 
 def cold_reads(index: Path, samples: int = 50) -> dict:
-    """MiB read from disk for `samples` random images' boxes from a cold boxes.npy: readers.map_npy (MADV_RANDOM)
+    """MiB read from disk for `samples` random images' boxes from a cold boxes.npy: index_format.map_npy (MADV_RANDOM)
     against numpy.load(mmap_mode="r") (the kernel reads read_ahead_kb around each page fault)."""
-    code = ("import os, sys, numpy as np, readers; a = readers.map_npy(sys.argv[1]) if sys.argv[2] == 'map_npy' else "
+    code = ("import os, sys, numpy as np, index_format; a = index_format.map_npy(sys.argv[1]) if sys.argv[2] == 'map_npy' else "
             "np.load(sys.argv[1], mmap_mode='r'); io = lambda: int(open('/proc/self/io').read()"
             ".split('read_bytes:')[1].split()[0]); r0 = io(); rng = np.random.default_rng(0); "
             "[np.array(a[r:r + 15]) for r in rng.integers(0, len(a) - 15, int(sys.argv[3]))]; "
@@ -226,7 +226,7 @@ def build_indexes(data: Path, dim: int) -> dict:
     import numpy as np
 
     from clip_image import prepare_targets
-    from readers import Index
+    from index_format import Index
     oi, o365 = data / "openimages_v6", data / "objects365"
     out = {"o365": run_index_command(["coco_boxes", "--json", str(o365 / "zhiyuan_objv2_train.json"), "--images",
                                       str(o365 / "train"), "--out", str(o365 / "index_train"), "--overwrite"]),
@@ -278,30 +278,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/weak_bench")
-    p.add_argument("--fractions", default="0.025,0.1,0.25")
-    p.add_argument("--baseline_commit", default="4243516")
-    p.add_argument("--baseline_max", type=float, default=1.0, help="largest fraction to run main's readers at")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--batches", type=int, default=100)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--compare_freeze", action="store_true", help="also measure the index code base without "
-                                                                  "data.Loader's gc.freeze()")
-    p.add_argument("--reuse_data", action="store_true", help="keep files a previous run generated (where main's "
-                                                              "readers do not run)")
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child:
-        return child(json.loads(a.child))
-    sys.path.insert(0, str(REPO))
+@dataclass
+class WeakBenchSettings:
+    work: str = "/tmp/weak_bench"  # folder for the synthetic files, main's code and results.json
+    fractions: list = field(default_factory=lambda: [0.025, 0.1, 0.25])  # of full size, in order
+    baseline_commit: str = "4243516"  # main's readers to compare with (git archive)
+    baseline_max: float = 1.0      # largest fraction to run main's readers at
+    workers: int = 4               # DataLoader workers
+    batches: int = 100             # balanced batches of 9 read per run
+    dim: int = 512                 # box-target width
+    compare_freeze: bool = False   # also measure the index code base without data.Loader's gc.freeze()
+    reuse_data: bool = False       # keep files a previous run generated (where main's readers do not run)
+
+    def validate(self):
+        from settings import require
+        require(self, "fractions", lambda v: v and all(0 < f <= 1 for f in v), "must be fractions in (0, 1]")
+        require(self, "workers batches dim", lambda v: v >= 1, "must be >= 1")
+
+
+def main(argv=None):
+    from settings import parse_settings  # not at the top: a child imports the measured code base's modules only
     from tools.make_weak_data import write_all
+    a = parse_settings(WeakBenchSettings, argv)
 
     work = Path(a.work)
     old_code = baseline_code(work, a.baseline_commit)
     rows, results = [], work / "results.json"
-    for fraction in [float(f) for f in a.fractions.split(",")]:
+    for fraction in a.fractions:
         data = work / f"f{fraction:g}"
         row = {"fraction": fraction, "workers": a.workers}
         done_old = [r for r in rows if r.get("old")]
@@ -341,4 +344,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:  # internal: one measurement, importing only the code base on PYTHONPATH
+        child(json.loads(sys.argv[2]))
+    else:
+        sys.path.insert(0, str(REPO))
+        from errors import run_main
+        run_main(main)

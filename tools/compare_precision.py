@@ -1,7 +1,7 @@
 """evaluate.py's evaluation in fp32 and in bf16 (--precision), image by image in the same run: how often the label
 differs, the mIoU of each, and the speed of each.
 
-    python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-segnet-shared --base_size=360 --sliding=false
+    python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-segnet --base_size=360 --sliding=false
     python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-11 --root=R --list=L --embeddings=T.pt
 
 Per image both precisions run evaluate.py's protocol (inference.infer; only the network in bf16 autocast), the
@@ -16,37 +16,34 @@ from pathlib import Path
 
 import torch
 
-import evaluate
-from checkpoints import check_width, load_checkpoint
-from inference import Protocol, cpu_has_bf16, infer, label_embeddings
+from distributed import set_threads
+from errors import run_main
+from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
+from inference import Protocol, cpu_has_bf16, infer, load_for_inference
 from labels import label_texts
-from provenance import provenance
+from provenance import provenance, repo_relative
 from settings import parse_settings
 
 
 @dataclass
 class CompareSettings(Protocol):   # + the inference protocol's settings; precision is ignored: both are run
     checkpoint: str = ""
-    dataset: str = "camvid-segnet-shared"  # evaluate.py's dataset name or YAML
+    dataset: str = "camvid-segnet"  # evaluate.py's dataset name or YAML
     root: str = ""
     list: str = ""
     embeddings: str = ""           # label table; "" = the checkpoint's own training table
     max_images: int = 0            # 0 = all
-    threads: int = 0               # torch.set_num_threads; 0 = torch's default
+    threads: int = 0               # torch.set_num_threads; 0 = from the usable cores
     out: str = ""                  # results JSON ("" = none)
 
 
 def main(argv=None):
     s = parse_settings(CompareSettings, argv)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    cfg, spec = evaluate.load_dataset_config(s.dataset, s.root, s.list)
-    dataset = evaluate.EvalDataset(cfg, spec, s.max_images)
-    model, ckpt = load_checkpoint(s.checkpoint, "cpu")
-    label_emb = label_embeddings(dataset.keys, label_texts(spec, dataset.keys), s.embeddings, "", "cpu",
-                                 ckpt.get("label_table"))
-    check_width(ckpt, label_emb, "the label embeddings")
-    scale = float(model.scale().detach())
+    set_threads(s.threads)
+    cfg, spec = load_dataset_config(s.dataset, s.root, s.list)
+    dataset = EvalDataset(cfg, spec, s.max_images)
+    model, _, label_emb, scale = load_for_inference(s.checkpoint, dataset.keys, label_texts(spec, dataset.keys),
+                                                       s.embeddings)
     n = len(dataset.keys)
     protos = {p: Protocol(**{**s.protocol(), "precision": p}) for p in ("fp32", "bf16")}
     conf = {p: torch.zeros(n, n, dtype=torch.int64) for p in protos}
@@ -62,13 +59,13 @@ def main(argv=None):
             prob, _ = infer(model, image, label_emb, scale, protos[p], out_size=target.shape)  # (N, H, W)
             pred[p] = prob.argmax(0)                                                         # (H, W)
             seconds[p] += time.perf_counter() - start
-            conf[p] += evaluate.confusion_matrix(pred[p], target, n)
+            conf[p] += confusion_matrix(pred[p], target, n)
         changed = pred["fp32"] != pred["bf16"]
         keep = (target >= 0) & (target < n)
         differ, differ_labelled = differ + int(changed.sum()), differ_labelled + int(changed[keep].sum())
         pixels, labelled = pixels + changed.numel(), labelled + int(keep.sum())
-    metrics = {p: evaluate.metrics_from_confusion(c) for p, c in conf.items()}
-    result = {"dataset": dataset.name, "images": len(dataset), "checkpoint": s.checkpoint, "protocol": s.protocol(),
+    metrics = {p: metrics_from_confusion(c) for p, c in conf.items()}
+    result = {"dataset": dataset.name, "images": len(dataset), "checkpoint": repo_relative(s.checkpoint), "protocol": s.protocol(),
               "cpu_has_bf16": cpu_has_bf16(), "threads": torch.get_num_threads(),
               "pixels": pixels, "pixels_differing": differ, "labelled_pixels": labelled,
               "labelled_pixels_differing": differ_labelled,
@@ -87,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,7 +7,7 @@ cost directory entries, not disk.
   objects365/zhiyuan_objv2_train.json  Objects365 V2's train JSON: images {height, id, license, width, file_name
       (images/v1|v2/patchN/objects365_v1|v2_XXXXXXXX.jpg), url}, annotations {id, iscrowd, isfake, area, isreflected,
       bbox [x, y, w, h] with the file's ten decimals, image_id, category_id}, categories {name, id} (the 365 real
-      names when ../shared holds them), licenses; 1.742M images and 25.4M boxes at full size, ~14.6 a image
+      names when a class-list folder is given), licenses; 1.742M images and 25.4M boxes at full size, ~14.6 a image
   objects365/train/patchN/...          the images, where mmdetection's layout puts them (51 patch folders)
   openimages_v6/train-annotations-object-segmentation.csv  the 10 published columns, 2.687M masks of 944k images
   openimages_v6/classes-segmentation.txt (350 MIDs), oidv6-class-descriptions.csv (~20k rows, as published)
@@ -18,15 +18,18 @@ cost directory entries, not disk.
       segmentation.csv (the 350 classes) and objects365/objects365_clip_b32.pt (per-image (K, dim) float16 box
       targets as its clip_image.py wrote them)
 """
-import argparse
 import csv
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from errors import run_main
+from settings import parse_settings, require, required
 
 FULL = {"o365_images": 1_742_000, "o365_boxes": 25_400_000, "oi_images": 944_037, "oi_masks": 2_686_666}
 MSEG_LISTS = {  # train lines (mseg-api's lists), classes, how a line reads
@@ -41,7 +44,6 @@ MSEG_LISTS = {  # train lines (mseg-api's lists), classes, how a line reads
     "sunrgbd-37": (5_285, 37, "image/train/img-{i:06d}.jpg semseg-label37/train/{i:08d}.png"),
 }
 SIZE = (64, 48)  # every synthetic image is this small (w, h); the JSON says so too, and boxes lie inside it
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "class-lists"
 
 
 class Linker:
@@ -81,10 +83,10 @@ def tiny_files(folder: Path, mask_size: tuple[int, int] = SIZE) -> dict:
             "ids": Linker(folder, "ids.png", lambda p: Image.fromarray(ids).save(p))}
 
 
-def class_lists(rng, folder: Path = SHARED) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+def class_lists(rng, folder: Path | None = None) -> tuple[list[str], list[tuple[str, str]], list[str]]:
     """Objects365 names, OpenImages (MID, display name) of the 350 segmentation classes (the real ones when `folder`,
-    ../shared/data/class-lists, holds them), and ~20k other MIDs."""
-    if (folder / "objects365_v2_classes.tsv").is_file():
+    objects365_v2_classes.tsv and openimages_v6_segmentation_classes.tsv, holds them), and ~20k other MIDs."""
+    if folder is not None and (folder / "objects365_v2_classes.tsv").is_file():
         o365 = [line.split("\t", 1)[1] for line in (folder / "objects365_v2_classes.tsv").read_text().split("\n")[1:]
                 if line]
         oi = [tuple(line.split("\t")) for line in
@@ -232,15 +234,23 @@ def write_all(out: Path, fraction: float, old_formats: bool = False, dim: int = 
     return n
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--fraction", type=float, default=0.025)
-    p.add_argument("--old_formats", action="store_true")
-    p.add_argument("--dim", type=int, default=512, help="width of the old-format box targets")
-    a = p.parse_args()
+@dataclass
+class WeakDataSettings:
+    out: str = ""                  # folder to write
+    fraction: float = 0.025        # of the real sizes (the MSeg lists keep theirs)
+    old_formats: bool = False      # also the files main at 4243516 reads instead of indexes
+    dim: int = 512                 # width of the old-format box targets
+
+    def validate(self):
+        required(self, "out")
+        require(self, "fraction", lambda v: 0 < v <= 1, "must be in (0, 1]")
+        require(self, "dim", lambda v: v >= 1, "must be >= 1")
+
+
+def main(argv=None):
+    a = parse_settings(WeakDataSettings, argv)
     write_all(Path(a.out), a.fraction, a.old_formats, a.dim)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

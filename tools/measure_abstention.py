@@ -2,7 +2,7 @@
 
     python -m tools.measure_abstention --checkpoint=CKPT --asked=Sky,Building,Road,Car          # CamVid val
     python -m tools.measure_abstention --checkpoint=CKPT --asked=Sky,Road --background=wall,sky,vegetation \
-        --thresholds="[-1, 0.3, 0.5]" --dataset=configs/eval/camvid-segnet-shared.yaml --out=abstention.json
+        --thresholds="[-1, 0.3, 0.5]" --dataset=configs/eval/camvid-segnet.yaml --out=abstention.json
 
 Each image is segmented as predict.py segments it (inference.infer, then predict.ids_from_scores) into the label
 keys of the asked classes, once with no background vocabulary and once with --background's (predict.py's setting;
@@ -21,18 +21,19 @@ from pathlib import Path
 
 import torch
 
-import evaluate
-from checkpoints import check_width, load_checkpoint
-from distributed import pick_device
-from inference import Protocol, infer, label_embeddings, resolve_precision
-from predict import background_labels, ids_from_scores, label_texts_for, unknown_id
-from provenance import provenance
+from distributed import pick_device, set_threads
+from errors import ConfigError, run_main
+from evaluation import EvalDataset, load_dataset_config
+from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
+                       unknown_id)
+from labels import label_texts_for
+from provenance import provenance, repo_relative
 from settings import parse_settings
 
 
 @dataclass
 class AbstentionSettings(Protocol):  # + the inference protocol's settings (inference.Protocol)
-    dataset: str = "configs/eval/camvid-segnet-shared.yaml"
+    dataset: str = "configs/eval/camvid-segnet.yaml"
     root: str = ""
     list: str = ""
     asked: str = "Sky,Building,Road,Car"  # class names of the dataset to ask for (comma-separated)
@@ -43,6 +44,7 @@ class AbstentionSettings(Protocol):  # + the inference protocol's settings (infe
     max_images: int = 0
     out: str = ""                  # results JSON ("" = none)
     device: str = "auto"
+    threads: int = 0               # torch.set_num_threads on CPU; 0 = from the usable cores
 
 
 def count(ids, target, asked_class):
@@ -69,23 +71,21 @@ def unknown_per_class(ids, target, n, unknown):
 
 def main(argv=None):
     s = parse_settings(AbstentionSettings, argv)
+    set_threads(s.threads)
     device = pick_device(s.device)
-    cfg, spec = evaluate.load_dataset_config(s.dataset, s.root, s.list)
-    dataset = evaluate.EvalDataset(cfg, spec, s.max_images)
+    cfg, spec = load_dataset_config(s.dataset, s.root, s.list)
+    dataset = EvalDataset(cfg, spec, s.max_images)
     asked_names = [a.strip() for a in s.asked.split(",") if a.strip()]
     unknown_names = [a for a in asked_names if a not in dataset.class_names]
     if unknown_names or not asked_names:
-        raise ValueError(f"--asked={s.asked!r}: {unknown_names or 'nothing'} not among the dataset's classes "
+        raise ConfigError(f"--asked={s.asked!r}: {unknown_names or 'nothing'} not among the dataset's classes "
                          f"{dataset.class_names}")
     asked_class = torch.tensor([dataset.class_names.index(a) for a in asked_names])
     asked_keys = [dataset.keys[i] for i in asked_class]
     background = background_labels(s.background, asked_keys)
-    model, ckpt = load_checkpoint(s.checkpoint, device)
     keys = asked_keys + background
-    label_emb = label_embeddings(keys, label_texts_for(keys, spec=spec), s.embeddings, "", device,  # (A + B, D)
-                                 ckpt.get("label_table"))
-    check_width(ckpt, label_emb, "the label embeddings")
-    scale = float(model.scale().detach())
+    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, label_texts_for(keys, spec=spec),  # (A+B, D)
+                                                       s.embeddings, "", device)
     print(f"{dataset.name}: {len(dataset)} images; asked {dict(zip(asked_names, asked_keys))}; other classes "
           f"{[n for n in dataset.class_names if n not in asked_names]}; background vocabulary {background}", flush=True)
 
@@ -133,7 +133,7 @@ def main(argv=None):
     if s.out:
         result = {"dataset": dataset.name, "images": len(dataset), "asked": dict(zip(asked_names, asked_keys)),
                   "other_classes": [n for n in dataset.class_names if n not in asked_names],
-                  "background": background, "protocol": s.protocol(), "checkpoint": s.checkpoint,
+                  "background": background, "protocol": s.protocol(), "checkpoint": repo_relative(s.checkpoint),
                   "step": ckpt.get("step"), "labels": s.embeddings or "the checkpoint's training table",
                   "rows": rows, "settings": asdict(s), "provenance": prov}
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)
@@ -142,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
