@@ -1,7 +1,7 @@
 """CLIP's image tower (ViT) and the box targets of L_WD (SSIW eq. 6: V*_r = CLIP image embedding of box r).
 
 Training never runs CLIP: this command encodes every box of a coco_boxes index (indexes.py) once and writes the
-targets training reads, one float16 row per box row of the index (readers.BOX_TARGETS_FILES):
+targets training reads, one float16 row per box row of the index (index_format.BOX_TARGETS_FILES):
 
   torchrun --nproc_per_node=8 clip_image.py --weights ViT-B-32.pt --index objects365/index_train \
       --out objects365/clip_b32_targets [--images objects365/train] [--shard_rows 1024 --batch 256 --workers 8]
@@ -33,7 +33,8 @@ from PIL import Image
 import distributed
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
 from errors import DataError, WeightsError, run_main
-from readers import Index, decode_rgb, open_image
+from index_format import Index
+from readers import decode_rgb, open_image
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -5,7 +5,7 @@ A source (SourceConfig) is one dataset on disk. Its class names map to label key
 turns each decoded label map into rows with one numpy index. From then on everything speaks table rows.
 
 MSeg's prepared layouts of the seven dense SSIW training sets are id PNGs with 255 = ignore: encoding "id",
-ignore [255], names = ../shared/data/mseg-lists/dataset_lists/<name>/<name>_names.txt, taxonomy = <name>. Their list
+ignore [255], names = mseg-api's mseg/dataset_lists/<name>/<name>_names.txt, taxonomy = <name>. Their list
 lines (mseg-api mseg/dataset_lists/<name>/list/train.txt), relative to each dataset's root:
   ade20k-150          images/training/ADE_train_00000001.jpg annotations_semseg150/training/ADE_train_00000001.png
   bdd                 seg/images/train/0004a4c0-d4dff0ad.jpg seg/labels/train/0004a4c0-d4dff0ad_train_id.png
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from errors import ConfigError, LabelKeyError
+from errors import ConfigError, DataError, LabelKeyError
 from labels import dataset_label_keys
-from readers import FORMATS, DataError, decode_rgb, open_image
+from readers import FORMATS, decode_rgb, open_image
 from sampler import BalancedSampler
 from transforms import TrainTransform, draft_size, eval_image
 
@@ -62,18 +62,23 @@ class SourceConfig:
     colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
     kind: str = "dense"        # dense (L_HD) | coarse (L_LD) | boxes (L_WD)
     weight: float = 1.0        # sampling weight (equal weights = the paper's balance)
-    index: str = ""            # openimages/coco_boxes: index folder written by `python indexes.py` (readers.Index)
+    index: str = ""            # openimages/coco_boxes: index folder written by `python indexes.py` (index_format.Index)
     images: str = ""           # openimages/coco_boxes: image folder (openimages: <ImageID>.jpg); id/color: with labels
     labels: str = ""           # id/color, instead of list: label folder, paired with `images` by file stem
     image_suffix: str = ".jpg"  # id/color folder pairs: the image file of stem s is s + image_suffix
     label_suffix: str = ".png"  # ... and its label s + label_suffix (".tif": detectron2's 16-bit maps)
+    label_folder: str = ""     # id/color lists: lines may hold the image alone, its label is label_folder/<stem>
+                               # + label_suffix (LabelMeFacade's own train.txt)
     masks: str = ""            # openimages: folder of the mask PNGs (the MaskPath column)
     box_targets: str = ""      # boxes: CLIP box-target folder written by clip_image.py
 
     @classmethod
-    def from_dict(cls, d: dict) -> SourceConfig:
-        """Build from a training config entry; unknown keys and wrongly typed values raise, naming source and key."""
+    def from_dict(cls, d: dict, data_root: str = "") -> SourceConfig:
+        """Build from a training config entry; unknown keys and wrongly typed values raise, naming source and key.
+        A relative root is taken as under data_root (train.py's and evaluate.py's --data_root) where one is given."""
         name = d.get("name", "?")
+        if data_root and isinstance(d.get("root"), str) and not Path(d["root"]).is_absolute():
+            d = {**d, "root": str(Path(data_root) / d["root"])}
         known = {f.name: f for f in fields(cls)}
         for key, value in d.items():
             if key not in known:

@@ -2,7 +2,7 @@
 
     python evaluate.py --dataset camvid --root DATA --list LIST --checkpoint CKPT  # camvid = MSeg's camvid-11
     python evaluate.py --dataset=camvid-11 --root=DATA --list=LIST --checkpoint=CKPT --embeddings=TABLE.pt
-    python evaluate.py --dataset=configs/eval/camvid-segnet-shared.yaml --checkpoint=CKPT --clip_weights=ViT-B-32.pt
+    python evaluate.py --dataset=configs/eval/camvid-segnet.yaml --checkpoint=CKPT --clip_weights=ViT-B-32.pt
     torchrun --nproc_per_node=2 evaluate.py ...                     # images split over ranks, confusion all-reduced
 
 Inference follows MSeg's test protocol (mseg-semantic `tool/inference_task.py`): see inference.py's docstring for the
@@ -28,7 +28,7 @@ from evaluation import (EvalDataset, evaluate_images, load_dataset_config, metri
 from inference import Protocol, load_for_inference, resolve_precision
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
-from provenance import provenance
+from provenance import provenance, repo_relative
 from settings import parse_settings, print_settings
 
 
@@ -36,6 +36,7 @@ from settings import parse_settings, print_settings
 class EvalSettings(Protocol):      # + the inference protocol's settings (inference.Protocol)
     dataset: str = "camvid-11"     # a name in configs/eval/ (an MSeg set also without its class count: camvid =
                                    # camvid-11) or a path to a dataset YAML (data.SourceConfig fields)
+    data_root: str = "data"        # the YAML's relative root is a folder in here (README: where to put each dataset)
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
     images: str = ""               # ... or an image folder and a label folder paired by file stem (relative to root;
@@ -107,7 +108,8 @@ def main(argv=None):
         print_settings(s)
 
     no_checkpoint = [] if Path(s.checkpoint).is_file() else ["--checkpoint CKPT"]  # said with any missing data
-    cfg, spec = load_dataset_config(s.dataset, s.root, s.list, s.images, s.labels, also_missing=no_checkpoint)
+    cfg, spec = load_dataset_config(s.dataset, s.root, s.list, s.images, s.labels, also_missing=no_checkpoint,
+                                    data_root=s.data_root)
     dataset = EvalDataset(cfg, spec, s.max_images)
     texts = label_texts(spec, dataset.keys, s.mode)
     if s.embeddings and s.mode == "word" and master:
@@ -141,7 +143,7 @@ def main(argv=None):
         seen = seen_classes(dataset.keys, ckpt)
         metrics["split"] = split_miou(metrics["iou"], seen)
         stem = f"{dataset.name}_{s.base_size}_{'ms' if len(s.scales) > 1 else 'ss'}{'_flip' if s.flip else ''}_{s.mode}"
-        result = {"dataset": dataset.name, "checkpoint": s.checkpoint, "step": ckpt.get("step"),
+        result = {"dataset": dataset.name, "checkpoint": repo_relative(s.checkpoint), "step": ckpt.get("step"),
                   "labels": s.embeddings or (f"{s.clip_weights} ({s.mode})" if s.clip_weights
                                              else "the checkpoint's training table"), "protocol": s.protocol(),
                   "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds,

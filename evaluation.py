@@ -15,6 +15,7 @@ import data
 import distributed
 from errors import ConfigError
 from inference import infer
+from provenance import repo_relative
 from labels import IGNORE, dataset_label_keys, load_label_spec, with_own_labels
 from readers import FORMATS
 from settings import read_yaml
@@ -98,14 +99,7 @@ def yaml_header(path):
     return "\n".join(lines)
 
 
-def repo_relative(path):
-    """path relative to the repository when it lies under it, else absolute: for messages and results files that
-    must read the same on every machine."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def _read_dataset_yaml(name_or_path, root="", list_path="", images="", labels=""):
+def _read_dataset_yaml(name_or_path, root="", list_path="", images="", labels="", data_root="data"):
     """The YAML's SourceConfig fields with --root/--list/--images/--labels applied, its path, and the user's own
     `sentences:` / `taxonomy:` mapping (None where it has none)."""
     path = dataset_yaml(name_or_path)
@@ -118,7 +112,7 @@ def _read_dataset_yaml(name_or_path, root="", list_path="", images="", labels=""
         raise ConfigError(f"{path}: expected a mapping of data.SourceConfig fields")
     sentences = d.pop("sentences", None)
     own_taxonomy = d.pop("taxonomy") if isinstance(d.get("taxonomy"), dict) else None
-    d["root"] = str(Path(root).resolve()) if root else (str(REPO / d["root"]) if d.get("root") else "")
+    d["root"] = str(Path(root).resolve()) if root else (str(Path(data_root, d["root"]).resolve()) if d.get("root") else "")
     if list_path:  # --list or --images/--labels win over the YAML's pairs, whichever way it gives them
         d.update(list=str(Path(list_path).resolve()), images="", labels="")
     elif images or labels:
@@ -137,11 +131,12 @@ def _with_own_labels(cfg, spec, path, sentences, own_taxonomy):
     return spec
 
 
-def load_dataset_config(name_or_path, root="", list_path="", images="", labels="", spec=None, also_missing=()):
+def load_dataset_config(name_or_path, root="", list_path="", images="", labels="", spec=None, also_missing=(),
+                        data_root="data"):
     """A dataset name (see dataset_yaml) or YAML path -> (data.SourceConfig, label spec). The YAML holds SourceConfig
     fields (name, root, list | images + labels, names | class_names, taxonomy, encoding, ignore, colors); a relative
-    root in it is relative to the repository; --root/--list (relative to the working directory) and --images/--labels
-    (relative to the root) override the YAML's.
+    root in it is a folder of data_root (--data_root, default data/ of the working directory); --root/--list
+    (relative to the working directory) and --images/--labels (relative to the root) override the YAML's.
 
     A user's dataset brings its own labels without editing label_sentences.yaml: `sentences:` {class name or label
     key: sentence} and `taxonomy:` as a mapping {class name: label key | ignore} (classes it does not list are their
@@ -149,7 +144,7 @@ def load_dataset_config(name_or_path, root="", list_path="", images="", labels="
 
     Raises one short message for everything missing, `also_missing` (flags the caller found missing, e.g.
     "--checkpoint CKPT") included: what to pass, and the YAML whose header says where the data comes from."""
-    d, path, sentences, own_taxonomy = _read_dataset_yaml(name_or_path, root, list_path, images, labels)
+    d, path, sentences, own_taxonomy = _read_dataset_yaml(name_or_path, root, list_path, images, labels, data_root)
     missing = []
     if not d["root"] or not Path(d["root"]).is_dir():
         missing.append("--root DIR" + (f" ({repo_relative(d['root'])} is not a folder)" if d["root"] else ""))

@@ -1,4 +1,4 @@
-"""Index the annotations of a weak source once, into the memory-mapped arrays training reads (readers.Index).
+"""Index the annotations of a weak source once, into the memory-mapped arrays training reads (index_format.Index).
 
     python indexes.py coco_boxes --json objects365/zhiyuan_objv2_train.json --images objects365/train \
         --out objects365/index_train [--skip_missing] [--overwrite]
@@ -10,7 +10,7 @@ Why a command: Objects365 V2's train JSON (1.74M images, 25.4M boxes) parsed by 
 objects and minutes per process, and DataLoader workers copy what they touch of them; OpenImages' masks CSV (2.69M
 rows) and a per-file existence check at every start scale the same way. This reads the annotations once, streaming
 (peak RSS 3.5 GB and 228 CPU s for a full-size Objects365 JSON, once: tools/bench_weak_data.py), checks once that
-every referenced file exists, and writes the fields of readers.INDEX_FIELDS plus index.json (class names, counts,
+every referenced file exists, and writes the fields of index_format.INDEX_FIELDS plus index.json (class names, counts,
 the source files' size and mtime, what the check found) into a temporary folder renamed into place, so an index is
 whole or absent.
 
@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from json_stream import json_array_items
-from readers import INDEX_FIELDS, INDEX_FORMAT, DataError, Index, StringTable
+from errors import DataError
+from index_format import INDEX_FIELDS, INDEX_FORMAT, Index, StringTable
 
 OPENIMAGES_MASK_COLUMNS = ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
                            "PredictedIoU", "Clicks"]
@@ -101,7 +102,7 @@ def report_missing(what: str, folder: Path, paths: list[str], missing: np.ndarra
 def write_index(out, kind: str, arrays: dict, meta: dict, missing: list[str], start: float,
                 overwrite: bool = False) -> Index:
     """Write the fields of INDEX_FIELDS[kind] and index.json into a temporary folder, rename it to `out`, and open
-    it with readers.Index (whose checks then hold for what was written). index.json's `seconds`: since `start`."""
+    it with index_format.Index (whose checks then hold for what was written). index.json's `seconds`: since `start`."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; --overwrite replaces it (box targets written for it then refuse to "

@@ -40,7 +40,8 @@ class Protocol:
     scales: list = field(default_factory=lambda: [1.0])  # multi-scale: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     flip: bool = False             # average with the horizontally flipped input
     sliding: bool = True           # sliding window (True) or the whole image at once
-    window_batch: int = 4          # windows per forward pass
+    window_batch: int = 0          # windows per forward pass; 0 = auto: 1 on a CPU (batching measured 0.80x there),
+                                   # 4 on a GPU (fills the device; speed-up not measured)
     precision: str = "auto"        # the network's: auto (bf16 on GPUs and on CPUs with bf16 units, else fp32) | fp32 |
                                    # bf16 (autocast; similarity, softmax and averaging stay fp32)
 
@@ -50,7 +51,8 @@ class Protocol:
 
     def validate(self):
         """The protocol's settings in range (parse_settings calls this, also for evaluate's and predict's)."""
-        require(self, "crop_size window_batch", lambda v: v >= 1, "must be >= 1")
+        require(self, "crop_size", lambda v: v >= 1, "must be >= 1")
+        require(self, "window_batch", lambda v: v >= 0, "must be >= 0 (0 = auto: 1 on a CPU, 4 on a GPU)")
         require(self, "base_size", lambda v: v >= 0, "must be >= 0")
         require(self, "stride_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
         require(self, "scales", lambda v: v and all(type(x) in (int, float) and x > 0 for x in v),
@@ -153,6 +155,13 @@ def whole_image_scores(model, x, label_emb, scale, flip, with_cos=False):
     return window_scores(model, xp, label_emb, scale, flip, with_cos)[0, :, top:top + h, left:left + w]
 
 
+def window_batch(setting, device):
+    """Protocol.window_batch on `device`: the setting, or for 0 (auto) 1 on a CPU, where a batch of windows ran
+    slower per window than one at a time (0.80x, tools/bench_protocol.py, docs/results/bench_protocol_540_b0_cpu.json),
+    and 4 on a GPU, where one window leaves most of the device idle."""
+    return setting or (1 if torch.device(device).type == "cpu" else 4)
+
+
 def sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos=False):
     """Sum over scales of the sliding-window scores of one image, each scale's resized to out_size.
 
@@ -172,8 +181,9 @@ def sliding_scores(model, x, sizes, label_emb, scale, proto, out_size, with_cos=
              for t in window_starts(hp, crop, stride) for l in window_starts(wp, crop, stride)]
     left_to_do = [sum(1 for k2, _, _ in queue if k2 == k) for k in range(len(sizes))]
     open_scales, total = {}, 0  # k -> {image (1, 3, H', W') padded, top, left, sum (C, H', W'), count (1, H', W')}
-    for i in range(0, len(queue), proto.window_batch):
-        chunk = queue[i:i + proto.window_batch]
+    batch = window_batch(proto.window_batch, x.device)
+    for i in range(0, len(queue), batch):
+        chunk = queue[i:i + batch]
         for k, _, _ in chunk:
             if k not in open_scales:
                 xs = resize_short_side(x, min(sizes[k]))                  # (1, 3, h_s, w_s); min = the short side

@@ -8,7 +8,7 @@ cut every number, string and object.
 import json
 import re
 
-from readers import DataError
+from errors import DataError
 
 _BLANK = re.compile(r"[ \t\n\r]*")
 _ENDED = re.compile(r"[^ \t\n\r,\]}:]*[ \t\n\r,\]}:]")  # a delimiter follows: the value before it is whole

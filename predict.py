@@ -6,7 +6,7 @@
 
 Text of each label: its sentence in --sentences (YAML {label: sentence}), else in label_sentences.yaml's `labels`,
 else the label itself as a word; --mode=word always embeds the word. With --embeddings the table must have a row
-named by each label (clip_text.py or ../shared/tools/minilm_label_table.py make one from a sentences YAML).
+named by each label (label_table.py makes one from a sentences YAML).
 Inference is inference.py's MSeg protocol (evaluate.py's settings). Writes to out_dir:
   labels.json              id -> label and the text embedded; "unknown": the id of unknown pixels (or null), which
                            --unknown_below and --background produce

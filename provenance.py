@@ -6,6 +6,8 @@ tools/measure_abstention.py).
      "device": {"device": "cpu", "cpu": model name, "cpu_count": n, "torch_threads": n, "gpu": name | null, ...},
      "precision": "fp32", "sha256": {"checkpoint": {"path": ..., "sha256": ...}, "list": ..., ...}}
 
+Paths (cwd and the hashed files) are relative to the repository when they lie under it, else absolute.
+
 A file is hashed as `sha256sum FILE` would; a listing without a file (a folder-pair dataset's pairs) is hashed as the
 UTF-8 text given, which the caller documents.
 """
@@ -22,6 +24,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent
 PACKAGES = ("torch", "numpy", "pillow", "pyyaml", "ftfy", "regex")  # the runtime requirements
+
+
+def repo_relative(path) -> str:
+    """path relative to the repository when it lies under it, else absolute: results files and messages then read
+    the same on every machine that has the repository."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def sha256_file(path, chunk=1 << 20) -> str:
@@ -89,11 +98,11 @@ def provenance(script, argv, device, precision, files=None, texts=None) -> dict:
     texts: {name: str} hashed as UTF-8 text (listings that exist in no file).
     """
     argv = [str(a) for a in argv]
-    hashes = {name: {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+    hashes = {name: {"path": repo_relative(path), "sha256": sha256_file(path)}
               for name, path in (files or {}).items() if path}
     hashes.update({name: {"text_sha256": hashlib.sha256(text.encode()).hexdigest()}
                    for name, text in (texts or {}).items()})
     return {"command": f"python {script} {shlex.join(argv)}".strip(), "argv": argv,
-            "cwd": os.getcwd(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cwd": repo_relative(os.getcwd()), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "git": git_state(), "packages": package_versions(), "device": device_info(device),
             "precision": precision, "sha256": hashes}

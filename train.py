@@ -36,6 +36,7 @@ from transforms import TrainTransform
 class TrainSettings:
     # data: each source is a dict of data.SourceConfig fields (name, root, list, names, taxonomy, encoding, kind, ...)
     sources: list = field(default_factory=list)
+    data_root: str = "data"        # a source's relative root is a folder in here (README: where to put each dataset)
     label_table: str = ""          # table .pt from clip_text.py, universal_cat2vec.npy, or "onehot" (ablation)
     crop_size: int = 640           # random crop (SegFormer 640, HRNet 713)
     short_side: int = 1080         # resize the shorter edge to this before random scaling
@@ -160,7 +161,7 @@ def main(argv=None):
 
     # ---- label table and data -------------------------------------------------------------------------------------
     spec = load_label_spec()
-    sources = [data.SourceConfig.from_dict(d) for d in s.sources]
+    sources = [data.SourceConfig.from_dict(d, s.data_root) for d in s.sources]
     keys = data.source_label_keys(sources, spec)  # every label key the sources can name, in a stable order
     table = onehot_table(keys, s.embed_dim) if s.label_table == "onehot" else load_label_table(s.label_table)
     if table.embeddings.shape[1] != s.embed_dim:

@@ -153,7 +153,7 @@ def write_coco_boxes(root: Path, dim: int = 6, layout: str = "mmdetection") -> n
 
 
 def write_box_targets(folder: Path, targets: np.ndarray, build: str, shard_rows: int = 2, done=None):
-    """A box-target folder as clip_image.py writes it (readers.BOX_TARGETS_FILES)."""
+    """A box-target folder as clip_image.py writes it (index_format.BOX_TARGETS_FILES)."""
     folder.mkdir(parents=True)
     np.save(folder / "targets.npy", targets)
     shards = -(-len(targets) // shard_rows)

@@ -22,7 +22,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import indexes  # noqa: E402
 from clip_image import CLIP_MEAN, CLIP_STD, box_crops, load_image_tower, main, preprocess  # noqa: E402
 from errors import DataError, WeightsError  # noqa: E402
-from readers import open_box_targets  # noqa: E402
+from index_format import open_box_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

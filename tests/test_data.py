@@ -11,7 +11,7 @@ import data
 import labels
 from data_fixtures import (COLORS, ROW, SPEC, TABLE, shared_sources, write_box_targets, write_coco_boxes,
                            write_color_dataset, write_id_dataset, write_openimages)
-from readers import DataError
+from errors import DataError
 from sampler import BalancedSampler
 from transforms import TrainTransform
 

@@ -16,7 +16,7 @@ import evaluate as ev
 import provenance
 from data import SourceConfig
 from labels import label_texts, load_label_spec
-from readers import DataError
+from errors import DataError
 from test_evaluate import write_checkpoint, write_table
 
 REPO = evaluation.REPO

@@ -343,14 +343,19 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
     torch.testing.assert_close(inf.label_embeddings(keys, sentences, trained_table=trained), emb[[1, 2]])
 
 
-def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
-    camvid = evaluation.EvalDataset(*evaluation.load_dataset_config(str(evaluation.EVAL_CONFIGS / "camvid-segnet-shared.yaml")))
+def shipped_dataset(name, shared_dir):
+    """A shipped dataset YAML read with the data root at shared/data, the local copy of the README's downloads."""
+    return evaluation.EvalDataset(*evaluation.load_dataset_config(name, data_root=str(shared_dir / "data")))
+
+
+def test_shipped_dataset_yamls_read_the_downloaded_layouts(shared_dir):
+    camvid = shipped_dataset("camvid-segnet", shared_dir)
     assert len(camvid) == 101 and camvid.class_names == CAMVID
     image, target, stem = camvid[0]
     raw = np.asarray(Image.open(camvid.source.samples.label_path(0))).astype(np.int64)
     assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
     np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
-    facade = evaluation.EvalDataset(*evaluation.load_dataset_config(str(evaluation.EVAL_CONFIGS / "labelmefacade-shared.yaml")))
+    facade = shipped_dataset("labelmefacade", shared_dir)
     assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
     image, target, _ = facade[0]
     rgb = np.asarray(Image.open(facade.source.samples.label_path(0)).convert("RGB"))
@@ -358,7 +363,7 @@ def test_shared_dataset_yamls_read_the_shared_data(shared_dir):
     np.testing.assert_array_equal(target.numpy() == -1, (rgb == 0).all(-1))  # black = various = ignored
     assert (target.numpy()[(rgb == (0, 0, 128)).all(-1)] == facade.class_names.index("window")).all()
     # the seen-only variant: the same pixels, window and door (navy, olive) ignored, the other six classes kept
-    seen = evaluation.EvalDataset(*evaluation.load_dataset_config(str(evaluation.EVAL_CONFIGS / "labelmefacade-shared-seen.yaml")))
+    seen = shipped_dataset("labelmefacade-seen", shared_dir)
     assert seen.keys == ["building", "car", "sidewalk_pavement", "road", "sky", "vegetation"]
     _, seen_target, _ = seen[0]
     dropped = (rgb == 0).all(-1) | (rgb == (0, 0, 128)).all(-1) | (rgb == (128, 128, 0)).all(-1)
@@ -377,3 +382,23 @@ def test_mseg_dataset_yamls_match_names_files_and_taxonomy(name, shared_dir):
         assert d["class_names"] == [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
     with pytest.raises(FileNotFoundError, match="--root"):
         evaluation.load_dataset_config(name)
+
+
+def test_window_batch_auto_is_one_window_on_a_cpu_and_four_on_a_gpu():
+    assert inf.window_batch(0, "cpu") == 1 and inf.window_batch(0, "cuda:0") == 4
+    assert inf.window_batch(3, "cpu") == 3 and inf.window_batch(3, torch.device("cuda")) == 3
+
+
+def test_labelmefacade_own_lists_name_the_image_alone(tmp_path, shared_dir):
+    """The repository's own train.txt/test.txt hold `images/X.jpg` alone: the label is labels/X.png."""
+    own = tmp_path / "labelmefacade"
+    own.mkdir()
+    for folder in ("images", "labels"):
+        (own / folder).symlink_to(shared_dir / "data" / "labelmefacade" / folder)
+    pairs = (shared_dir / "data" / "labelmefacade" / "test.txt").read_text().splitlines()
+    (own / "test.txt").write_text("".join(line.split()[0] + "\n" for line in pairs))
+    alone = evaluation.EvalDataset(*evaluation.load_dataset_config("labelmefacade", data_root=str(tmp_path)))
+    paired = shipped_dataset("labelmefacade", shared_dir)
+    assert len(alone) == len(paired) == 300
+    assert [str(alone.source.samples.label_path(i)) for i in (0, 299)] == \
+        [str(paired.source.samples.label_path(i)).replace(str(shared_dir / "data"), str(tmp_path)) for i in (0, 299)]

@@ -1,4 +1,4 @@
-"""indexes.py and readers.Index: the streaming JSON reader (json_stream.py) against json.load, both index kinds on
+"""indexes.py and index_format.Index: the streaming JSON reader (json_stream.py) against json.load, both index kinds on
 small files in the public layouts (Objects365 V2 JSON, OpenImages V6 CSVs), bad input (a box outside its image, an
 unknown category, a missing mask, a truncated index) and the real list of OpenImages' 350 segmentation classes."""
 import csv
@@ -14,7 +14,8 @@ import indexes
 import json_stream
 from data_fixtures import (OPENIMAGES_HEADER, SPEC, TABLE, build_openimages_index, o365_name, write_coco_boxes,
                            write_openimages)
-from readers import DataError, Index
+from errors import DataError
+from index_format import Index
 
 
 # ---- streaming JSON --------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ with a checkpoint, how the export labels a real evaluation set against evaluate.
 
     python -m tools.bench_export                                      # efficientnet_lite0 and mit_b0, 360x480
     python -m tools.bench_export --threads=1 --rounds=5
-    python -m tools.bench_export --checkpoint=CKPT --dataset=camvid-segnet-shared --base_size=360
+    python -m tools.bench_export --checkpoint=CKPT --dataset=camvid-segnet --base_size=360
 
 Latency: random weights (speed does not depend on them), --classes labels of width --embed_dim, batch 1, one image
 of --height x --width; onnx_export.Segmenter in torch (fp32, no_grad) and its ONNX export in onnxruntime (CPU provider,

@@ -16,7 +16,7 @@ Private_Dirty of its /proc/self/smaps_rollup: the pages no other process maps) a
 wrote: allocated, or copied from the trainer by writes such as reference counts and the garbage collector's), read
 by the worker itself before and after a full garbage collection (which a long run does sooner or later).
 Box targets of this branch are a sparse file marked done (never encoded): reading them is what is measured. Also the
-MiB read from disk when 50 images' boxes are read from a cold boxes.npy, through readers.map_npy (MADV_RANDOM) and
+MiB read from disk when 50 images' boxes are read from a cold boxes.npy, through index_format.map_npy (MADV_RANDOM) and
 through numpy.load(mmap_mode="r"); with --compare_freeze, the index run again without data.Loader's gc.freeze().
 main's code comes from `git archive <commit>` into the work folder. Its run is skipped where the memory it would
 need (extrapolated from the smaller fractions) is not available; the table says so.
@@ -172,9 +172,9 @@ def annotation_files(srcs: list[dict]) -> list[Path]:
 
 
 def cold_reads(index: Path, samples: int = 50) -> dict:
-    """MiB read from disk for `samples` random images' boxes from a cold boxes.npy: readers.map_npy (MADV_RANDOM)
+    """MiB read from disk for `samples` random images' boxes from a cold boxes.npy: index_format.map_npy (MADV_RANDOM)
     against numpy.load(mmap_mode="r") (the kernel reads read_ahead_kb around each page fault)."""
-    code = ("import os, sys, numpy as np, readers; a = readers.map_npy(sys.argv[1]) if sys.argv[2] == 'map_npy' else "
+    code = ("import os, sys, numpy as np, index_format; a = index_format.map_npy(sys.argv[1]) if sys.argv[2] == 'map_npy' else "
             "np.load(sys.argv[1], mmap_mode='r'); io = lambda: int(open('/proc/self/io').read()"
             ".split('read_bytes:')[1].split()[0]); r0 = io(); rng = np.random.default_rng(0); "
             "[np.array(a[r:r + 15]) for r in rng.integers(0, len(a) - 15, int(sys.argv[3]))]; "
@@ -226,7 +226,7 @@ def build_indexes(data: Path, dim: int) -> dict:
     import numpy as np
 
     from clip_image import prepare_targets
-    from readers import Index
+    from index_format import Index
     oi, o365 = data / "openimages_v6", data / "objects365"
     out = {"o365": run_index_command(["coco_boxes", "--json", str(o365 / "zhiyuan_objv2_train.json"), "--images",
                                       str(o365 / "train"), "--out", str(o365 / "index_train"), "--overwrite"]),

@@ -1,7 +1,7 @@
 """evaluate.py's evaluation in fp32 and in bf16 (--precision), image by image in the same run: how often the label
 differs, the mIoU of each, and the speed of each.
 
-    python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-segnet-shared --base_size=360 --sliding=false
+    python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-segnet --base_size=360 --sliding=false
     python -m tools.compare_precision --checkpoint=CKPT --dataset=camvid-11 --root=R --list=L --embeddings=T.pt
 
 Per image both precisions run evaluate.py's protocol (inference.infer; only the network in bf16 autocast), the
@@ -19,14 +19,14 @@ import torch
 from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
 from inference import Protocol, cpu_has_bf16, infer, load_for_inference
 from labels import label_texts
-from provenance import provenance
+from provenance import provenance, repo_relative
 from settings import parse_settings
 
 
 @dataclass
 class CompareSettings(Protocol):   # + the inference protocol's settings; precision is ignored: both are run
     checkpoint: str = ""
-    dataset: str = "camvid-segnet-shared"  # evaluate.py's dataset name or YAML
+    dataset: str = "camvid-segnet"  # evaluate.py's dataset name or YAML
     root: str = ""
     list: str = ""
     embeddings: str = ""           # label table; "" = the checkpoint's own training table
@@ -64,7 +64,7 @@ def main(argv=None):
         differ, differ_labelled = differ + int(changed.sum()), differ_labelled + int(changed[keep].sum())
         pixels, labelled = pixels + changed.numel(), labelled + int(keep.sum())
     metrics = {p: metrics_from_confusion(c) for p, c in conf.items()}
-    result = {"dataset": dataset.name, "images": len(dataset), "checkpoint": s.checkpoint, "protocol": s.protocol(),
+    result = {"dataset": dataset.name, "images": len(dataset), "checkpoint": repo_relative(s.checkpoint), "protocol": s.protocol(),
               "cpu_has_bf16": cpu_has_bf16(), "threads": torch.get_num_threads(),
               "pixels": pixels, "pixels_differing": differ, "labelled_pixels": labelled,
               "labelled_pixels_differing": differ_labelled,

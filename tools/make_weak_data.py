@@ -7,7 +7,7 @@ cost directory entries, not disk.
   objects365/zhiyuan_objv2_train.json  Objects365 V2's train JSON: images {height, id, license, width, file_name
       (images/v1|v2/patchN/objects365_v1|v2_XXXXXXXX.jpg), url}, annotations {id, iscrowd, isfake, area, isreflected,
       bbox [x, y, w, h] with the file's ten decimals, image_id, category_id}, categories {name, id} (the 365 real
-      names when ../shared holds them), licenses; 1.742M images and 25.4M boxes at full size, ~14.6 a image
+      names when a class-list folder is given), licenses; 1.742M images and 25.4M boxes at full size, ~14.6 a image
   objects365/train/patchN/...          the images, where mmdetection's layout puts them (51 patch folders)
   openimages_v6/train-annotations-object-segmentation.csv  the 10 published columns, 2.687M masks of 944k images
   openimages_v6/classes-segmentation.txt (350 MIDs), oidv6-class-descriptions.csv (~20k rows, as published)
@@ -41,7 +41,6 @@ MSEG_LISTS = {  # train lines (mseg-api's lists), classes, how a line reads
     "sunrgbd-37": (5_285, 37, "image/train/img-{i:06d}.jpg semseg-label37/train/{i:08d}.png"),
 }
 SIZE = (64, 48)  # every synthetic image is this small (w, h); the JSON says so too, and boxes lie inside it
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "class-lists"
 
 
 class Linker:
@@ -81,10 +80,10 @@ def tiny_files(folder: Path, mask_size: tuple[int, int] = SIZE) -> dict:
             "ids": Linker(folder, "ids.png", lambda p: Image.fromarray(ids).save(p))}
 
 
-def class_lists(rng, folder: Path = SHARED) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+def class_lists(rng, folder: Path | None = None) -> tuple[list[str], list[tuple[str, str]], list[str]]:
     """Objects365 names, OpenImages (MID, display name) of the 350 segmentation classes (the real ones when `folder`,
-    ../shared/data/class-lists, holds them), and ~20k other MIDs."""
-    if (folder / "objects365_v2_classes.tsv").is_file():
+    objects365_v2_classes.tsv and openimages_v6_segmentation_classes.tsv, holds them), and ~20k other MIDs."""
+    if folder is not None and (folder / "objects365_v2_classes.tsv").is_file():
         o365 = [line.split("\t", 1)[1] for line in (folder / "objects365_v2_classes.tsv").read_text().split("\n")[1:]
                 if line]
         oi = [tuple(line.split("\t")) for line in

@@ -2,7 +2,7 @@
 
     python -m tools.measure_abstention --checkpoint=CKPT --asked=Sky,Building,Road,Car          # CamVid val
     python -m tools.measure_abstention --checkpoint=CKPT --asked=Sky,Road --background=wall,sky,vegetation \
-        --thresholds="[-1, 0.3, 0.5]" --dataset=configs/eval/camvid-segnet-shared.yaml --out=abstention.json
+        --thresholds="[-1, 0.3, 0.5]" --dataset=configs/eval/camvid-segnet.yaml --out=abstention.json
 
 Each image is segmented as predict.py segments it (inference.infer, then predict.ids_from_scores) into the label
 keys of the asked classes, once with no background vocabulary and once with --background's (predict.py's setting;
@@ -26,13 +26,13 @@ from evaluation import EvalDataset, load_dataset_config
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
                        unknown_id)
 from labels import label_texts_for
-from provenance import provenance
+from provenance import provenance, repo_relative
 from settings import parse_settings
 
 
 @dataclass
 class AbstentionSettings(Protocol):  # + the inference protocol's settings (inference.Protocol)
-    dataset: str = "configs/eval/camvid-segnet-shared.yaml"
+    dataset: str = "configs/eval/camvid-segnet.yaml"
     root: str = ""
     list: str = ""
     asked: str = "Sky,Building,Road,Car"  # class names of the dataset to ask for (comma-separated)
@@ -130,7 +130,7 @@ def main(argv=None):
     if s.out:
         result = {"dataset": dataset.name, "images": len(dataset), "asked": dict(zip(asked_names, asked_keys)),
                   "other_classes": [n for n in dataset.class_names if n not in asked_names],
-                  "background": background, "protocol": s.protocol(), "checkpoint": s.checkpoint,
+                  "background": background, "protocol": s.protocol(), "checkpoint": repo_relative(s.checkpoint),
                   "step": ckpt.get("step"), "labels": s.embeddings or "the checkpoint's training table",
                   "rows": rows, "settings": asdict(s), "provenance": prov}
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)

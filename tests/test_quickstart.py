@@ -1,0 +1,73 @@
+"""The README's "A model on real photos" commands, run as a new user would in a fresh copy of the repository: read
+from README.md (not copied here), with the data downloads replaced by the local copy of the same folders and the
+training shrunk to 4 steps. Each command must exit 0, and predict.py must write an overlay."""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def quickstart_commands(readme=REPO / "README.md"):
+    """The bash block under the README's heading "A model on real photos...", one command per entry (backslash
+    continuations joined, trailing comments dropped)."""
+    text = readme.read_text()
+    section = text[text.index("## A model on real photos"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    joined = re.sub(r"\\\n\s*", "", block)
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
+
+
+def fresh_copy(dest):
+    """The repository's files as a clone would have them (tracked, and new files git does not ignore)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+
+
+def as_run_here(argv):
+    """A README command as this test runs it: None for the installs (the suite's own environment has them); the
+    training shrunk to STEPS steps and the checkpoint named accordingly; evaluation on a few images."""
+    if argv[:3] == ["python", "-m", "pip"]:
+        return None
+    argv = [sys.executable if a == "python" else a for a in argv]
+    if "train.py" in argv:
+        argv += [f"--max_steps={STEPS}", f"--save_every={STEPS}", "--warmup_steps=1", "--log_every=1"]
+    argv = [re.sub(r"ckpt_\d+\.pt", f"ckpt_{STEPS:08d}.pt", a) for a in argv]
+    if "evaluate.py" in argv:
+        argv.append("--max_images=4")
+    return argv
+
+
+def test_readme_quickstart_runs_as_written(tmp_path, shared_dir):
+    commands = quickstart_commands()
+    programs = [c[1] if c[0] == "python" and len(c) > 1 else c[0] for c in commands]
+    for script in ("label_table.py", "train.py", "evaluate.py", "predict.py"):
+        assert script in programs, f"the README's quickstart lost its {script} step: {programs}"
+    clones = [c for c in commands if c[:2] == ["git", "clone"]]
+    assert [Path(c[-1]).name for c in clones] == ["camvid-11", "labelmefacade"], clones  # where the configs look
+    fresh_copy(tmp_path)
+    (tmp_path / "data").mkdir()
+    for folder in ("camvid-11", "labelmefacade"):  # what the two clones (and the mv) leave under data/
+        (tmp_path / "data" / folder).symlink_to(shared_dir / "data" / folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    for argv in commands:
+        if argv[:2] == ["git", "clone"]:
+            continue
+        run = as_run_here(argv)
+        if run is None:
+            continue
+        done = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, f"{shlex.join(argv)} exited {done.returncode}:\n{done.stdout[-2000:]}\n" \
+                                     f"{done.stderr[-3000:]}"
+    overlays = list((tmp_path / "out" / "predict").glob("*_overlay.png"))
+    assert [p.name for p in overlays] == ["0016E5_07959_overlay.png"]
