@@ -307,6 +307,22 @@ def encode_shards(model: VisionTransformer, crops: ShardCrops, writer: ShardWrit
     return done_rows
 
 
+def read_done(out: Path, rows: int, shard_rows: int) -> np.ndarray:
+    """done.npy of a box-target folder: (shards,) uint8, 1 = the shard's rows are on disk. Anything else (a pickled
+    object, another dtype or length, a truncated file) raises DataError naming the folder and the file: ShardWriter
+    writes single bytes into it, which only this layout makes right."""
+    shards = -(-rows // shard_rows)
+    try:
+        done = np.load(out / "done.npy")  # allow_pickle=False: a pickled object is refused, not run
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{out}/done.npy: unreadable ({e}); not the shard flags clip_image.py writes, so {out} cannot "
+                        f"be resumed: remove it or choose another --out") from None
+    if done.dtype != np.uint8 or done.shape != (shards,):
+        raise DataError(f"{out}/done.npy: {done.dtype} {done.shape}, expected uint8 ({shards},), one flag per "
+                        f"shard of {shard_rows} rows; {out} cannot be resumed: remove it or choose another --out")
+    return done
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Encode every box of a coco_boxes index with CLIP's image tower (the "
                                             "L_WD targets), once, resumably; run under torchrun for several ranks.")
@@ -336,10 +352,11 @@ def main(argv=None):
         dist.barrier()
     if rank != 0:
         prepare_targets(out, index, c.embed_dim, a.shard_rows, encoder)  # checks only: rank 0 made it
-    todo = np.flatnonzero(np.load(out / "done.npy") == 0)
+    done = read_done(out, index.meta["counts"]["boxes"], a.shard_rows)
+    todo = np.flatnonzero(done == 0)
     mine = todo[rank::world]
     print(f"clip_image: rank {rank}/{world}: {len(mine)} of {len(todo)} unfinished shards "
-          f"({index.meta['counts']['boxes']} boxes in {len(np.load(out / 'done.npy'))} shards); {encoder}", flush=True)
+          f"({index.meta['counts']['boxes']} boxes in {len(done)} shards); {encoder}", flush=True)
     writer = ShardWriter(out)
     encode_shards(model, ShardCrops(index, images, mine, a.shard_rows, c.image_size, a.skip_bad), writer, a.batch,
                   a.workers, device, f"clip_image rank {rank}")
@@ -347,7 +364,7 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     if rank == 0:
-        left = int((np.load(out / "done.npy") == 0).sum())
+        left = int((read_done(out, index.meta["counts"]["boxes"], a.shard_rows) == 0).sum())
         print(f"clip_image: wrote {out}" if not left else f"clip_image: {left} shards still missing; rerun")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -13,7 +13,6 @@ import gzip
 import html
 import json
 import struct
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,9 +326,7 @@ def read_clip_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
                                 f"model.safetensors / pytorch_model.bin. {WHERE_TO_GET}")
     if path.suffix == ".safetensors":
         sd = read_safetensors(path)
-    elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's TorchScript archive
-    else:
+    else:  # OpenAI's TorchScript archive too: its tensors are read without running its code
         sd = read_torch_file(path, f"CLIP weights (an OpenAI CLIP .pt, or an HF model.safetensors or "
                                    f"pytorch_model.bin). {WHERE_TO_GET}")
     if not isinstance(sd, dict):

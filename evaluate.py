@@ -29,6 +29,7 @@ from inference import Protocol, load_for_inference, resolve_precision
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
+from readers import MAX_PIXELS, set_max_pixels
 from settings import parse_settings, print_settings
 
 
@@ -47,6 +48,7 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
     max_images: int = 0            # evaluate the first N images only (0 = all)
+    max_pixels: int = MAX_PIXELS   # an image (or label) larger than this is refused before decoding (100 MP)
     save_pred: str = ""            # folder for id PNGs and overlays with a legend ("" = none)
     out_dir: str = "out/eval"      # results JSON + markdown
     print_every: int = 10          # progress line every N images
@@ -102,6 +104,7 @@ def dataset_hashes(cfg, dataset, s):
 
 def main(argv=None):
     s = parse_settings(EvalSettings, argv)
+    set_max_pixels(s.max_pixels)
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
     if master:

@@ -145,9 +145,10 @@ def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence", extra:
 
 
 def label_texts_for(labels, sentences="", mode="sentence", spec=None):
-    """The text to embed per label: --sentences YAML, then label_sentences.yaml, then the label as a word."""
-    user = {}
-    if sentences:
+    """The text to embed per label: `sentences` (a YAML file's path, or a {label: sentence} dict as serve.py's
+    requests give), then label_sentences.yaml, then the label as a word."""
+    user = sentences if isinstance(sentences, dict) else {}
+    if sentences and not isinstance(sentences, dict):
         user = read_yaml(sentences) or {}
         bad = {k: v for k, v in user.items() if not isinstance(v, str)} if isinstance(user, dict) else user
         if bad:

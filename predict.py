@@ -34,7 +34,7 @@ from inference import (Protocol, background_labels, ids_from_scores, in_precisio
                        resize_short_side, resolve_precision, unknown_id)
 from labels import label_texts_for
 from overlays import save_prediction
-from readers import decode_rgb, open_image
+from readers import MAX_PIXELS, decode_rgb, open_image, set_max_pixels
 from settings import parse_settings, print_settings
 from transforms import eval_image
 
@@ -57,6 +57,7 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
     export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
     emb_dtype: str = "float16"     # float16 | float32
+    max_pixels: int = MAX_PIXELS   # an image larger than this is refused before decoding (100 MP)
     device: str = "auto"
 
 
@@ -137,6 +138,7 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
 
 def main(argv=None):
     s = parse_settings(PredictSettings, argv)
+    set_max_pixels(s.max_pixels)
     print_settings(s)
     if s.emb_dtype not in ("float16", "float32"):
         raise ConfigError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")

@@ -29,7 +29,23 @@ from PIL import Image
 from errors import ConfigError, DataError
 from index_format import Index, StringTable, map_npy, open_box_targets, read_index_meta
 
-Image.MAX_IMAGE_PIXELS = 200_000_000  # Mapillary/OpenImages originals are large but legitimate; this still stops bombs
+# The pixel budget of one image, checked by open_image from the header before anything is decoded (set_max_pixels;
+# train.py, evaluate.py and predict.py pass their max_pixels setting). predict.py holds ~64 bytes a pixel plus 4 per
+# label at its peak (decoded RGB, float copies, full-size score maps and overlay; measured on a 25 MP JPEG: 2.04 GB
+# RSS with 2 labels, 2.63 GB with 8), so 100 MP with the 16 labels of --background=default is ~13 GB, which fits a
+# 24 GB machine, while a 400 MP "PNG bomb" of 1 MB on disk ran to the OOM killer at 22 GB. Camera photos stay far
+# below (6000x4000 is 24 MP). A module-level value (as PIL's own limit is) rather than an argument: every reader
+# opens images through open_image, several calls deep, in DataLoader workers forked from the script that set it.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None  # PIL only warns below twice its limit and raises no DataError: open_image checks
+
+
+def set_max_pixels(n: int) -> None:
+    """The pixel budget open_image enforces from now on (a script's max_pixels setting); must be >= 1."""
+    global MAX_PIXELS
+    if not (isinstance(n, int) and n >= 1):
+        raise ConfigError(f"max_pixels={n!r} must be >= 1")
+    MAX_PIXELS = n
 
 
 def read_list(list_path: Path, label_folder: str = "", label_suffix: str = ".png") -> tuple[StringTable, StringTable]:
@@ -97,13 +113,21 @@ def read_names(path: Path) -> list[str]:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Open (header only; pixels are decoded later, after `draft`)."""
+    """Open (header only; pixels are decoded later, after `draft`). An image of more than MAX_PIXELS pixels raises
+    DataError here, from its header's size, before a byte of it is decoded."""
     try:
-        return Image.open(path)
+        im = Image.open(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise DataError(f"{path}: unreadable image ({e})") from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise DataError(f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is over max_pixels={MAX_PIXELS} "
+                        f"({MAX_PIXELS / 1e6:.0f} MP), the pixel budget of one image; refused before decoding it "
+                        f"(raise max_pixels if the machine has the memory)")
+    return im
 
 
 def decode_rgb(im: Image.Image, path: Path, draft_size=None) -> Image.Image:

@@ -27,6 +27,7 @@ from errors import ConfigError, DivergedError, WeightsError, run_main
 from labels import LabelTable, load_label_spec, load_label_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
+from readers import MAX_PIXELS, set_max_pixels
 from sampler import BalancedSampler
 from settings import one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
@@ -46,6 +47,7 @@ class TrainSettings:
     accum_steps: int = 1           # micro-batches per optimizer step: global batch = batch_size x processes x this
     workers: int = 4               # DataLoader workers per process
     skip_bad: bool = False         # count and skip unreadable samples instead of stopping
+    max_pixels: int = MAX_PIXELS   # an image (or label) larger than this is refused before decoding (100 MP)
     # model
     backbone: str = "mit_b5"       # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0
     embed_dim: int = 512           # pixel embedding width; must equal the label table's
@@ -138,6 +140,7 @@ def sum_over_ranks(counts, device):
 
 def main(argv=None):
     s = parse_settings(TrainSettings, argv)
+    set_max_pixels(s.max_pixels)
 
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)

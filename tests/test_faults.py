@@ -6,15 +6,18 @@ runs in one out_dir and torchrun have their own tests below.
 """
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Tuple
 
 import numpy as np
 import pytest
@@ -24,7 +27,8 @@ from PIL import Image
 
 from checkpoints import save_checkpoint
 from data_fixtures import write_tiny_run
-from errors import ConfigError, DataError, DivergedError, run_main
+import readers
+from errors import ConfigError, DataError, DivergedError, WeightsError, read_torchscript, run_main
 from sampler import BalancedSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +167,74 @@ def assert_skips_logged(world, case):
     assert records[-1]["skipped"] == 1
 
 
+def png_header_only(width, height) -> bytes:
+    """A 1-bit PNG whose header says width x height, with no pixel data: the size of a decompression bomb (PIL
+    reads it from the header) in ~60 bytes; decoding it would allocate width x height bytes and then fail."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+BOMB = png_header_only(20000, 20000)
+BOMB_CULPRIT = r"20000x20000 = 400 MP is over max_pixels=100000000 \(100 MP\).*refused before decoding"
+
+
+def bomb_eval_dataset(world, case):
+    """prepare: the evaluation dataset with every image a bomb."""
+    broken_data(write("images/*.png", BOMB))(world, case)
+    (case / "eval.yaml").write_text(yaml.safe_dump(dict(yaml.safe_load((world / "eval.yaml").read_text()),
+                                                        root=str(case / "data"))))
+
+
+class MarkerOnLoad(torch.nn.Module):
+    """A module whose TorchScript __setstate__ (run by torch.jit.load) creates the file named in its state."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+        self.marker = marker
+
+    def forward(self, x):
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+        return self.w, self.marker, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+        created = torch.from_file(state[1], shared=True, size=1)  # shared=True creates the file
+        self.w = state[0] + created.sum() * 0  # used, so TorchScript keeps the call
+        self.marker = state[1]
+        self.training = state[2]
+
+
+def code_running_archive(world, case):
+    """prepare: case/evil.pt, a TorchScript archive whose loading would create case/MARKER."""
+    torch.jit.save(torch.jit.script(MarkerOnLoad(str(case / "MARKER"))), str(case / "evil.pt"))
+
+
+def no_marker(world, case):
+    assert not (case / "MARKER").exists(), "code in the weight file ran"
+
+
+class RunsOnUnpickle:
+    """Unpickling it calls os.mkdir(marker): the payload of a malicious pickle, harmless but visible."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def malicious_pickle(world, case):
+    """prepare: case/evil.pt, a plain pickle (protocol 5) of a checkpoint-like dict whose unpickling would create
+    case/MARKER (torch.load's weights_only stops such a pickle at its first opcode and names no global)."""
+    (case / "evil.pt").write_bytes(pickle.dumps({"model": RunsOnUnpickle(str(case / "MARKER"))}, protocol=5))
+
+
 EVAL = ["evaluate.py", "--dataset={world}/eval.yaml", "--base_size=48", "--sliding=false", "--max_images=1",
         "--out_dir={case}/eval"]
 PREDICT = ["predict.py", "--images={world}/data/street-ids/images/train_0000.png", "--labels=sky,road",
@@ -221,6 +293,11 @@ CASES = [
          prepare=broken_data(relabel("labels/*.png", lambda a: np.where(a == a[0, 0], 200, a).astype(np.uint8)))),
     Case("data", "label_size_differs", train(config="{case}/config.yaml"), r"labels/train_000\d\.png: label size 32x48",
          prepare=broken_data(relabel("labels/*.png", lambda a: a[:, :32].copy()))),
+    Case("data", "image_over_max_pixels", train(config="{case}/config.yaml"),
+         r"images/train_000\d\.png: " + BOMB_CULPRIT, prepare=broken_data(write("images/*.png", BOMB))),
+    Case("data", "error_in_a_dataloader_worker_is_its_own_line", train("--workers=1", config="{case}/config.yaml"),
+         r"^error: \S+/images/train_000\d\.png: unreadable or truncated image \(image file is truncated\)$",
+         prepare=broken_data(truncate("images/*.png"))),
     Case("data", "list_empty", train(config="{case}/config.yaml"), r"train\.txt: the list is empty",
          prepare=broken_data(write("train.txt", "\n"))),
     Case("data", "list_line_malformed", train(config="{case}/config.yaml"), r"train\.txt:1: expected `image_path",
@@ -238,7 +315,7 @@ CASES = [
     Case("files", "pretrained_text", train("--pretrained={world}/notes.txt"),
          r"notes\.txt: not a complete file written by torch\.save.*expected pretrained weights.*mit_b0"),
     Case("files", "pretrained_object", train("--pretrained={world}/object.pt"),
-         r"object\.pt: it holds a Python object \(pathlib\.\w*Path\), which is not loaded"),
+         r"object\.pt: it holds objects other than tensors \(pathlib\.\w*Path\), refused for safety"),
     Case("files", "pretrained_label_table", train("--pretrained={world}/table.pt"),
          r"table\.pt: not a state dict of tensors .*expected pretrained weights"),
     Case("files", "label_table_text", train("--label_table={world}/notes.txt"),
@@ -247,6 +324,19 @@ CASES = [
     Case("files", "label_table_npy_text", train("--label_table={case}/table.npy"), r"table\.npy: not a \.npy array",
          prepare=lambda world, case: (case / "table.npy").write_text("0.1 0.2\n")),
     Case("files", "label_table_too_narrow", train("--embed_dim=16"), r"table\.pt has width 32, embed_dim is 16"),
+    Case("files", "checkpoint_malicious_pickle", [*EVAL, "--checkpoint={case}/evil.pt"],
+         r"evil\.pt: it holds objects other than tensors \(posix\.mkdir\), refused for safety.*train\.py checkpoint",
+         prepare=malicious_pickle, check=no_marker),
+    Case("files", "clip_text_weights_run_code", ["clip_text.py", "--weights={case}/evil.pt", "--out={case}/t.pt"],
+         r"evil\.pt: a TorchScript archive holding __torch__\.[\w.]*MarkerOnLoad, which has its own __setstate__, "
+         r"code that torch\.jit\.load would run; refused for safety", prepare=code_running_archive, check=no_marker),
+    Case("files", "clip_image_weights_run_code", ["clip_image.py", "--weights={case}/evil.pt", "--index={world}/nope",
+                                                  "--images=.", "--out={case}/t", "--device=cpu"],
+         r"evil\.pt: a TorchScript archive holding __torch__\.[\w.]*MarkerOnLoad, which has its own __setstate__",
+         prepare=code_running_archive, check=no_marker),
+    Case("files", "pretrained_runs_code", train("--pretrained={case}/evil.pt"),
+         r"evil\.pt: a TorchScript archive holding __torch__\.[\w.]*MarkerOnLoad, which has its own __setstate__.*"
+         r"expected pretrained weights", prepare=code_running_archive, check=no_marker),
     Case("files", "resume_text", train("--resume={world}/notes.txt"), r"notes\.txt: .*expected a train\.py checkpoint"),
     Case("files", "resume_missing", train("--resume={case}/ckpt.pt"), r"ckpt\.pt: no such file; expected a train\.py"),
     Case("files", "resume_without_model_args", train("--resume={case}/partial.pt"),
@@ -261,7 +351,7 @@ CASES = [
     Case("files", "evaluate_embeddings_text", [*EVAL, "--checkpoint=" + CKPT, "--embeddings={world}/notes.txt"],
          r"notes\.txt: .*expected a label table"),
     Case("files", "predict_embeddings_object", [*PREDICT, "--checkpoint=" + CKPT, "--embeddings={world}/object.pt"],
-         r"object\.pt: it holds a Python object"),
+         r"object\.pt: it holds objects other than tensors"),
     Case("files", "clip_text_weights_text", ["clip_text.py", "--weights={world}/notes.txt", "--out={case}/t.pt"],
          r"notes\.txt: .*expected CLIP weights.*openai/clip-vit-base-patch32"),
     Case("files", "clip_image_weights_text", ["clip_image.py", "--weights={world}/notes.txt", "--index={world}/nope",
@@ -276,6 +366,12 @@ CASES = [
          r"scales=\[\] must be a non-empty list"),
     Case("evaluate/predict", "predict_labels_empty", [*PREDICT, "--labels=", "--checkpoint=" + CKPT],
          r"--labels='': give 1\.\.65535 distinct"),
+    Case("evaluate/predict", "predict_image_over_max_pixels",
+         [*PREDICT[:1], "--images={case}/bomb.png", *PREDICT[2:], "--checkpoint=" + CKPT], r"bomb\.png: " + BOMB_CULPRIT,
+         prepare=lambda world, case: (case / "bomb.png").write_bytes(BOMB)),
+    Case("evaluate/predict", "evaluate_image_over_max_pixels",
+         [*EVAL[:1], "--dataset={case}/eval.yaml", *EVAL[2:], "--checkpoint=" + CKPT],
+         r"images/train_000\d\.png: " + BOMB_CULPRIT, prepare=bomb_eval_dataset),
     Case("evaluate/predict", "predict_image_missing", [*PREDICT, "--images={case}/nope.png", "--checkpoint=" + CKPT],
          r"no such file\(s\) \['.*nope\.png'\]"),
     Case("tools", "synthetic_data_small_size", ["-m", "tools.synthetic_data", "--out={case}/syn",
@@ -461,3 +557,147 @@ def test_a_non_finite_state_is_neither_written_nor_prunes(tmp_path, value):
     with pytest.raises(DivergedError, match=r"step 2: .* 1 tensors \(e\.g\. model\.w\); ckpt_00000002\.pt is not written"):
         save_checkpoint(tmp_path / "ckpt_00000002.pt", state(2, value), keep_last=1)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000001.pt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pixel budget, TorchScript archives read without their code, a box-target folder that cannot be resumed,
+# torchrun's summary
+
+def test_open_image_refuses_an_image_over_max_pixels_from_its_header(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(BOMB)
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(DataError, match=r"bomb\.png: " + BOMB_CULPRIT):
+        readers.open_image(tmp_path / "bomb.png")
+    try:
+        readers.set_max_pixels(64 * 48)
+        assert readers.open_image(tmp_path / "small.png").size == (64, 48)
+        readers.set_max_pixels(64 * 48 - 1)
+        with pytest.raises(DataError, match=r"small\.png: 64x48 = 0 MP is over max_pixels=3071 \(0 MP\)"):
+            readers.open_image(tmp_path / "small.png")
+        with pytest.raises(ConfigError, match=r"max_pixels=0 must be >= 1"):
+            readers.set_max_pixels(0)
+    finally:
+        readers.set_max_pixels(100_000_000)
+
+
+class Block(torch.nn.Module):
+    """OpenAI CLIP's ResidualAttentionBlock: the mask is a plain tensor attribute, neither parameter nor buffer."""
+
+    def __init__(self, width, heads, mask=None):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width))
+        self.attn_mask = mask
+
+    def forward(self, x):  # (L, B, C)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=self.attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyCLIP(torch.nn.Module):
+    """CLIP's layout (text and image towers, the buffers OpenAI's released archives carry), at toy size."""
+
+    def __init__(self, width=16, ctx=6, vocab=20):
+        super().__init__()
+        mask = torch.full((ctx, ctx), float("-inf")).triu(1)
+        self.token_embedding = torch.nn.Embedding(vocab, width)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(ctx, width))
+        self.transformer = torch.nn.Sequential(Block(width, 2, mask), Block(width, 2, mask))
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.text_projection = torch.nn.Parameter(torch.randn(width, 8))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
+        self.visual = torch.nn.Module()
+        self.visual.conv1 = torch.nn.Conv2d(3, width, 8, stride=8, bias=False)
+        self.visual.class_embedding = torch.nn.Parameter(torch.randn(width))
+        self.visual.proj = torch.nn.Parameter(torch.randn(width, 8))
+        for name, value in (("input_resolution", 16), ("context_length", ctx), ("vocab_size", vocab)):
+            self.register_buffer(name, torch.tensor(value))
+
+    def forward(self, text):  # (B, ctx) -> (B, 8)
+        x = self.token_embedding(text) + self.positional_embedding  # (B, ctx, C)
+        x = self.ln_final(self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
+        return x[torch.arange(x.shape[0]), text.argmax(-1)] @ self.text_projection
+
+
+@pytest.mark.parametrize("how", ["trace_fp16", "script"])
+def test_torchscript_archive_tensors_equal_jit_load_state_dict(tmp_path, how):
+    """read_torchscript returns torch.jit.load's state dict: the same keys in the same order, dtypes, shapes,
+    strides and values (OpenAI's archives are traced and fp16)."""
+    torch.manual_seed(0)
+    model = TinyCLIP().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    if how == "script":
+        archive = torch.jit.script(model)
+    else:
+        archive = torch.jit.trace(model, torch.randint(0, 20, (2, 6))).half()
+    torch.jit.save(archive, str(tmp_path / "clip.pt"))
+    want = torch.jit.load(str(tmp_path / "clip.pt")).state_dict()
+    got = read_torchscript(tmp_path / "clip.pt", "CLIP weights")
+    assert list(got) == list(want) and "transformer.0.attn_mask" not in got and "vocab_size" in got
+    for k, v in want.items():
+        assert (got[k].dtype, got[k].shape, got[k].stride()) == (v.dtype, v.shape, v.stride()), k
+        assert torch.equal(got[k], v), k
+
+
+def test_a_torchscript_archive_whose_class_runs_code_is_refused_unrun(tmp_path):
+    torch.jit.save(torch.jit.script(MarkerOnLoad(str(tmp_path / "MARKER"))), str(tmp_path / "evil.pt"))
+    with pytest.raises(WeightsError, match=r"evil\.pt: a TorchScript archive holding __torch__\.[\w.]*MarkerOnLoad, "
+                                           r"which has its own __setstate__"):
+        read_torchscript(tmp_path / "evil.pt", "CLIP weights")
+    assert not (tmp_path / "MARKER").exists()
+
+
+def tiny_clip_state_dict():
+    """OpenAI-layout CLIP weights with a 1-layer 32-px ViT image tower (random), for clip_image.py's command."""
+    from clip_image import VisionConfig, VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(VisionConfig(image_size=32, patch_size=16, width=64, layers=1, heads=1, mlp_width=128,
+                                           embed_dim=16))
+    sd = {"visual." + k: torch.randn_like(v) * 0.02 for k, v in model.state_dict().items()}
+    return {**sd, "token_embedding.weight": torch.zeros(4, 8)}
+
+
+def test_box_targets_resume_into_a_folder_whose_done_npy_is_a_pickle_names_folder_and_file(tmp_path):
+    import clip_image
+    import indexes
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "0.png")
+    (tmp_path / "boxes.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "0.png", "width": 40, "height": 40}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": k, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20]} for k in range(2)]}))
+    indexes.build_coco_boxes(tmp_path / "boxes.json", tmp_path, tmp_path / "index")
+    torch.save(tiny_clip_state_dict(), tmp_path / "clip.pt")
+    out = tmp_path / "targets"
+    args = ["--weights", str(tmp_path / "clip.pt"), "--index", str(tmp_path / "index"), "--out", str(out),
+            "--workers", "0", "--device", "cpu"]
+    clip_image.main(args)
+    np.save(out / "done.npy", np.array([{"shard": 0}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(out))}/done\.npy: unreadable \(Object arrays cannot be "
+                                        rf"loaded.*\); .* so {re.escape(str(out))} cannot be resumed"):
+        clip_image.main(args)
+    np.save(out / "done.npy", np.zeros(3, np.float32))
+    with pytest.raises(DataError, match=r"done\.npy: float32 \(3,\), expected uint8 \(1,\)"):
+        clip_image.main(args)
+
+
+def test_under_torchrun_the_failure_summary_ends_with_the_rank_error_line(world, tmp_path):
+    """torchrun prints its report after the rank exits; the rank's one line must be its last word there."""
+    data = tmp_path / "data"
+    shutil.copytree(world / "data" / "street-ids", data)
+    truncate("images/*.png")(data)
+    config = yaml.safe_load((world / "config.yaml").read_text())
+    for source in config["sources"]:
+        source["root"] = str(data)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    done = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+                str(tmp_path / "config.yaml"), f"--out_dir={tmp_path / 'out'}"])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and "train.py FAILED" in done.stderr, done.stderr[-3000:]
+    assert re.fullmatch(r"=+", lines[-1]), done.stderr[-3000:]
+    assert re.fullmatch(r"\s*traceback : error: \S+/images/train_000\d\.png: unreadable or truncated image "
+                        r"\(image file is truncated\)", lines[-2]), done.stderr[-3000:]
