@@ -16,7 +16,6 @@ Weights: OpenAI's released .pt (keys visual.*) or an HF CLIP checkpoint (vision_
 read by clip_text.read_clip_state_dict and loaded strictly. Only the ViT variants exist here (B/32, B/16, L/14, sizes
 read from the state dict); OpenAI's ResNet towers (RN50 ...) raise.
 """
-import argparse
 import json
 import os
 import time
@@ -32,9 +31,10 @@ from PIL import Image
 
 import distributed
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
-from errors import DataError, WeightsError, run_main
+from errors import ConfigError, DataError, WeightsError, run_main
 from index_format import Index
 from readers import decode_rgb, open_image
+from settings import parse_settings, require, required
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -155,21 +155,6 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def to_clip_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> (3, H, W) float, CLIP-normalised."""
-    return normalise(torch.from_numpy(np.array(img.convert("RGB"))))
-
-
-def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """CLIP's own transform for a whole image: bicubic resize of the shorter side to `size`, centre crop, normalise.
-    -> (3, size, size)."""
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return to_clip_tensor(img.crop((left, top, left + size, top + size)))
-
-
 def box_pixels(img: Image.Image, boxes, size: int) -> torch.Tensor:
     """The CLIP inputs of eq. 6 before normalising: boxes (K, 4) xyxy in the image's pixels -> (K, size, size, 3)
     uint8 (a quarter of the float size, for the trip from a DataLoader worker).
@@ -186,11 +171,6 @@ def box_pixels(img: Image.Image, boxes, size: int) -> torch.Tensor:
         right, bottom = max(min(int(np.ceil(x2)), W), left + 1), max(min(int(np.ceil(y2)), H), top + 1)
         crops.append(np.asarray(img.crop((left, top, right, bottom)).resize((size, size), Image.BICUBIC)))
     return torch.from_numpy(np.stack(crops)) if crops else torch.zeros(0, size, size, 3, dtype=torch.uint8)
-
-
-def box_crops(img: Image.Image, boxes, size: int) -> torch.Tensor:
-    """box_pixels, CLIP-normalised: (K, 4) -> (K, 3, size, size)."""
-    return normalise(box_pixels(img, boxes, size))
 
 
 # ----------------------------------------------------------------------------------------------------- box targets
@@ -239,11 +219,11 @@ def prepare_targets(out: Path, index: Index, dim: int, shard_rows: int, encoder:
             "encoder": encoder, "index": str(index.folder.resolve())}
     if out.exists():
         if not (out / "targets.json").is_file():
-            raise ValueError(f"{out} exists and is not a box-target folder (no targets.json); choose another --out")
+            raise ConfigError(f"{out} exists and is not a box-target folder (no targets.json); choose another --out")
         have = json.loads((out / "targets.json").read_text())
         differs = [k for k in want if k != "index" and have.get(k) != want[k]]
         if differs:
-            raise ValueError(f"{out} holds box targets with other {', '.join(differs)} "
+            raise ConfigError(f"{out} holds box targets with other {', '.join(differs)} "
                              f"({ {k: have.get(k) for k in differs} } vs { {k: want[k] for k in differs} }); "
                              f"remove it or choose another --out")
         return
@@ -323,22 +303,31 @@ def read_done(out: Path, rows: int, shard_rows: int) -> np.ndarray:
     return done
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Encode every box of a coco_boxes index with CLIP's image tower (the "
-                                            "L_WD targets), once, resumably; run under torchrun for several ranks.")
-    p.add_argument("--weights", required=True, help="OpenAI CLIP .pt or HF CLIP checkpoint (ViT)")
-    p.add_argument("--index", required=True, help="coco_boxes index folder (python indexes.py coco_boxes ...)")
-    p.add_argument("--images", default="", help="image folder (default: the one the index was checked against)")
-    p.add_argument("--out", required=True, help="box-target folder to write or to resume")
-    p.add_argument("--shard_rows", type=int, default=1024, help="rows per shard (the unit of resumption)")
-    p.add_argument("--batch", type=int, default=256, help="crops per forward pass")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers cutting crops, per rank")
-    p.add_argument("--skip_bad", action="store_true", help="an unreadable image gets NaN rows (no target: "
-                                                            "training drops its boxes) instead of stopping the run")
-    p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
+@dataclass
+class ImageSettings:
+    weights: str = ""              # OpenAI CLIP .pt or HF CLIP checkpoint (ViT)
+    index: str = ""                # coco_boxes index folder (python indexes.py coco_boxes ...)
+    images: str = ""               # image folder ("" = the one the index was checked against)
+    out: str = ""                  # box-target folder to write or to resume
+    shard_rows: int = 1024         # rows per shard (the unit of resumption)
+    batch: int = 256               # crops per forward pass
+    workers: int = 4               # DataLoader workers cutting crops, per rank
+    skip_bad: bool = False         # an unreadable image gets NaN rows (no target: training drops its boxes) instead
+                                   # of stopping the run
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch's CPU threads per rank; 0 = from the usable cores and workers
 
+    def validate(self):
+        """Required paths given, sizes in range (parse_settings calls this)."""
+        required(self, "weights index out")
+        require(self, "shard_rows batch", lambda v: v >= 1, "must be >= 1")
+        require(self, "workers", lambda v: v >= 0, "must be >= 0")
+
+
+def main(argv=None):
+    a = parse_settings(ImageSettings, argv)
     rank, world, device = distributed.setup(a.device)
+    distributed.set_threads(a.threads, a.workers, verbose=rank == 0)
     model = load_image_tower(a.weights, device)
     index = Index(a.index, "coco_boxes")
     images = Path(a.images or index.meta["images_folder"])

@@ -1,13 +1,9 @@
-"""CLIP's text side, vendored: the BPE tokenizer, the text transformer, its weight loaders and the label-embedding CLI.
+"""CLIP's text side, vendored: the BPE tokenizer, the text transformer and its weight loaders.
 
 Follows OpenAI CLIP (clip/simple_tokenizer.py, clip/model.py) token for token and key for key, so OpenAI's released
 `.pt` files load without renames; HF checkpoints are mapped onto the same names by one explicit function.
-
-    python clip_text.py --weights ViT-B-32.pt --out label_embeddings.pt [--mode sentence|word]
-                        [--labels k1,k2 | --sentences FILE.yaml]
-    python clip_text.py --random-init --out label_embeddings.pt     # offline demo: MEANINGLESS embeddings
+label_table.py makes label tables with it: `python label_table.py --clip_weights=ViT-B-32.pt --out=T.pt`.
 """
-import argparse
 import functools
 import gzip
 import html
@@ -23,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import ConfigError, WeightsError, read_torch_file, run_main
+from errors import ConfigError, WeightsError, read_torch_file
 
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -234,7 +230,8 @@ class TextTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """OpenAI's initialize_parameters (only used by --random-init and tests; loading overwrites everything)."""
+        """OpenAI's initialize_parameters (only used by label_table.py --clip_random_init and tests; loading overwrites
+        everything)."""
         c = self.config
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -405,46 +402,3 @@ def load(path, device="cpu") -> TextTransformer:
     except (KeyError, RuntimeError) as e:
         raise WeightsError(f"{path}: weights do not fit a CLIP text tower: {e}. {WHERE_TO_GET}") from e
     return model.to(device).eval()
-
-# ------------------------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Embed label sentences (or words) with CLIP's text tower into a label "
-                                            "table (.pt: names, sentences, embeddings[N, D] L2-normalised, encoder).")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="OpenAI CLIP .pt, HF model.safetensors / pytorch_model.bin, or HF folder")
-    src.add_argument("--random-init", action="store_true", help="ViT-B/32-sized tower, random weights, fixed seed "
-                                                                "(offline demo only: the embeddings mean nothing)")
-    p.add_argument("--out", required=True, help="output label table, e.g. label_embeddings.pt")
-    p.add_argument("--mode", choices=["sentence", "word"], default="sentence",
-                   help="embed each label's sentence, or its key with underscores as spaces")
-    p.add_argument("--labels", help="comma-separated label keys (default: every label in the sentences file)")
-    p.add_argument("--sentences", help="label sentences YAML (default: the repo's label_sentences.yaml)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-
-    import labels  # the one place label YAML is read (imported here: the tokenizer/model need no labels)
-    spec = labels.load_label_spec(args.sentences) if args.sentences else labels.load_label_spec()
-    keys = [k.strip() for k in args.labels.split(",") if k.strip()] if args.labels else list(spec.sentences)
-    texts = labels.label_texts(spec, keys, mode=args.mode)
-
-    if args.random_init:
-        torch.manual_seed(0)
-        model = TextTransformer(TextConfig()).to(args.device).eval()
-        encoder = "clip-text ViT-B/32 RANDOM INIT (seed 0): meaningless embeddings"
-        print("=" * 100 + "\nWARNING: --random-init: the text tower has RANDOM weights (seed 0). These embeddings "
-              "carry no meaning;\nthey only exercise the pipeline offline. Use --weights with real CLIP weights for "
-              "any result.\n" + "=" * 100)
-    else:
-        model = load(args.weights, args.device)
-        encoder = f"clip-text {Path(args.weights).name}"
-    emb = encode_sentences(model, texts, args.batch_size)  # (N, D)
-    table = labels.LabelTable(names=keys, sentences=texts, embeddings=emb, encoder=f"{encoder} ({args.mode})")
-    labels.save_label_table(args.out, table)
-    print(f"clip_text: {len(keys)} labels ({args.mode}) -> {tuple(emb.shape)} -> {args.out}")
-
-
-if __name__ == "__main__":
-    run_main(main)

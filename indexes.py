@@ -35,7 +35,6 @@ Missing files are an error listing them; with --skip_missing the images concerne
 boxes or masks), counted in index.json and listed in missing.txt beside it. (Objects365 V2's JSON names three images
 that its archives lack, as mmdetection's objv2_ignore_list records.)
 """
-import argparse
 import csv
 import json
 import os
@@ -43,13 +42,15 @@ import shutil
 import time
 import uuid
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from json_stream import json_array_items
-from errors import DataError
+from errors import DataError, run_main
 from index_format import INDEX_FIELDS, INDEX_FORMAT, Index, StringTable
+from json_stream import json_array_items
+from settings import parse_command, required
 
 OPENIMAGES_MASK_COLUMNS = ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
                            "PredictedIoU", "Clicks"]
@@ -349,27 +350,42 @@ def build_openimages(csv_path, classes, images, masks, out, descriptions=None, s
     return index
 
 
+@dataclass
+class CocoBoxesSettings:
+    """coco_boxes: a COCO-format box JSON (Objects365 V2)."""
+    json: str = ""                 # e.g. objects365/zhiyuan_objv2_train.json
+    images: str = ""               # image folder
+    out: str = ""                  # index folder to write
+    skip_missing: bool = False     # leave out images whose files are missing
+    overwrite: bool = False        # replace an existing index folder
+
+    def validate(self):
+        required(self, "json images out")
+
+
+@dataclass
+class OpenImagesSettings:
+    """openimages: OpenImages V6 segmentation."""
+    csv: str = ""                  # train-annotations-object-segmentation.csv
+    classes: str = ""              # classes-segmentation.txt: one MID a line (class id = line)
+    descriptions: str = ""         # oidv6-class-descriptions.csv (display names, optional)
+    images: str = ""               # image folder
+    masks: str = ""                # folder of the unzipped train-masks-*.zip
+    out: str = ""                  # index folder to write
+    skip_missing: bool = False     # leave out images whose files are missing
+    overwrite: bool = False        # replace an existing index folder
+
+    def validate(self):
+        required(self, "csv classes images masks out")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Index a weak source once (see the module docstring).")
-    sub = p.add_subparsers(dest="kind", required=True)
-    boxes = sub.add_parser("coco_boxes", help="a COCO-format box JSON (Objects365 V2)")
-    boxes.add_argument("--json", required=True, help="e.g. objects365/zhiyuan_objv2_train.json")
-    oi = sub.add_parser("openimages", help="OpenImages V6 segmentation")
-    oi.add_argument("--csv", required=True, help="train-annotations-object-segmentation.csv")
-    oi.add_argument("--classes", required=True, help="classes-segmentation.txt: one MID a line (class id = line)")
-    oi.add_argument("--descriptions", default="", help="oidv6-class-descriptions.csv (display names, optional)")
-    oi.add_argument("--masks", required=True, help="folder of the unzipped train-masks-*.zip")
-    for q in (boxes, oi):
-        q.add_argument("--images", required=True, help="image folder")
-        q.add_argument("--out", required=True, help="index folder to write")
-        q.add_argument("--skip_missing", action="store_true", help="leave out images whose files are missing")
-        q.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
-    a = p.parse_args(argv)
-    if a.kind == "coco_boxes":
+    kind, a = parse_command({"coco_boxes": CocoBoxesSettings, "openimages": OpenImagesSettings}, argv)
+    if kind == "coco_boxes":
         build_coco_boxes(a.json, a.images, a.out, a.skip_missing, a.overwrite)
     else:
         build_openimages(a.csv, a.classes, a.images, a.masks, a.out, a.descriptions, a.skip_missing, a.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

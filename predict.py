@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distributed import pick_device
+from distributed import pick_device, set_threads
 from errors import ConfigError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, in_precision, infer, load_for_inference,
                        resize_short_side, resolve_precision, unknown_id)
 from labels import label_texts_for
 from overlays import save_prediction
 from readers import MAX_PIXELS, decode_rgb, open_image, set_max_pixels
-from settings import parse_settings, print_settings
+from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -58,7 +58,16 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
     emb_dtype: str = "float16"     # float16 | float32
     max_pixels: int = MAX_PIXELS   # an image larger than this is refused before decoding (100 MP)
-    device: str = "auto"
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores
+
+    def validate(self):
+        """The protocol's settings and these in range (parse_settings calls this)."""
+        super().validate()
+        require(self, "unknown_below", lambda v: -1 <= v <= 1, "must be in [-1, 1] (a cosine similarity; -1 = off)")
+        require(self, "emb_dims", lambda v: v >= 0, "must be >= 0")
+        one_of(self, "mode", ("sentence", "word"))
+        one_of(self, "emb_dtype", ("float16", "float32"))
 
 
 def list_images(spec):
@@ -140,8 +149,7 @@ def main(argv=None):
     s = parse_settings(PredictSettings, argv)
     set_max_pixels(s.max_pixels)
     print_settings(s)
-    if s.emb_dtype not in ("float16", "float32"):
-        raise ConfigError(f"--emb_dtype must be float16 or float32, got {s.emb_dtype!r}")
+    set_threads(s.threads)
     device = pick_device(s.device)
     paths = list_images(s.images)
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]
@@ -157,7 +165,7 @@ def main(argv=None):
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
          "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
          "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
-         "labels_from": s.embeddings or f"{s.clip_weights} ({s.mode})",
+         "labels_from": s.embeddings or f"{s.clip_weights or 'the checkpoint (its encoder or table)'} ({s.mode})",
          "precision": resolve_precision(s.precision, device)}, indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, scale, s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)

@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageOps
 
 from checkpoints import check_width
-from distributed import pick_device
+from distributed import pick_device, set_threads
 from errors import InputError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, infer, label_embeddings, load_for_inference,
                        resolve_precision, short_side_size, unknown_id)
@@ -72,6 +72,7 @@ class ServeSettings(Protocol):     # + the inference protocol's settings (infere
     label_cache: int = 64          # label sets whose embeddings stay in memory
     warmup: str = "sky,road"       # labels segmented once at start on a grey image: a bad label source fails now
     device: str = "auto"
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
 
     def validate(self):
         super().validate()
@@ -374,13 +375,14 @@ def make_server(segmenter, host="127.0.0.1", port=8000):
 
 def main(argv=None):
     s = parse_settings(ServeSettings, argv)
+    set_threads(s.threads)
     print_settings(s)
     device = pick_device(s.device)
     segmenter = Segmenter(s, device)
     server = make_server(segmenter, s.host, s.port)
     host, port = server.server_address[:2]
     print(f"serving {s.checkpoint} on http://{host}:{port}/ ({device}, "
-          f"{resolve_precision(s.precision, device)}, threads={torch.get_num_threads()}); Ctrl-C stops", flush=True)
+          f"{resolve_precision(s.precision, device)}, {torch.get_num_threads()} threads); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

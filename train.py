@@ -29,20 +29,20 @@ from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from readers import MAX_PIXELS, set_max_pixels
 from sampler import BalancedSampler
-from settings import one_of, parse_settings, print_settings, require
+from settings import FLOAT32_MAX, one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
 
 
 @dataclass
 class TrainSettings:
     # data: each source is a dict of data.SourceConfig fields (name, root, list, names, taxonomy, encoding, kind, ...)
-    sources: list = field(default_factory=list)
+    sources: list = field(default_factory=list)  # one dict per source (a YAML list of mappings)
     data_root: str = "data"        # a source's relative root is a folder in here (README: where to put each dataset)
-    label_table: str = ""          # table .pt from clip_text.py, universal_cat2vec.npy, or "onehot" (ablation)
+    label_table: str = ""          # table .pt from label_table.py, universal_cat2vec.npy, or "onehot" (ablation)
     crop_size: int = 640           # random crop (SegFormer 640, HRNet 713)
     short_side: int = 1080         # resize the shorter edge to this before random scaling
     scale_min: float = 0.5         # random scale range, relative to short_side
-    scale_max: float = 2.0
+    scale_max: float = 2.0         # ... up to this
     batch_size: int = 2            # images per process per micro-batch
     accum_steps: int = 1           # micro-batches per optimizer step: global batch = batch_size x processes x this
     workers: int = 4               # DataLoader workers per process
@@ -57,31 +57,32 @@ class TrainSettings:
     drop_path_rate: float = 0.1    # stochastic depth in the MiT / EfficientNet encoder
     dropout: float = 0.1           # before the decoder's last 1x1 conv
     # losses
-    weight_dense: float = 1.0
-    weight_coarse: float = 1.0
-    weight_boxes: float = 1.0
+    weight_dense: float = 1.0      # L_HD, dense labels
+    weight_coarse: float = 1.0     # L_LD, coarse masks (OpenImages)
+    weight_boxes: float = 1.0      # L_WD, boxes with CLIP image targets (Objects365)
     weight_aux: float = 0.4        # the auxiliary head's (mmseg's FCN auxiliary weight; not in the paper)
     coarse_drop: float = 0.3       # fraction of the highest-loss pixels dropped per image (L_LD)
     loss_resize: str = "logits"    # logits | embeddings | labels (~4x less memory): losses.RESIZE_MODES
     # optimisation
     optimizer: str = "adamw"       # adamw (SegFormer) | sgd (HRNet)
-    lr: float = 6e-5
+    lr: float = 6e-5               # peak learning rate of the backbone
     head_lr_mult: float = 10.0     # decoder/aux heads learn this much faster
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01     # decoupled (AdamW) or L2 (SGD); none on norms, biases, temperature
     momentum: float = 0.9          # sgd only
-    warmup_steps: int = 1500
-    max_steps: int = 160000
-    poly_power: float = 1.0
+    warmup_steps: int = 1500       # linear warm-up from 0 to lr
+    max_steps: int = 160000        # optimizer steps of the whole run
+    poly_power: float = 1.0        # poly decay to 0 at max_steps
     grad_clip: float = 0.0         # 0 = off
     amp: str = "auto"              # auto (bf16 where supported) | bf16 | fp16 | off
     # run
-    out_dir: str = "runs/ssiw"
-    seed: int = 0
-    log_every: int = 20
-    save_every: int = 1000
+    out_dir: str = "runs/ssiw"     # checkpoints, log.jsonl
+    seed: int = 0                  # offset by rank
+    log_every: int = 20            # steps between log lines
+    save_every: int = 1000         # steps between checkpoints
     keep_last: int = 3             # newest checkpoints kept (and always the one before the newest)
     resume: str = ""               # "" | "auto" (latest checkpoint in out_dir) | a checkpoint path
     device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch's CPU threads per process; 0 = usable cores / processes - workers
 
     def validate(self):
         """Every setting in range (parse_settings calls this): a bad value stops here, named, not deep inside."""
@@ -90,13 +91,17 @@ class TrainSettings:
         require(self, "workers decoder_dim warmup_steps weight_decay poly_power grad_clip weight_dense weight_coarse "
                 "weight_boxes weight_aux", lambda v: v >= 0, "must be >= 0")
         require(self, "lr head_lr_mult scale_min", lambda v: v > 0, "must be > 0")
+        # torch steps in float32 and AdamW's first step divides by 1 - beta1 = 0.1: a larger lr overflows inside it
+        top = FLOAT32_MAX / 10 / max(1.0, self.head_lr_mult)
+        require(self, "lr", lambda v: v <= top, f"x head_lr_mult={self.head_lr_mult:g} overflows float32 in the "
+                f"optimizer's step: lr must be <= {top:.3g}")
         require(self, "scale_max", lambda v: v >= self.scale_min, f"must be >= scale_min={self.scale_min}")
         require(self, "coarse_drop drop_path_rate dropout momentum", lambda v: 0 <= v < 1, "must be in [0, 1)")
         one_of(self, "amp", ("auto", "bf16", "fp16", "off"))
         one_of(self, "optimizer", ("adamw", "sgd"))
         one_of(self, "loss_resize", RESIZE_MODES)
         require(self, "sources", bool, "is empty: list at least one training source")
-        require(self, "label_table", bool, "is not set: give a label table .pt made by clip_text.py, the authors' "
+        require(self, "label_table", bool, "is not set: give a label table .pt made by label_table.py, the authors' "
                 "universal_cat2vec.npy, or onehot")
 
 
@@ -145,6 +150,7 @@ def main(argv=None):
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
     master = rank == 0
+    distributed.set_threads(s.threads, s.workers, verbose=master)
     if master:
         print("settings:")
         print_settings(s)

@@ -26,3 +26,13 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared folder not found at {path} (set SSIW_SHARED to its path)")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def text_cache_in_tmp(tmp_path_factory):
+    """Label texts embedded during tests are cached under the session's temporary folder (text_cache.py), never in the
+    user's ~/.cache/ssiw; the processes tests start inherit the setting. Session-scoped, so that it is set before the
+    module- and session-scoped fixtures that embed texts too (test_nine_sources' miniature)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSIW_CACHE", str(tmp_path_factory.getbasetemp() / "ssiw_cache"))
+        yield

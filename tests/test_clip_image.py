@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import indexes  # noqa: E402
-from clip_image import CLIP_MEAN, CLIP_STD, box_crops, load_image_tower, main, preprocess  # noqa: E402
+from clip_image import CLIP_MEAN, CLIP_STD, box_pixels, load_image_tower, main, normalise  # noqa: E402
 from errors import DataError, WeightsError  # noqa: E402
 from index_format import open_box_targets  # noqa: E402
 
@@ -137,21 +137,11 @@ def _normalised(rgb):
     return (np.array(rgb) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
 
 
-def test_preprocess_resizes_shorter_side_and_centre_crops():
-    img = np.zeros((32, 64, 3), np.uint8)
-    img[:, :16] = (255, 0, 0)  # left and right quarters red, middle half blue
-    img[:, 16:48] = (0, 0, 255)
-    img[:, 48:] = (255, 0, 0)
-    x = preprocess(Image.fromarray(img), 16)  # 64x32 -> 32x16 -> centre 16x16 = the blue middle
-    assert x.shape == (3, 16, 16)
-    np.testing.assert_allclose(x[:, 4:12, 4:12].mean((1, 2)).numpy(), _normalised((0, 0, 255)), atol=1e-5)
-
-
 def test_box_crops_cut_the_box_and_stretch_it():
     img = np.zeros((40, 60, 3), np.uint8)
     img[10:20, 30:50] = (0, 255, 0)  # a 20x10 green box
-    crops = box_crops(Image.fromarray(img), torch.tensor([[30.0, 10.0, 50.0, 20.0], [55.0, 35.0, 70.0, 45.0],
-                                                          [5.0, 5.0, 5.0, 5.0]]), 16)
+    boxes = torch.tensor([[30.0, 10.0, 50.0, 20.0], [55.0, 35.0, 70.0, 45.0], [5.0, 5.0, 5.0, 5.0]])
+    crops = normalise(box_pixels(Image.fromarray(img), boxes, 16))  # (3, 3, 16, 16)
     assert crops.shape == (3, 3, 16, 16)
     green = torch.tensor(_normalised((0, 255, 0)), dtype=torch.float32)[:, None, None]
     torch.testing.assert_close(crops[0], green.expand(3, 16, 16), atol=1e-5, rtol=0)  # whole box, aspect not kept
@@ -192,7 +182,7 @@ def test_box_targets_command(weights, tmp_path):
     for image in range(3):
         rows = slice(offsets[image], offsets[image + 1])
         with Image.open(tmp_path / f"{image}.png") as img, torch.no_grad():
-            want = F.normalize(model.encode_image(box_crops(img, boxes[rows], 32)), dim=-1)
+            want = F.normalize(model.encode_image(normalise(box_pixels(img, boxes[rows], 32))), dim=-1)
         torch.testing.assert_close(torch.from_numpy(targets[rows].astype(np.float32)), want, atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match=r"holds box targets with other shard_rows"):
         main(["--weights", str(weights["openai"]), "--index", str(tmp_path / "index"), "--out", str(out),
@@ -257,3 +247,20 @@ def test_unreadable_image_stops_the_run_or_gets_nan_rows(weights, tmp_path):
     nan = np.isnan(targets).any(1)
     assert nan.tolist() == [offsets[2] <= r < offsets[3] for r in range(len(targets))]  # image 2's rows only
     assert np.isnan(targets[nan]).all() and np.isfinite(targets[~nan]).all()
+
+
+def test_an_out_folder_that_is_not_box_targets_is_one_error_line(weights, tmp_path):
+    """python clip_image.py --out=<a folder of something else>: exit 2, one `error:` line naming the folder, and the
+    folder untouched."""
+    write_box_index(tmp_path, n_images=2, boxes_per_image=(2,))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me\n")
+    cmd = [sys.executable, "clip_image.py", "--weights", str(weights["openai"]), "--index", str(tmp_path / "index"),
+           "--out", str(tmp_path / "mine"), "--workers=0", "--device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SSIW_TRACEBACK", None)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'mine'} exists and is not a box-target "
+                                                    "folder (no targets.json); choose another --out")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]

@@ -323,7 +323,7 @@ def test_cli_writes_label_table_from_torchscript_weights(weights, tmp_path):
     keys = list(spec.sentences)[:3]
     for mode in ("sentence", "word"):
         out = tmp_path / f"table_{mode}.pt"
-        cmd = [sys.executable, str(REPO / "clip_text.py"), "--weights", str(weights["root"] / "ViT-tiny.pt"),
+        cmd = [sys.executable, str(REPO / "label_table.py"), "--clip_weights", str(weights["root"] / "ViT-tiny.pt"),
                "--out", str(out), "--mode", mode, "--labels", ",".join(keys)]
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 0, run.stderr
@@ -334,3 +334,4 @@ def test_cli_writes_label_table_from_torchscript_weights(weights, tmp_path):
             expected = torch.nn.functional.normalize(weights["hf"](input_ids=clip_text.tokenize(texts)).text_embeds)
         assert (table.embeddings - expected).abs().max() <= 1e-5
         assert "ViT-tiny.pt" in table.encoder
+        assert table.weights_sha256 == hashlib.sha256((weights["root"] / "ViT-tiny.pt").read_bytes()).hexdigest()

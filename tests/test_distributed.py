@@ -1,14 +1,18 @@
-"""AllReduceBatchNorm2d over 2 gloo processes == BatchNorm2d over the whole batch in one process."""
+"""AllReduceBatchNorm2d over 2 gloo processes == BatchNorm2d over the whole batch in one process; the CPU thread
+count every script starts with (arithmetic only: no timing)."""
 import copy
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import distributed
 from distributed import AllReduceBatchNorm2d, convert_sync_batchnorm
+from errors import ConfigError
 
 
 def free_port():
@@ -67,3 +71,62 @@ def test_one_process_and_eval_fall_back_to_batchnorm():
     torch.testing.assert_close(synced(x), bn(x))  # training mode, no process group: plain BatchNorm2d
     torch.testing.assert_close(synced.running_var, bn.running_var)
     torch.testing.assert_close(synced.eval()(x), bn.eval()(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Threads
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A process allowed on `cores` cores (its affinity mask), without OMP_NUM_THREADS or torchrun's variables."""
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def allow(cores):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    return allow
+
+
+def test_threads_are_the_usable_cores_less_the_dataloader_workers(machine, monkeypatch):
+    machine(2)
+    assert distributed.thread_count(workers=1) == (
+        1, "2 usable cores - 1 DataLoader worker; --threads or OMP_NUM_THREADS to override")
+    assert distributed.thread_count()[0] == 2
+    assert distributed.thread_count(workers=4)[0] == 1  # at least one
+    machine(16)
+    assert distributed.thread_count(workers=4)[0] == 12
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share this node's cores
+    assert distributed.thread_count(workers=2) == (
+        2, "16 usable cores / 4 processes on this node - 2 DataLoader workers; --threads or OMP_NUM_THREADS to "
+        "override")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: (_ for _ in ()).throw(OSError()), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # no affinity mask to read: every core of the machine
+    assert distributed.thread_count()[0] == 2
+
+
+def test_the_threads_setting_then_omp_num_threads_win(machine, monkeypatch):
+    machine(8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.thread_count(workers=2) == (3, "set by OMP_NUM_THREADS; --threads to override")
+    assert distributed.thread_count(threads=5, workers=2) == (5, "set by --threads")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's own OMP_NUM_THREADS=1 (or a user's): honoured, explained
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert distributed.thread_count()[0] == 1 and "torchrun sets to 1" in distributed.thread_count()[1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty: the automatic count
+    assert distributed.thread_count()[0] == 4
+    with pytest.raises(ConfigError, match=r"threads=-1 must be >= 0"):
+        distributed.thread_count(threads=-1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "four")
+    with pytest.raises(ConfigError, match=r"OMP_NUM_THREADS='four' must be a whole number >= 1"):
+        distributed.thread_count()
+
+
+def test_set_threads_sets_torch_and_says_why(machine, capsys):
+    machine(3)
+    before = torch.get_num_threads()
+    try:
+        assert distributed.set_threads(workers=1) == 2 and torch.get_num_threads() == 2
+        assert capsys.readouterr().out == ("threads: 2 (3 usable cores - 1 DataLoader worker; --threads or "
+                                           "OMP_NUM_THREADS to override)\n")
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from torch import nn
 import evaluation
 import overlays
 import evaluate as ev
+from errors import ConfigError
 import inference as inf
 from transforms import eval_image
 from labels import LabelSpec, LabelTable, label_texts, load_label_spec, save_label_table
@@ -380,8 +381,9 @@ def test_mseg_dataset_yamls_match_names_files_and_taxonomy(name, shared_dir):
     names_file = shared_dir / "data" / "mseg-lists" / "dataset_lists" / name / f"{name}_names.txt"
     if name != "nyuv2-40":  # MSeg's own names file: same classes, same order (line index = id)
         assert d["class_names"] == [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-    with pytest.raises(FileNotFoundError, match="--root"):
+    with pytest.raises(ConfigError, match="--root") as missing:
         evaluation.load_dataset_config(name)
+    assert f"configs/eval/{name}.yaml says where the data comes from" in missing.value.hint
 
 
 def test_window_batch_auto_is_one_window_on_a_cpu_and_four_on_a_gpu():

@@ -1,5 +1,5 @@
 """Bad input and faults, tried as a user tries them: every case runs a script in a subprocess (python train.py ...,
-evaluate.py, predict.py, clip_text.py, clip_image.py, tools.synthetic_data) and checks its exit status (2 for an
+evaluate.py, predict.py, label_table.py, clip_image.py, tools.synthetic_data) and checks its exit status (2 for an
 expected error, printed as one `error: ...` line without a traceback), that the last line names the culprit, and
 that nothing good was deleted. The matrix's cases run two at a time (most of each is importing torch); signals, two
 runs in one out_dir and torchrun have their own tests below.
@@ -319,7 +319,7 @@ CASES = [
     Case("files", "pretrained_label_table", train("--pretrained={world}/table.pt"),
          r"table\.pt: not a state dict of tensors .*expected pretrained weights"),
     Case("files", "label_table_text", train("--label_table={world}/notes.txt"),
-         r"notes\.txt: not a complete file written by torch\.save.*expected a label table.*clip_text\.py"),
+         r"notes\.txt: not a complete file written by torch\.save.*expected a label table.*label_table\.py"),
     Case("files", "label_table_folder", train("--label_table={world}"), r"faults\d*: a folder; expected a label table"),
     Case("files", "label_table_npy_text", train("--label_table={case}/table.npy"), r"table\.npy: not a \.npy array",
          prepare=lambda world, case: (case / "table.npy").write_text("0.1 0.2\n")),
@@ -327,7 +327,8 @@ CASES = [
     Case("files", "checkpoint_malicious_pickle", [*EVAL, "--checkpoint={case}/evil.pt"],
          r"evil\.pt: it holds objects other than tensors \(posix\.mkdir\), refused for safety.*train\.py checkpoint",
          prepare=malicious_pickle, check=no_marker),
-    Case("files", "clip_text_weights_run_code", ["clip_text.py", "--weights={case}/evil.pt", "--out={case}/t.pt"],
+    Case("files", "label_table_clip_weights_run_code", ["label_table.py", "--clip_weights={case}/evil.pt",
+                                                        "--out={case}/t.pt"],
          r"evil\.pt: a TorchScript archive holding __torch__\.[\w.]*MarkerOnLoad, which has its own __setstate__, "
          r"code that torch\.jit\.load would run; refused for safety", prepare=code_running_archive, check=no_marker),
     Case("files", "clip_image_weights_run_code", ["clip_image.py", "--weights={case}/evil.pt", "--index={world}/nope",
@@ -352,7 +353,8 @@ CASES = [
          r"notes\.txt: .*expected a label table"),
     Case("files", "predict_embeddings_object", [*PREDICT, "--checkpoint=" + CKPT, "--embeddings={world}/object.pt"],
          r"object\.pt: it holds objects other than tensors"),
-    Case("files", "clip_text_weights_text", ["clip_text.py", "--weights={world}/notes.txt", "--out={case}/t.pt"],
+    Case("files", "label_table_clip_weights_text", ["label_table.py", "--clip_weights={world}/notes.txt",
+                                                    "--out={case}/t.pt", "--text_cache=off"],
          r"notes\.txt: .*expected CLIP weights.*openai/clip-vit-base-patch32"),
     Case("files", "clip_image_weights_text", ["clip_image.py", "--weights={world}/notes.txt", "--index={world}/nope",
                                               "--images=.", "--out={case}/t.pt", "--device=cpu"],
@@ -392,6 +394,34 @@ CASES = [
     Case("faults", "stale_lock_taken_over", train("--max_steps=1"),
          r"run\.lock: taking over from a run that did not exit normally \(pid 999999 on a-dead-host", code=0,
          anywhere=True, prepare=stale_lock, check=assert_stale_lock_taken_over),
+]
+
+# ---- the command line: ranges named, one style, one error line for every script and tool
+CASES += [
+    Case("settings", "lr_overflows_float32_steps", train("--lr=3e38"),
+         r"lr=3e\+38 x head_lr_mult=10 overflows float32 in the optimizer's step"),
+    Case("settings", "float_beyond_float32", train("--weight_decay=1e39"),
+         r"flag --weight_decay=1e39: weight_decay=1e\+39 is beyond float32's range"),
+    Case("evaluate/predict", "predict_unknown_below_5", [*PREDICT, "--checkpoint=" + CKPT, "--unknown_below=5"],
+         r"unknown_below=5\.0 must be in \[-1, 1\] \(a cosine similarity; -1 = off\)"),
+    Case("evaluate/predict", "evaluate_max_images_negative", [*EVAL, "--checkpoint=" + CKPT, "--max_images=-1"],
+         r"max_images=-1 must be >= 0"),
+    Case("tools", "bench_export_backbones_not_names", ["-m", "tools.bench_export", "--backbones=[1, 2]"],
+         r"backbones\[0\] must be str, got int 1"),
+    Case("tools", "plot_log_not_a_log", ["-m", "tools.plot_log", "{world}/notes.txt", "--out={case}/loss.png"],
+         r"notes\.txt:1: not a JSON record"),
+    Case("tools", "indexes_without_command", ["indexes.py", "--json=x.json"],
+         r"give a command first: coco_boxes \| openimages \(got '--json=x\.json'\)"),
+    Case("tools", "indexes_out_missing", ["indexes.py", "coco_boxes", "--json=x.json", "--images=."],
+         r"--out is required \(index folder to write\)"),
+    Case("tools", "indexes_json_missing", ["indexes.py", "coco_boxes", "--json={case}/nope.json", "--images={case}",
+                                           "--out={case}/index"], r"No such file or directory: .*nope\.json"),
+    Case("tools", "indexes_help", ["indexes.py", "coco_boxes", "--help"],
+         r"^  --json +str +'' +e\.g\. objects365/zhiyuan_objv2_train\.json$", code=0, anywhere=True),
+    Case("tools", "clip_text_weights_and_random_init", ["clip_text.py", "--weights={world}/notes.txt",
+                                                        "--random_init", "--out={case}/t.pt"],
+         r"give --weights \(CLIP weights\) or --random_init \(offline demo\), not both"),
+    Case("tools", "clip_text_out_missing", ["clip_text.py", "--random-init"], r"--out is required"),
 ]
 
 
@@ -701,3 +731,16 @@ def test_under_torchrun_the_failure_summary_ends_with_the_rank_error_line(world,
     assert re.fullmatch(r"=+", lines[-1]), done.stderr[-3000:]
     assert re.fullmatch(r"\s*traceback : error: \S+/images/train_000\d\.png: unreadable or truncated image "
                         r"\(image file is truncated\)", lines[-2]), done.stderr[-3000:]
+
+
+# Flags and the settings file
+
+def test_flag_before_config_file_still_wins(world, tmp_path):
+    """`train.py --max_steps=2 config.yaml` (whose max_steps is 3): the flag wins wherever it stands, the printed
+    settings show it, and the run stops at step 2."""
+    done = run(["train.py", "--max_steps=2", str(world / "config.yaml"), f"--out_dir={tmp_path / 'out'}"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^  max_steps = 2$", done.stdout, re.MULTILINE), done.stdout[-3000:]
+    assert re.search(r"^threads: 1 \(set by OMP_NUM_THREADS", done.stdout, re.MULTILINE), done.stdout[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -1,8 +1,8 @@
 """All nine training sources of the paper in one run, in their real on-disk layouts.
 
-A miniature of the paper's data is laid out where the shipped configs' paths point (relative to the working
-directory, as their headers say): the seven MSeg dense sets under mseg_dataset/ with mseg-api's list lines and real
-names files under mseg-api/, OpenImages V6 under openimages_v6/ (the masks CSV, classes-segmentation.txt of real
+A miniature of the paper's data is laid out where the shipped configs' paths point (under the data root data/ of
+the working directory, as their headers say): the seven MSeg dense sets under mseg_dataset/ with mseg-api's list
+lines and real names files under mseg-api/, OpenImages V6 under openimages_v6/ (the masks CSV, classes-segmentation.txt of real
 MIDs, the descriptions CSV, images, masks at half the image size), Objects365 V2 under objects365/ (the train JSON
 with its fields and the real category names, images in mmdetection's layout); tools/make_weak_data.py writes the
 files. The commands of the configs' headers then run as written (CLIP weights: random, tiny, in OpenAI's layout):
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import clip_image
-import clip_text
+import label_table
 import indexes
 from clip_image import VisionConfig, VisionTransformer
 from clip_text import TextConfig, TextTransformer
@@ -36,7 +36,7 @@ from tools.make_weak_data import (MSEG_LISTS, SIZE, Linker, class_lists, tiny_fi
                                   write_objects365, write_openimages)
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = {"indexes.py": indexes.main, "clip_image.py": clip_image.main, "clip_text.py": clip_text.main}
+COMMANDS = {"indexes.py": indexes.main, "clip_image.py": clip_image.main, "label_table.py": label_table.main}
 STEPS = 3
 LINES = 2  # list lines (images) per dense set
 OI_IMAGES, OI_MASKS, O365_IMAGES, O365_BOXES = 3, 6, 3, 30
@@ -110,6 +110,7 @@ def mini(shared_dir, tmp_path_factory):
     """The miniature (see the module docstring), its indexes, box targets and label table; returns its root and the
     id map every dense label file holds per dataset."""
     root = tmp_path_factory.mktemp("nine_sources")
+    data = root / "data"  # the data root (train.py's and evaluate.py's default data/ under the working directory)
     config = REPO / "configs" / "ssiw_segformer_b5.yaml"
     sources = {src["name"]: src for src in read_yaml(config)["sources"]}
     assert [(s["name"], s["encoding"], s["kind"], s.get("taxonomy", "")) for s in sources.values()] == SOURCES
@@ -122,7 +123,7 @@ def mini(shared_dir, tmp_path_factory):
     dense_ids = {}
     for name in MSEG_LISTS:
         src = sources[name]
-        dataset = root / src["root"]
+        dataset = data / src["root"]
         names = Path(os.path.normpath(dataset / src["names"]))  # ../../mseg-api/...: beside mseg_dataset/
         names.parent.mkdir(parents=True)
         shutil.copy(shared_dir / "data" / "mseg-lists" / "dataset_lists" / name / f"{name}_names.txt", names)
@@ -136,15 +137,15 @@ def mini(shared_dir, tmp_path_factory):
     lists = shared_dir / "data" / "class-lists"
     assert all((lists / f).is_file() for f in ("objects365_v2_classes.tsv", "openimages_v6_segmentation_classes.tsv"))
     o365, oi, others = class_lists(rng, lists)
-    (root / "openimages_v6").mkdir()
-    (root / "objects365").mkdir()
-    write_openimages(root / "openimages_v6", OI_IMAGES, OI_MASKS, oi, others, links["jpg"], links["mask"], rng)
-    write_objects365(root / "objects365", O365_IMAGES, O365_BOXES, o365, links["jpg"], rng)
+    (data / "openimages_v6").mkdir()
+    (data / "objects365").mkdir()
+    write_openimages(data / "openimages_v6", OI_IMAGES, OI_MASKS, oi, others, links["jpg"], links["mask"], rng)
+    write_objects365(data / "objects365", O365_IMAGES, O365_BOXES, o365, links["jpg"], rng)
 
     commands = header_commands(config)
     assert commands == header_commands(REPO / "configs" / "ssiw_hrnet_w48.yaml")
     assert sorted(next(word for word in c if word.endswith(".py")) for c in commands) == [
-        "clip_image.py", "clip_text.py", "indexes.py", "indexes.py"]
+        "clip_image.py", "indexes.py", "indexes.py", "label_table.py"]
     write_random_clip(root / "ViT-B-32.pt")
     here = os.getcwd()
     os.chdir(root)  # the commands' paths are relative to the miniature's root
@@ -161,19 +162,19 @@ def mini(shared_dir, tmp_path_factory):
 def test_the_miniature_holds_every_source_in_its_real_layout(mini):
     root, dense_ids = mini
     for name, (_, classes, pattern) in MSEG_LISTS.items():
-        folder = root / "mseg-api" / "mseg" / "dataset_lists" / name
+        folder = root / "data" / "mseg-api" / "mseg" / "dataset_lists" / name
         names = read_names(folder / f"{name}_names.txt")
         assert len(names) == classes
         assert set(np.unique(dense_ids[name])) == set(range(classes)) | {255}
         assert (folder / "list" / "train.txt").read_text().splitlines()[0] == pattern.format(i=0)
-    oi = json.loads((root / "openimages_v6" / "index_train" / "index.json").read_text())
+    oi = json.loads((root / "data" / "openimages_v6" / "index_train" / "index.json").read_text())
     assert len(oi["class_names"]) == 350 and oi["counts"]["images"] == OI_IMAGES
-    with Image.open(next((root / "openimages_v6" / "train-masks").iterdir())) as mask:
+    with Image.open(next((root / "data" / "openimages_v6" / "train-masks").iterdir())) as mask:
         assert mask.size == (SIZE[0] // 2, SIZE[1] // 2)
-    o365 = json.loads((root / "objects365" / "index_train" / "index.json").read_text())
+    o365 = json.loads((root / "data" / "objects365" / "index_train" / "index.json").read_text())
     assert len(o365["class_names"]) == 365 and o365["class_names"][0] == "Person"
     assert o365["counts"]["boxes"] == O365_BOXES
-    targets = np.load(root / "objects365" / "clip_b32_targets" / "targets.npy")
+    targets = np.load(root / "data" / "objects365" / "clip_b32_targets" / "targets.npy")
     assert targets.shape == (O365_BOXES, 512) and np.allclose(np.linalg.norm(targets.astype(np.float32), axis=1), 1,
                                                                atol=1e-2)
     table = torch.load(root / "label_embeddings.pt", weights_only=True)
@@ -208,14 +209,14 @@ def test_shipped_config_trains_on_all_nine_sources_and_evaluates(mini, config):
     dataset = root / "idd-39.yaml"  # an MSeg training set as a dataset YAML: 39 names, 9 of them mapped to ignore
     source = {k: v for k, v in read_yaml(path)["sources"][4].items() if k != "kind"}
     assert source["name"] == "idd-39"
-    dataset.write_text(json.dumps(dict(source, root=str(root / source["root"]))))
+    dataset.write_text(json.dumps(dict(source, root=str(root / "data" / source["root"]))))
     run([sys.executable, str(REPO / "evaluate.py"), "--dataset", str(dataset), "--checkpoint",
          str(out / f"ckpt_{STEPS:08d}.pt"), "--base_size", "48", "--crop_size", "64", "--out_dir", str(out / "eval")],
         root, f"evaluate_{config}")
     result = json.loads((out / "eval" / "idd-39_48_ss_sentence.json").read_text())
     assert result["images"] == LINES and result["step"] == STEPS
     assert all(result["seen"])  # idd-39 was a training source
-    names = read_names(root / source["root"] / source["names"])
+    names = read_names(root / "data" / source["root"] / source["names"])
     labelled = [i for i, key in enumerate(dataset_label_keys(load_label_spec(), "idd-39", names)) if key is not None]
     assert len(labelled) == 30  # 9 of IDD's 39 classes map to ignore: not evaluated
     assert sorted(n for c in result["class_names"] for n in c.split("+")) == sorted(names[i] for i in labelled)

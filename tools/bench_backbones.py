@@ -10,34 +10,35 @@ whose load comes and goes over seconds, per-round ratios stay tight where best-o
 """
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from distributed import set_threads
+from errors import run_main
 from model import ModelConfig, build_model
 from settings import parse_settings
 
 
 @dataclass
 class BenchSettings:
-    backbones: str = "efficientnet_lite0,mit_b0"  # comma-separated; ratios are against the first
+    backbones: list = field(default_factory=lambda: ["efficientnet_lite0", "mit_b0"])  # ratios are against the first
     height: int = 360
     width: int = 480
     batch: int = 2
     pairs: int = 12  # timed rounds per phase, each calling every backbone once (after one warm-up round)
     embed_dim: int = 384  # the CPU recipe's MiniLM table width
-    threads: int = 0  # torch.set_num_threads; 0 = torch's default
+    threads: int = 0  # torch.set_num_threads; 0 = from the usable cores (distributed.set_threads)
 
 
-def main():
-    cfg = parse_settings(BenchSettings)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def main(argv=None):
+    cfg = parse_settings(BenchSettings, argv)
+    set_threads(cfg.threads)
     print(cfg)
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     torch.manual_seed(0)
     x = torch.randn(cfg.batch, 3, cfg.height, cfg.width).contiguous(memory_format=torch.channels_last)
-    models = {b: build_model(ModelConfig(backbone=b, embed_dim=cfg.embed_dim)) for b in cfg.backbones.split(",")}
+    models = {b: build_model(ModelConfig(backbone=b, embed_dim=cfg.embed_dim)) for b in cfg.backbones}
     for name, m in models.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
               f"(backbone {sum(p.numel() for p in m.backbone.parameters()) / 1e6:.2f}M)")
@@ -72,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

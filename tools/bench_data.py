@@ -2,18 +2,18 @@
 DataLoader settings training should use.
 
     python -m tools.bench_data [--config configs/cpu_camvid_facade_b0.yaml] [--samples 60]
-                               [--short-side 1080 --crop 640] [--loader-workers 2] [--gpu-images-per-s 25]
+                               [--short_side 1080 --crop 640] [--loader_workers 2] [--gpu_images_per_s 25]
 
 "Per worker" = one process, one thread (a DataLoader worker runs torch with one thread), timed on each source and
 on the balanced mix through collate. The DataLoader run checks that workers scale and that collation and the
-worker->trainer transfer add little. --gpu-images-per-s is what one GPU consumes (an assumption to set for your
+worker->trainer transfer add little. --gpu_images_per_s is what one GPU consumes (an assumption to set for your
 model; SegFormer-B5 at 640x640 in bf16 is of the order of 20-30 images/s on an A100-class GPU).
 """
-import argparse
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +21,9 @@ import yaml
 
 import data
 import labels
+from errors import run_main
 from sampler import BalancedSampler
+from settings import parse_settings, require
 from transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,17 +46,25 @@ def rate(fn, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "cpu_camvid_facade_b0.yaml"),
-                   help="training config whose `sources` are measured")
-    p.add_argument("--samples", type=int, default=60)
-    p.add_argument("--short-side", type=int, default=1080)
-    p.add_argument("--crop", type=int, default=640)
-    p.add_argument("--batch-size", type=int, default=2, help="images per GPU per step")
-    p.add_argument("--loader-workers", type=int, default=2, help="workers for the DataLoader check (0 = skip)")
-    p.add_argument("--gpu-images-per-s", type=float, default=25.0)
-    args = p.parse_args()
+@dataclass
+class DataBenchSettings:
+    config: str = str(REPO / "configs" / "cpu_camvid_facade_b0.yaml")  # training config whose `sources` are measured
+    samples: int = 60              # samples timed per source
+    short_side: int = 1080         # TrainTransform's short side
+    crop: int = 640                # TrainTransform's crop
+    batch_size: int = 2            # images per GPU per step
+    loader_workers: int = 2        # workers for the DataLoader check (0 = skip)
+    gpu_images_per_s: float = 25.0  # what one GPU consumes (an assumption for your model)
+
+    def validate(self):
+        require(self, "samples short_side crop batch_size gpu_images_per_s", lambda v: v > 0, "must be > 0")
+        require(self, "loader_workers", lambda v: v >= 0, "must be >= 0")
+
+
+def main(argv=None):
+    args = parse_settings(DataBenchSettings, argv)
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config={args.config}: no such file (a training config with `sources`)")
 
     torch.set_num_threads(1)  # as inside a DataLoader worker
     spec = labels.load_label_spec()
@@ -100,4 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

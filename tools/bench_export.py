@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distributed import set_threads
+from errors import run_main
 from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
 from inference import Protocol, infer, load_for_inference, resize_short_side, whole_image_scores
 from labels import label_texts
@@ -59,7 +61,7 @@ class BenchSettings:
     max_labels: int = 0            # also the open-vocabulary graph padded to this many rows (0 = none)
     text_labels: list = field(default_factory=list)  # sentence counts for the text-encoder timing ([] = none)
     baseline: str = ""             # a folder of graphs BACKBONE.onnx (e.g. exported by another version) to time too
-    threads: int = 2               # torch.set_num_threads and onnxruntime's intra-op threads
+    threads: int = 0               # torch's and onnxruntime's intra-op threads; 0 = from the usable cores
     rounds: int = 4                # torch and onnxruntime alternate, the order flipping every round
     calls: int = 5                 # calls per engine per round (after one warm-up call each)
     checkpoint: str = ""           # with dataset: the real-image comparison
@@ -178,7 +180,7 @@ def real_images(s, folder):
 
 def main(argv=None):
     s = parse_settings(BenchSettings, argv)
-    torch.set_num_threads(s.threads)
+    s.threads = set_threads(s.threads)  # the count onnxruntime gets too, and the one recorded
     result = {"settings": s.__dict__, "latency_s": {}}
     print(f"batch 1, {s.height}x{s.width}, {s.classes} labels of width {s.embed_dim}, {s.threads} thread(s), "
           f"{s.rounds} rounds x {s.calls} calls per engine, alternating")
@@ -209,4 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

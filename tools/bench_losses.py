@@ -5,6 +5,7 @@
   labels      labels downsampled (nearest) to H/4, logits stay at H/4
 
 Usage: python -m tools.bench_losses [--labels 238 --size 640 --dim 512 --batch 2 --repeats 3 --device cpu|cuda]
+                                    [--variants logits,labels] [--threads 0]
 
 Only the loss path is measured: random embeddings (B, D, H/4, W/4) that require grad, a random label table (N, D),
 random targets (B, H, W) with 10% ignored, losses.source_nll + loss_dense, then backward to the embeddings. Each
@@ -25,18 +26,21 @@ reproduced to 1 MiB across two runs):
 
 For scale: one (2, 238, 640, 640) fp32 logit tensor is 744 MiB, one (2, 512, 640, 640) embedding tensor 1600 MiB.
 """
-import argparse
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from distributed import set_threads
+from errors import run_main
 from losses import RESIZE_MODES, loss_dense, source_nll
+from settings import one_of, parse_settings, require
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,17 +85,29 @@ def run_variant(mode, args):
     return {"peak_mib": peak / 2**20, "seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}
 
 
+@dataclass
+class LossBenchSettings:
+    labels: int = 238              # label embeddings N
+    size: int = 640                # square crop side H = W (multiple of 4)
+    dim: int = 512                 # embedding width D
+    batch: int = 2                 # images B
+    repeats: int = 3               # timed runs per variant (the median is reported)
+    device: str = "cpu"            # cpu | cuda
+    variants: list = field(default_factory=lambda: list(RESIZE_MODES))  # losses.RESIZE_MODES to measure
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
+    child: str = ""                # internal: run this one variant in this process, print JSON
+
+    def validate(self):
+        require(self, "labels size dim batch repeats", lambda v: v >= 1, "must be >= 1")
+        require(self, "size", lambda v: v % 4 == 0, "must be a multiple of 4")
+        require(self, "variants", lambda v: v and set(v) <= set(RESIZE_MODES), f"must be among {RESIZE_MODES}")
+        if self.child:
+            one_of(self, "child", RESIZE_MODES)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--labels", type=int, default=238)
-    p.add_argument("--size", type=int, default=640, help="square crop side H = W (multiple of 4)")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--variants", default=",".join(RESIZE_MODES))
-    p.add_argument("--child", choices=RESIZE_MODES, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
-    args = p.parse_args(argv)
+    args = parse_settings(LossBenchSettings, argv)
+    set_threads(args.threads, verbose=not args.child)
     if args.child:
         print(json.dumps(run_variant(args.child, args)))
         return
@@ -101,9 +117,10 @@ def main(argv=None):
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak memory = {how}")
     print(f"| variant | peak memory (MiB) | fwd+bwd wall s | fwd+bwd CPU s (medians of {args.repeats}) |")
     print("|---|---:|---:|---:|")
-    for mode in args.variants.split(","):
+    for mode in args.variants:
         cmd = [sys.executable, "-m", "tools.bench_losses", "--child", mode] + [
-            f"--{k}={getattr(args, k)}" for k in ("labels", "size", "dim", "batch", "repeats", "device")]
+            f"--{k}={getattr(args, k)}" for k in ("labels", "size", "dim", "batch", "repeats", "device")] + [
+            f"--threads={torch.get_num_threads()}"]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if res.returncode != 0:
             raise RuntimeError(f"variant {mode} failed:\n{res.stderr[-2000:]}")
@@ -112,4 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distributed import set_threads
+from errors import run_main
 from model import ModelConfig, build_model
 from settings import parse_settings
 
@@ -33,7 +35,7 @@ class BenchConfig:
     amp: bool = False  # bf16 autocast (CPU and CUDA)
     hf: bool = True  # also measure HF SegformerForSemanticSegmentation (MiT backbones, when installed)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    threads: int = 0  # torch.set_num_threads on CPU; 0 = torch's default
+    threads: int = 0  # torch.set_num_threads on CPU; 0 = from the usable cores (distributed.set_threads)
 
 
 class PeakRSS:
@@ -99,10 +101,9 @@ def measure(step, cfg):
     return cfg.batch * cfg.steps / dt, peak
 
 
-def main():
-    cfg = parse_settings(BenchConfig)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def main(argv=None):
+    cfg = parse_settings(BenchConfig, argv)
+    set_threads(cfg.threads)
     print(cfg)
     print(f"torch {torch.__version__}, device {cfg.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if cfg.device == 'cuda' else ''}, threads {torch.get_num_threads()}, "
@@ -152,4 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distributed import set_threads
+from errors import run_main
 from evaluation import evaluate_images
 from inference import Protocol, infer, short_side_size, window_starts
 from model import ModelConfig, build_model
@@ -45,7 +47,7 @@ class BenchSettings:
     flip: bool = True
     window_batch: int = 8          # the batched variant's windows per forward (the plain loop: 1)
     rounds: int = 2                # plain and batched alternate; the best round of each is reported
-    threads: int = 0               # torch.set_num_threads on CPU; 0 = torch's default
+    threads: int = 0               # torch.set_num_threads on CPU; 0 = from the usable cores
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = ""                  # results JSON ("" = none)
 
@@ -63,8 +65,7 @@ def count_windows(proto, height, width):
 
 def main(argv=None):
     s = parse_settings(BenchSettings, argv)
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    set_threads(s.threads)
     device = torch.device(s.device)
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=s.backbone, embed_dim=s.embed_dim, drop_path_rate=0.0,
@@ -114,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,14 +7,15 @@ Each implementation starts from an empty per-word cache (a fresh tokenizer), the
 LongTensor[N, 77] (the reference via clip.tokenize's own steps, restated in tests/make_tokenizer_fixture.py because
 `import clip` needs torchvision), and the outputs are checked equal.
 """
-import argparse
 import random
-import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 import clip_text
+from errors import InputError, run_main
+from settings import parse_settings, require
 from tests.make_tokenizer_fixture import LABELS_238, load_reference, reference_tokenize
 
 
@@ -36,15 +37,21 @@ def timed(fn, texts, repeats):
     return out, times[0], min(times[1:] or times)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=5000, help="number of sentences")
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+@dataclass
+class TokenizerBenchSettings:
+    n: int = 5000                  # number of sentences
+    repeats: int = 3               # passes over them (the first: cold cache; the best later one: warm)
+
+    def validate(self):
+        require(self, "n repeats", lambda v: v >= 1, "must be >= 1")
+
+
+def main(argv=None):
+    args = parse_settings(TokenizerBenchSettings, argv)
     texts = label_like_sentences(args.n)
     ref = load_reference()
     if ref is None:
-        sys.exit("the reference tokenizer is missing: pip install clip-anytorch")
+        raise InputError("the reference tokenizer is missing: pip install clip-anytorch")
 
     def reference(batch):
         result = torch.zeros(len(batch), 77, dtype=torch.long)
@@ -67,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

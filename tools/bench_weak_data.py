@@ -21,12 +21,12 @@ through numpy.load(mmap_mode="r"); with --compare_freeze, the index run again wi
 main's code comes from `git archive <commit>` into the work folder. Its run is skipped where the memory it would
 need (extrapolated from the smaller fractions) is not available; the table says so.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,30 +278,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/weak_bench")
-    p.add_argument("--fractions", default="0.025,0.1,0.25")
-    p.add_argument("--baseline_commit", default="4243516")
-    p.add_argument("--baseline_max", type=float, default=1.0, help="largest fraction to run main's readers at")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--batches", type=int, default=100)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--compare_freeze", action="store_true", help="also measure the index code base without "
-                                                                  "data.Loader's gc.freeze()")
-    p.add_argument("--reuse_data", action="store_true", help="keep files a previous run generated (where main's "
-                                                              "readers do not run)")
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child:
-        return child(json.loads(a.child))
-    sys.path.insert(0, str(REPO))
+@dataclass
+class WeakBenchSettings:
+    work: str = "/tmp/weak_bench"  # folder for the synthetic files, main's code and results.json
+    fractions: list = field(default_factory=lambda: [0.025, 0.1, 0.25])  # of full size, in order
+    baseline_commit: str = "4243516"  # main's readers to compare with (git archive)
+    baseline_max: float = 1.0      # largest fraction to run main's readers at
+    workers: int = 4               # DataLoader workers
+    batches: int = 100             # balanced batches of 9 read per run
+    dim: int = 512                 # box-target width
+    compare_freeze: bool = False   # also measure the index code base without data.Loader's gc.freeze()
+    reuse_data: bool = False       # keep files a previous run generated (where main's readers do not run)
+
+    def validate(self):
+        from settings import require
+        require(self, "fractions", lambda v: v and all(0 < f <= 1 for f in v), "must be fractions in (0, 1]")
+        require(self, "workers batches dim", lambda v: v >= 1, "must be >= 1")
+
+
+def main(argv=None):
+    from settings import parse_settings  # not at the top: a child imports the measured code base's modules only
     from tools.make_weak_data import write_all
+    a = parse_settings(WeakBenchSettings, argv)
 
     work = Path(a.work)
     old_code = baseline_code(work, a.baseline_commit)
     rows, results = [], work / "results.json"
-    for fraction in [float(f) for f in a.fractions.split(",")]:
+    for fraction in a.fractions:
         data = work / f"f{fraction:g}"
         row = {"fraction": fraction, "workers": a.workers}
         done_old = [r for r in rows if r.get("old")]
@@ -341,4 +344,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:  # internal: one measurement, importing only the code base on PYTHONPATH
+        child(json.loads(sys.argv[2]))
+    else:
+        sys.path.insert(0, str(REPO))
+        from errors import run_main
+        run_main(main)

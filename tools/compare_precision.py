@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from distributed import set_threads
+from errors import run_main
 from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
 from inference import Protocol, cpu_has_bf16, infer, load_for_inference
 from labels import label_texts
@@ -31,14 +33,13 @@ class CompareSettings(Protocol):   # + the inference protocol's settings; precis
     list: str = ""
     embeddings: str = ""           # label table; "" = the checkpoint's own training table
     max_images: int = 0            # 0 = all
-    threads: int = 0               # torch.set_num_threads; 0 = torch's default
+    threads: int = 0               # torch.set_num_threads; 0 = from the usable cores
     out: str = ""                  # results JSON ("" = none)
 
 
 def main(argv=None):
     s = parse_settings(CompareSettings, argv)
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    set_threads(s.threads)
     cfg, spec = load_dataset_config(s.dataset, s.root, s.list)
     dataset = EvalDataset(cfg, spec, s.max_images)
     model, _, label_emb, scale = load_for_inference(s.checkpoint, dataset.keys, label_texts(spec, dataset.keys),
@@ -83,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

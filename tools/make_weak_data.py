@@ -18,15 +18,18 @@ cost directory entries, not disk.
       segmentation.csv (the 350 classes) and objects365/objects365_clip_b32.pt (per-image (K, dim) float16 box
       targets as its clip_image.py wrote them)
 """
-import argparse
 import csv
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from errors import run_main
+from settings import parse_settings, require, required
 
 FULL = {"o365_images": 1_742_000, "o365_boxes": 25_400_000, "oi_images": 944_037, "oi_masks": 2_686_666}
 MSEG_LISTS = {  # train lines (mseg-api's lists), classes, how a line reads
@@ -231,15 +234,23 @@ def write_all(out: Path, fraction: float, old_formats: bool = False, dim: int = 
     return n
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--fraction", type=float, default=0.025)
-    p.add_argument("--old_formats", action="store_true")
-    p.add_argument("--dim", type=int, default=512, help="width of the old-format box targets")
-    a = p.parse_args()
+@dataclass
+class WeakDataSettings:
+    out: str = ""                  # folder to write
+    fraction: float = 0.025        # of the real sizes (the MSeg lists keep theirs)
+    old_formats: bool = False      # also the files main at 4243516 reads instead of indexes
+    dim: int = 512                 # width of the old-format box targets
+
+    def validate(self):
+        required(self, "out")
+        require(self, "fraction", lambda v: 0 < v <= 1, "must be in (0, 1]")
+        require(self, "dim", lambda v: v >= 1, "must be >= 1")
+
+
+def main(argv=None):
+    a = parse_settings(WeakDataSettings, argv)
     write_all(Path(a.out), a.fraction, a.old_formats, a.dim)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from distributed import pick_device
+from distributed import pick_device, set_threads
+from errors import ConfigError, run_main
 from evaluation import EvalDataset, load_dataset_config
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
                        unknown_id)
@@ -43,6 +44,7 @@ class AbstentionSettings(Protocol):  # + the inference protocol's settings (infe
     max_images: int = 0
     out: str = ""                  # results JSON ("" = none)
     device: str = "auto"
+    threads: int = 0               # torch.set_num_threads on CPU; 0 = from the usable cores
 
 
 def count(ids, target, asked_class):
@@ -69,13 +71,14 @@ def unknown_per_class(ids, target, n, unknown):
 
 def main(argv=None):
     s = parse_settings(AbstentionSettings, argv)
+    set_threads(s.threads)
     device = pick_device(s.device)
     cfg, spec = load_dataset_config(s.dataset, s.root, s.list)
     dataset = EvalDataset(cfg, spec, s.max_images)
     asked_names = [a.strip() for a in s.asked.split(",") if a.strip()]
     unknown_names = [a for a in asked_names if a not in dataset.class_names]
     if unknown_names or not asked_names:
-        raise ValueError(f"--asked={s.asked!r}: {unknown_names or 'nothing'} not among the dataset's classes "
+        raise ConfigError(f"--asked={s.asked!r}: {unknown_names or 'nothing'} not among the dataset's classes "
                          f"{dataset.class_names}")
     asked_class = torch.tensor([dataset.class_names.index(a) for a in asked_names])
     asked_keys = [dataset.keys[i] for i in asked_class]
@@ -139,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,12 +1,17 @@
 """Plot the loss curves of one or more training runs (train.py's log.jsonl) into a PNG, with PIL only.
 
     python -m tools.plot_log runs/cpu_sentence/log.jsonl runs/cpu_onehot/log.jsonl --out loss.png [--key loss]
+
+The log files are positional arguments (or --logs a.jsonl,b.jsonl).
 """
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from errors import DataError, run_main
+from settings import parse_settings, require, required
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
@@ -15,12 +20,15 @@ def read_curve(path, key):
     """[(step, value)] of `key` from a log.jsonl; a missing key is an error naming the file."""
     points = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not a JSON record ({e.msg}); expected train.py's log.jsonl") from None
         if key not in record:
-            raise KeyError(f"{path}:{n}: no {key!r} in the record (has {sorted(record)})")
+            raise DataError(f"{path}:{n}: no {key!r} in the record (has {sorted(record)})")
         points.append((record["step"], record[key]))
     if not points:
-        raise ValueError(f"{path}: empty log")
+        raise DataError(f"{path}: empty log")
     return points
 
 
@@ -54,16 +62,23 @@ def plot(curves, out, title, width=800, height=450, margin=60):
     img.save(out)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logs", nargs="+", help="log.jsonl files; each curve is named by its run folder")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--key", default="loss")
-    args = parser.parse_args()
+@dataclass
+class PlotSettings:
+    logs: list = field(default_factory=list)  # train.py log.jsonl files; each curve is named by its run folder
+    out: str = ""                  # PNG to write
+    key: str = "loss"              # the logged number to plot
+
+    def validate(self):
+        require(self, "logs", bool, "is empty: give one or more log.jsonl files")
+        required(self, "out")
+
+
+def main(argv=None):
+    args = parse_settings(PlotSettings, argv, positional="logs")
     curves = {Path(p).parent.name: read_curve(p, args.key) for p in args.logs}
     plot(curves, args.out, f"{args.key} per step")
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,11 +11,14 @@ that conflict with each other:
 
 Usage: python -m tools.synthetic_data --out data/synthetic [--train 48 --val 16 --size 160x120]
 """
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from errors import ConfigError, run_main
+from settings import parse_settings, require
 
 # What is drawn, and the class each taxonomy gives it.
 CAMVID_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
@@ -107,20 +110,31 @@ def write_split(out, split, count, rng, width, height):
     (out / "street-ids" / "names.txt").write_text("\n".join(CAMVID_NAMES) + "\n")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/synthetic")
-    parser.add_argument("--train", type=int, default=48)
-    parser.add_argument("--val", type=int, default=16)
-    parser.add_argument("--size", default="160x120", help="WIDTHxHEIGHT")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    try:
-        width, height = (int(v) for v in args.size.split("x"))
-    except ValueError:
-        parser.error(f"--size {args.size!r}: write it as WIDTHxHEIGHT, e.g. 160x120")
-    if width < 8 or height < 6:
-        parser.error(f"--size {args.size}: the scenes need at least 8x6 pixels")
+@dataclass
+class SyntheticSettings:
+    out: str = "data/synthetic"    # folder to write (street-ids/ and facade-colors/ in it)
+    train: int = 48                # training scenes
+    val: int = 16                  # validation scenes
+    size: str = "160x120"          # WIDTHxHEIGHT of every scene
+    seed: int = 0
+
+    def validate(self):
+        require(self, "train val", lambda v: v >= 0, "must be >= 0")
+        width, height = self.width_height()
+        if width < 8 or height < 6:
+            raise ConfigError(f"settings: size={self.size!r}: the scenes need at least 8x6 pixels")
+
+    def width_height(self):
+        try:
+            width, height = (int(v) for v in self.size.split("x"))
+        except ValueError:
+            raise ConfigError(f"settings: size={self.size!r}: write it as WIDTHxHEIGHT, e.g. 160x120") from None
+        return width, height
+
+
+def main(argv=None):
+    args = parse_settings(SyntheticSettings, argv)
+    width, height = args.width_height()
     out = Path(args.out)
     rng = np.random.default_rng(args.seed)
     write_split(out, "train", args.train, rng, width, height)
@@ -130,4 +144,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
