@@ -108,13 +108,15 @@ def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = False) -> torch.LongTensor:
+def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = False,
+             tokenizer: Tokenizer | None = None) -> torch.LongTensor:
     """Texts -> LongTensor[N, context_length]: sot, BPE ids, eot, then zero padding (OpenAI's clip.tokenize).
+    tokenizer: a Tokenizer of another copy of the vocabulary (default: the vendored one's).
 
     Overflow raises ValueError naming the text and its token count, unless truncate=True, which keeps the first
     context_length - 1 tokens and puts eot last (the text tower pools at eot, so it must be present).
     """
-    tok = get_tokenizer()
+    tok = tokenizer or get_tokenizer()
     texts = [texts] if isinstance(texts, str) else list(texts)
     rows = []
     for i, text in enumerate(texts):

