@@ -19,7 +19,7 @@ import text_cache
 from distributed import set_threads
 from errors import ConfigError, run_main
 from labels import TEXT_MODES, LabelTable, label_texts, load_label_spec, save_label_table
-from settings import one_of, parse_settings, print_settings, require
+from settings import one_of, parse_settings, print_settings, required
 
 
 @dataclass
@@ -35,7 +35,7 @@ class LabelTableSettings:
     threads: int = 0                # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
 
     def validate(self):
-        require(self, "out", bool, "is not set: give the table's path, e.g. --out=label_embeddings.pt")
+        required(self, "out")
         one_of(self, "mode", TEXT_MODES)
         chosen = [n for n in ("sentence_encoder", "clip_weights", "clip_random_init") if getattr(self, n)]
         if len(chosen) > 1:

@@ -421,10 +421,11 @@ CASES += [
                                            "--out={case}/index"], r"No such file or directory: .*nope\.json"),
     Case("tools", "indexes_help", ["indexes.py", "coco_boxes", "--help"],
          r"^  --json +str +'' +e\.g\. objects365/zhiyuan_objv2_train\.json$", code=0, anywhere=True),
-    Case("tools", "clip_text_weights_and_random_init", ["clip_text.py", "--weights={world}/notes.txt",
-                                                        "--random_init", "--out={case}/t.pt"],
-         r"give --weights \(CLIP weights\) or --random_init \(offline demo\), not both"),
-    Case("tools", "clip_text_out_missing", ["clip_text.py", "--random-init"], r"--out is required"),
+    Case("tools", "label_table_two_encoders", ["label_table.py", "--clip_weights={world}/notes.txt",
+                                               "--clip_random_init", "--out={case}/t.pt"],
+         r"clip_weights and clip_random_init are both set; choose one encoder"),
+    Case("tools", "label_table_out_missing", ["label_table.py", "--clip-random-init"],
+         r"--out is required \(the label table to write \(\.pt\)\)"),
 ]
 
 
