@@ -2,7 +2,7 @@
 beside one busy process: does the default pick well?
 
     python -m tools.synthetic_data --out data/synthetic                # the demo's data and label table (made here
-    python clip_text.py --random_init --out runs/demo/label_table.pt   # if missing, for the default config)
+    python label_table.py --clip_random_init --out=runs/demo/label_table.pt   # if missing, for the default config)
     python -m tools.bench_threads [--config configs/demo_synthetic.yaml] [--threads 0,1,2] [--max_steps 12]
                                   [--rounds 3] [--busy true] [--out docs/results/bench_threads.json]
 
@@ -31,7 +31,7 @@ from settings import parse_settings, read_yaml, require, required
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "configs/demo_synthetic.yaml"
 DEMO_INPUTS = [["-m", "tools.synthetic_data", "--out", "data/synthetic"],  # what demo.sh runs before training
-               ["clip_text.py", "--random_init", "--out", "runs/demo/label_table.pt"]]
+               ["label_table.py", "--clip_random_init", "--out=runs/demo/label_table.pt"]]
 
 
 @dataclass
