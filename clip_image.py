@@ -327,7 +327,7 @@ class ImageSettings:
 def main(argv=None):
     a = parse_settings(ImageSettings, argv)
     rank, world, device = distributed.setup(a.device)
-    distributed.set_threads(a.threads, a.workers, verbose=rank == 0)
+    distributed.set_threads(a.threads, verbose=rank == 0)
     model = load_image_tower(a.weights, device)
     index = Index(a.index, "coco_boxes")
     images = Path(a.images or index.meta["images_folder"])

@@ -7,6 +7,7 @@ computes the statistics of the whole global batch with two differentiable all-re
 faster torch.nn.SyncBatchNorm is used instead.
 """
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,11 +33,43 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
-def thread_count(threads=0, workers=0):
+def busy_cores(seconds=0.2):
+    """How many of this process's usable cores other processes keep busy right now: the non-idle share of each core's
+    time in /proc/stat over `seconds`, summed over the cores of the affinity mask. 0.0 where /proc/stat is missing
+    (not Linux) or unreadable."""
+    try:
+        mine = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        mine = None
+
+    def sample():  # core -> (idle + iowait jiffies, all jiffies)
+        stats = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *values = line.split()
+                    v = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal
+                    stats[int(name[3:])] = (v[3] + v[4], sum(v))
+        return stats
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    busy = 0.0
+    for core, (idle, total) in after.items():
+        if core in before and (mine is None or core in mine) and total > before[core][1]:
+            busy += 1 - (idle - before[core][0]) / (total - before[core][1])
+    return busy
+
+
+def thread_count(threads=0):
     """The intra-op thread count for torch and why -> (n, reason). `threads` > 0 wins; else OMP_NUM_THREADS; else
-    the usable cores, divided among torchrun's processes on this node (LOCAL_WORLD_SIZE), less this process's
-    DataLoader `workers` (each of which computes on a core of its own), at least 1. More threads than cores make
-    them wait on each other (oneDNN and OpenMP spin), which can be slower than one thread.
+    the usable cores, divided among torchrun's processes on this node (LOCAL_WORLD_SIZE), less the cores other
+    processes keep busy right now (busy_cores), at least 1. Measured on 2 cores (docs/threads.md): beside one busy
+    process 2 threads ran at 0.37-0.58x of 1 thread (OpenMP threads wait on the one that lost its core), on an idle
+    machine at 1.33-1.34x, DataLoader worker included; so a busy core is given up, a worker's is not.
 
     torchrun sets OMP_NUM_THREADS=1 for its processes when it is unset (nproc_per_node > 1); that is honoured like a
     user's value (tests pin it so), and the reason says so: an empty OMP_NUM_THREADS= before torchrun, or --threads,
@@ -57,19 +90,20 @@ def thread_count(threads=0, workers=0):
                        "OMP_NUM_THREADS= before torchrun for usable cores / processes")
         return int(env), "set by OMP_NUM_THREADS; --threads to override"
     cores = usable_cores()
-    n = max(1, cores // local - workers)
+    busy = round(busy_cores()) if local == 1 else 0  # torchrun's siblings start together: their start is no load
+    n = max(1, cores // local - busy)
     why = f"{cores} usable cores"
     if local > 1:
         why += f" / {local} processes on this node"
-    if workers:
-        why += f" - {workers} DataLoader worker{'s' if workers > 1 else ''}"
+    if busy:
+        why += f" - {busy} kept busy by other processes"
     return n, f"{why}; {override}"
 
 
-def set_threads(threads=0, workers=0, verbose=True):
+def set_threads(threads=0, verbose=True):
     """torch.set_num_threads(thread_count(...)) and print one line saying the count and why (scripts call it first,
     so a log shows why a run is fast or slow). Returns the count."""
-    n, why = thread_count(threads, workers)
+    n, why = thread_count(threads)
     torch.set_num_threads(n)
     if verbose:
         print(f"threads: {n} ({why})", flush=True)

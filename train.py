@@ -289,7 +289,7 @@ def main(argv=None):
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
     master = rank == 0
-    distributed.set_threads(s.threads, s.workers, verbose=master)
+    distributed.set_threads(s.threads, verbose=master)
     precision, why = distributed.choose_precision(s.amp, device)
     if master:
         print("settings:")
