@@ -16,8 +16,8 @@ losses.py is a bug, and must show where it happened.
     DivergedError     training diverged: a non-finite loss, or a non-finite model or optimizer state
   OSError             Python's own: a file operation the system refused; its message names the path
 
-Each subclass also derives from the builtin such code raised before (ValueError, KeyError, FloatingPointError), so
-callers and tests that catch those keep working. SSIW_TRACEBACK=1 shows the traceback of an expected error too.
+They derive from InputError alone: a ValueError, KeyError or FloatingPointError is a bug's, never one of these.
+SSIW_TRACEBACK=1 shows the traceback of an expected error too.
 """
 import io
 import json
@@ -42,28 +42,42 @@ class InputError(Exception):
         super().__init__(message)
         self.hint = hint
 
-    def __str__(self):
-        return Exception.__str__(self)  # KeyError's own __str__ would quote the message
 
-
-class ConfigError(InputError, ValueError):
+class ConfigError(InputError):
     """A setting, a flag, or a configuration YAML is wrong."""
 
 
-class DataError(InputError, ValueError):
+class DataError(InputError):
     """A problem with one input data file (or list line); the message starts with the path."""
 
 
-class WeightsError(InputError, ValueError):
+class WeightsError(InputError):
     """A weight file (checkpoint, pretrained weights, CLIP weights, label table) is not what it should be."""
 
 
-class LabelKeyError(InputError, KeyError):
+class LabelKeyError(InputError):
     """A label key, class name or dataset is missing from label_sentences.yaml or a label table."""
 
 
-class DivergedError(InputError, FloatingPointError):
+class DivergedError(InputError):
     """Training produced non-finite numbers; the message names the step."""
+
+
+def save_torch_file(obj, path) -> None:
+    """torch.save(obj) to path atomically: a temp file beside it (named by the pid, so two writers never share one),
+    fsync, rename. A kill mid-write leaves the old file or none, never half of one; a failed write (disk full,
+    quota) removes the temp file and raises, the old file untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk or quota may only show here
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_torch_file(path, what: str):

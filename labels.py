@@ -4,9 +4,7 @@ The label table is the one contract between text and vision: names (label keys),
 embeddings [N, D] (L2-normalised, fp32) and the encoder's name. Training and evaluation read a table, never a text
 model, so any encoder (CLIP, a precomputed file, the authors' universal_cat2vec.npy) plugs in.
 """
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import ConfigError, LabelKeyError, WeightsError, read_torch_file
+from errors import ConfigError, LabelKeyError, WeightsError, read_torch_file, save_torch_file
 from settings import read_yaml
 
 LABELS_YAML = Path(__file__).resolve().parent / "label_sentences.yaml"
@@ -196,22 +194,15 @@ def _check_table(names: list[str], sentences: list[str], e: torch.Tensor, where:
 
 
 def save_label_table(path: str | Path, table: LabelTable) -> None:
-    """torch.save {"names", "sentences", "embeddings" (N, D) fp32, "encoder", "weights_sha256"}, atomically (temp
-    file + os.replace)."""
+    """torch.save {"names", "sentences", "embeddings" (N, D) fp32, "encoder", "weights_sha256"}, atomically
+    (errors.save_torch_file)."""
     path = Path(path)
     _check_table(table.names, table.sentences, table.embeddings, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"names": list(table.names), "sentences": list(table.sentences),
            "embeddings": table.embeddings.detach().float().cpu().contiguous(), "encoder": table.encoder,
            "weights_sha256": table.weights_sha256}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    save_torch_file(obj, path)
 
 
 TABLE = ("a label table: a .pt written by label_table.py (or labels.save_label_table), or the authors' "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import CHECKPOINT, read_checkpoint
-from errors import DivergedError, InputError, WeightsError, read_torch_file
+from errors import DivergedError, InputError, WeightsError, read_torch_file, save_torch_file
 
 
 def nonfinite_tensors(obj, name: str = "") -> list[str]:
@@ -47,15 +47,9 @@ def save_checkpoint(path, payload, keep_last):
         raise DivergedError(f"step {payload['step']}: the model/optimizer state holds NaN or inf in {len(bad)} "
                             f"tensors (e.g. {', '.join(bad[:3])}); {path.name} is not written and the older "
                             f"checkpoints are kept. Resume from the last one with a lower lr or grad_clip")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk or quota may only show here
-        os.replace(tmp, path)
+        save_torch_file(payload, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         cause = e
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__context__  # torch reports a failed write as a RuntimeError raised while handling it

@@ -6,7 +6,7 @@ for CLIP ViT-B/32) are not even read when every text is cached: a warm start cos
 
 Layout: one file per encoder and weights, <cache>/text/<encoder id>-<sha256[:16]>.pt, a torch.save of
     {"format": FORMAT, "encoder": id, "weights_sha256": hex, "texts": [M str], "embeddings": (M, D) fp32 unit rows}
-written atomically (temp file + os.replace). <cache> is the `cache` argument, else $SSIW_CACHE, else ~/.cache/ssiw.
+written atomically (errors.save_torch_file). <cache> is the `cache` argument, else $SSIW_CACHE, else ~/.cache/ssiw.
 A file that is corrupt, of another encoder or weights, or whose rows are not finite unit vectors is ignored with
 one warning line and rewritten: the cache is never trusted over the encoder.
 """
@@ -14,12 +14,13 @@ import functools
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from errors import save_torch_file
 
 CACHE_ENV = "SSIW_CACHE"
 FORMAT = "ssiw text embeddings 1"
@@ -140,14 +141,7 @@ def write_cache(path: Path, enc: TextEncoder, rows: dict[str, torch.Tensor]) -> 
            "embeddings": torch.stack(list(rows.values())).float().contiguous()}  # (M, D)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        save_torch_file(obj, path)  # readers see the old file or the new one, never half of one
     except OSError as e:
         print(f"warning: text cache {path}: not written ({e})")
 

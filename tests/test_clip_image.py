@@ -21,7 +21,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import indexes  # noqa: E402
 from clip_image import CLIP_MEAN, CLIP_STD, box_pixels, load_image_tower, main, normalise  # noqa: E402
-from errors import DataError, WeightsError  # noqa: E402
+from errors import ConfigError, DataError, WeightsError  # noqa: E402
 from index_format import open_box_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_box_targets_command(weights, tmp_path):
         with Image.open(tmp_path / f"{image}.png") as img, torch.no_grad():
             want = F.normalize(model.encode_image(normalise(box_pixels(img, boxes[rows], 32))), dim=-1)
         torch.testing.assert_close(torch.from_numpy(targets[rows].astype(np.float32)), want, atol=2e-3, rtol=0)
-    with pytest.raises(ValueError, match=r"holds box targets with other shard_rows"):
+    with pytest.raises(ConfigError, match=r"holds box targets with other shard_rows"):
         main(["--weights", str(weights["openai"]), "--index", str(tmp_path / "index"), "--out", str(out),
               "--shard_rows", "4"])
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import clip_text
-from errors import WeightsError
+from errors import ConfigError, WeightsError
 from make_tokenizer_fixture import FIXTURE, load_reference, random_texts, reference_tokenize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_tokenizer_matches_reference_fixture():
     for case in cases:
         text, ctx, truncate = case["text"], case["context_length"], case["truncate"]
         if "overflow_tokens" in case:
-            with pytest.raises(ValueError, match=f"is {case['overflow_tokens']} tokens"):
+            with pytest.raises(ConfigError, match=f"is {case['overflow_tokens']} tokens"):
                 clip_text.tokenize(text, ctx, truncate)
             continue
         expected = torch.zeros(1, ctx, dtype=torch.long)
@@ -62,7 +62,7 @@ def test_tokenizer_matches_reference_live():
 
 def test_overflow_raises_naming_text_and_count():
     text = "pedestrian " * 100  # one token per word
-    with pytest.raises(ValueError, match=r"'pedestrian pedestrian .*\.\.\.' is 102 tokens .*context_length=77"):
+    with pytest.raises(ConfigError, match=r"'pedestrian pedestrian .*\.\.\.' is 102 tokens .*context_length=77"):
         clip_text.tokenize(["short", text])
 
 
@@ -281,10 +281,10 @@ def test_loader_errors_say_what_is_expected(weights, tmp_path):
     with pytest.raises(FileNotFoundError, match="openaipublic.*openai/clip-vit-base-patch32"):
         clip_text.load(tmp_path / "ViT-B-32.pt")
     torch.save({"backbone.conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="no CLIP text tower keys.*backbone.conv.weight"):
+    with pytest.raises(WeightsError, match="no CLIP text tower keys.*backbone.conv.weight"):
         clip_text.load(tmp_path / "other.pt")
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError, match="model.safetensors: not a safetensors file"):
+    with pytest.raises(WeightsError, match="model.safetensors: not a safetensors file"):
         clip_text.load(tmp_path / "model.safetensors")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="junk.bin: not a complete file written by torch.save.*expected CLIP weights"):

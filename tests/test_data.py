@@ -11,7 +11,7 @@ import data
 import labels
 from data_fixtures import (COLORS, ROW, SPEC, TABLE, shared_sources, write_box_targets, write_coco_boxes,
                            write_color_dataset, write_id_dataset, write_openimages)
-from errors import DataError
+from errors import ConfigError, DataError, LabelKeyError
 from sampler import BalancedSampler
 from transforms import TrainTransform
 
@@ -24,15 +24,15 @@ def id_source(root, **kw):
 # ---- SourceConfig -----------------------------------------------------------------------------------------------------
 
 def test_source_config_rejects_unknown_and_mistyped_keys():
-    with pytest.raises(ValueError, match=r"source cam: unknown key 'lists'"):
+    with pytest.raises(ConfigError, match=r"source cam: unknown key 'lists'"):
         data.SourceConfig.from_dict({"name": "cam", "root": "/x", "lists": "train.txt", "names": "n.txt"})
-    with pytest.raises(ValueError, match=r"source cam: ignore must be list"):
+    with pytest.raises(ConfigError, match=r"source cam: ignore must be list"):
         data.SourceConfig.from_dict({"name": "cam", "root": "/x", "list": "t.txt", "names": "n", "ignore": 11})
-    with pytest.raises(ValueError, match=r"source cam: encoding color needs 'colors'"):
+    with pytest.raises(ConfigError, match=r"source cam: encoding color needs 'colors'"):
         data.SourceConfig.from_dict({"name": "cam", "root": "/x", "list": "t.txt", "encoding": "color"})
-    with pytest.raises(ValueError, match=r"source o: kind boxes goes with encoding coco_boxes"):
+    with pytest.raises(ConfigError, match=r"source o: kind boxes goes with encoding coco_boxes"):
         data.SourceConfig.from_dict({"name": "o", "root": "/x", "list": "t.txt", "names": "n", "kind": "boxes"})
-    with pytest.raises(ValueError, match=r"source o: encoding coco_boxes needs 'box_targets'"):
+    with pytest.raises(ConfigError, match=r"source o: encoding coco_boxes needs 'box_targets'"):
         data.SourceConfig.from_dict({"name": "o", "root": "/x", "encoding": "coco_boxes", "kind": "boxes",
                                      "images": "i", "index": "o365-index"})
     cfg = data.SourceConfig.from_dict({"name": "cam", "root": "/x", "list": "t.txt", "names": "n", "weight": 2})
@@ -42,7 +42,7 @@ def test_source_config_rejects_unknown_and_mistyped_keys():
 def test_unmapped_class_name_is_an_error_naming_it(tmp_path):
     write_id_dataset(tmp_path)
     (tmp_path / "names.txt").write_text("sky\nroad\ncar\nlamppost\n")
-    with pytest.raises(KeyError, match="lamppost"):
+    with pytest.raises(LabelKeyError, match="lamppost"):
         data.MultiSourceDataset([id_source(tmp_path)], SPEC, TABLE)
 
 

@@ -16,7 +16,7 @@ import evaluate as ev
 import provenance
 from data import SourceConfig
 from labels import label_texts, load_label_spec
-from errors import DataError
+from errors import ConfigError, DataError, LabelKeyError
 from test_evaluate import write_checkpoint, write_table
 
 REPO = evaluation.REPO
@@ -121,9 +121,9 @@ def test_folder_pairs_errors(tmp_path):
     cfg, spec = evaluation.load_dataset_config(str(user_yaml(tmp_path, "voc-20")))
     with pytest.raises(DataError, match="2008_000003"):             # a label without its image is named
         evaluation.EvalDataset(cfg, spec)
-    with pytest.raises(ValueError, match="both 'images' and 'labels'"):
+    with pytest.raises(ConfigError, match="both 'images' and 'labels'"):
         SourceConfig.from_dict({"name": "x", "root": str(tmp_path), "labels": labels, "class_names": ["a"]})
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(ConfigError, match="exactly one of"):
         SourceConfig.from_dict({"name": "x", "root": str(tmp_path), "list": "l.txt", "images": images,
                                 "labels": labels, "class_names": ["a"]})
     with pytest.raises(DataError, match="no label files ending in '.tif'"):
@@ -201,17 +201,17 @@ def test_user_labels_errors_name_the_classes(tmp_path):
              ({"sentences": {"solar panel": 3}}, "non-empty strings")]
     for change, message in cases:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**d, **change}))
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ConfigError, match=message):
             evaluation.load_dataset_config(str(tmp_path / "bad.yaml"))
     # without sentences or a taxonomy of its own, a dataset label_sentences.yaml does not know: its classes are
     # their own keys, and those without a sentence are listed in one error
     d.pop("sentences"), d.pop("taxonomy")
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump(d))
-    with pytest.raises(ValueError, match=r"3 class\(es\) have no sentence: 'tarmac' -> 'tarmac', 'heaven' -> "
+    with pytest.raises(ConfigError, match=r"3 class\(es\) have no sentence: 'tarmac' -> 'tarmac', 'heaven' -> "
                                          r"'heaven', 'solar panel' -> 'solar panel'\. Map each"):
         evaluation.load_dataset_config(str(tmp_path / "bare.yaml"))   # sky is a key, unlabelled is ignored: not listed
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**d, "taxonomy": "camvid-segnett"}))
-    with pytest.raises(KeyError, match="unknown dataset 'camvid-segnett'"):  # a named taxonomy must exist
+    with pytest.raises(LabelKeyError, match="unknown dataset 'camvid-segnett'"):  # a named taxonomy must exist
         evaluation.EvalDataset(*evaluation.load_dataset_config(str(tmp_path / "typo.yaml")))
 
 

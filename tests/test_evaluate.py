@@ -18,7 +18,7 @@ from torch import nn
 import evaluation
 import overlays
 import evaluate as ev
-from errors import ConfigError
+from errors import ConfigError, LabelKeyError
 import inference as inf
 from transforms import eval_image
 from labels import LabelSpec, LabelTable, label_texts, load_label_spec, save_label_table
@@ -272,7 +272,7 @@ def test_evaluate_cli_end_to_end(tmp_path):
     assert "| Sky | sky |" in (tmp_path / "out" / "tiny-camvid_64_ss_sentence.md").read_text()
 
     write_table(tmp_path / "short.pt", [k for k in keys if k != "pole"])
-    with pytest.raises(KeyError, match="pole"):
+    with pytest.raises(LabelKeyError, match="pole"):
         ev.main(args[:2] + [f"--embeddings={tmp_path / 'short.pt'}"] + args[3:])
 
 
@@ -335,7 +335,7 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
     got_words = inf.label_embeddings(keys, words, clip_weights=str(tmp_path / "clip.pt"))
     torch.testing.assert_close(got_words, clip_text.encode_sentences(tower, words))
     assert not torch.allclose(got, got_words)
-    with pytest.raises(ValueError, match="--embeddings"):
+    with pytest.raises(ConfigError, match="--embeddings"):
         inf.label_embeddings(keys, sentences)
     # without --embeddings / --clip_weights: the rows of the table the checkpoint was trained with, by key
     emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)

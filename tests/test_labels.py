@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from errors import ConfigError, LabelKeyError, WeightsError
 from labels import (IGNORE, LabelSpec, LabelTable, dataset_label_keys, label_texts, load_label_spec,
                     load_label_table, save_label_table)
 
@@ -270,15 +271,15 @@ def test_camvid_by_hand(spec):
 
 
 def test_lookups(spec):
-    with pytest.raises(KeyError, match="camvid-11.*Lamppost"):
+    with pytest.raises(LabelKeyError, match="camvid-11.*Lamppost"):
         dataset_label_keys(spec, "camvid-11", ["Road", "Lamppost"])
-    with pytest.raises(KeyError, match="no-such-set"):
+    with pytest.raises(LabelKeyError, match="no-such-set"):
         dataset_label_keys(spec, "no-such-set", ["road"])
     assert label_texts(spec, ["cell_phone", "sky"], mode="word") == ["cell phone", "sky"]
     assert label_texts(spec, ["sky"])[0].startswith("An image of the sky.")
-    with pytest.raises(ValueError, match="phrase"):
+    with pytest.raises(ConfigError, match="phrase"):
         label_texts(spec, ["sky"], mode="phrase")
-    with pytest.raises(KeyError, match="skyy"):
+    with pytest.raises(LabelKeyError, match="skyy"):
         label_texts(spec, ["skyy"], mode="word")
 
 
@@ -304,7 +305,7 @@ datasets:
 def test_invalid_yaml_raises(tmp_path, text, culprit):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=culprit) as err:
+    with pytest.raises(ConfigError, match=culprit) as err:
         load_label_spec(path)
     assert str(path) in str(err.value)
 
@@ -329,7 +330,7 @@ def test_table_round_trip_and_rows(tmp_path):
     assert back.names == table.names and back.sentences == table.sentences and back.encoder == "test"
     assert torch.equal(back.embeddings, table.embeddings) and back.embeddings.dtype == torch.float32
     assert back.rows(["k3", "k0"]).tolist() == [3, 0]
-    with pytest.raises(KeyError, match="missing_key"):
+    with pytest.raises(LabelKeyError, match="missing_key"):
         back.rows(["k1", "missing_key"])
 
 
@@ -337,13 +338,13 @@ def test_table_validation(tmp_path):
     t = random_table()
     torch.save({"names": t.names, "sentences": t.sentences, "embeddings": t.embeddings * 2, "encoder": "x"},
                tmp_path / "scaled.pt")
-    with pytest.raises(ValueError, match="L2-normalised"):
+    with pytest.raises(WeightsError, match="L2-normalised"):
         load_label_table(tmp_path / "scaled.pt")
     torch.save({"names": t.names[:4], "sentences": t.sentences, "embeddings": t.embeddings, "encoder": "x"},
                tmp_path / "short.pt")
-    with pytest.raises(ValueError, match="4 names"):
+    with pytest.raises(WeightsError, match="4 names"):
         load_label_table(tmp_path / "short.pt")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(WeightsError, match="NaN"):
         LabelTable(t.names, t.sentences, torch.full((5, 8), float("nan")), "x")
 
 
@@ -357,5 +358,5 @@ def test_cat2vec_npy(tmp_path, spec):
     want = torch.from_numpy(arr[table.names.index("cell_phone")])
     assert torch.allclose(table.embeddings[table.rows(["cell_phone"])[0]], want / want.norm(), atol=1e-6)
     np.save(tmp_path / "bad.npy", arr[:100])
-    with pytest.raises(ValueError, match="MSeg universal"):
+    with pytest.raises(WeightsError, match="MSeg universal"):
         load_label_table(tmp_path / "bad.npy")

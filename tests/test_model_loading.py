@@ -178,7 +178,7 @@ def test_wrong_shape_raises_naming_key(b0_src, tmp_path):
     src = dict(b0_src)
     src["block2.1.attn.kv.weight"] = torch.randn(64, 64)
     save(src, "raw", tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"block2\.1\.attn\.kv\.weight.*\(64, 64\).*stages\.1\.blocks\.1\.attn\.kv"):
+    with pytest.raises(WeightsError, match=r"block2\.1\.attn\.kv\.weight.*\(64, 64\).*stages\.1\.blocks\.1\.attn\.kv"):
         load_pretrained(build_model(ModelConfig(backbone="mit_b0")), tmp_path / "bad.pth")
 
 
@@ -200,5 +200,5 @@ def test_extra_key_raises_naming_it(b0_src, tmp_path):
 
 def test_wrong_variant_raises(b0_src, tmp_path):
     save(b0_src, "raw", tmp_path / "b0.pth")  # mit_b0 weights into a mit_b1 model: the first shape differs
-    with pytest.raises(ValueError, match=r"mit_b1.*patch_embed1\.proj\.weight.*\(32, 3, 7, 7\)"):
+    with pytest.raises(WeightsError, match=r"mit_b1.*patch_embed1\.proj\.weight.*\(32, 3, 7, 7\)"):
         load_pretrained(build_model(ModelConfig(backbone="mit_b1")), tmp_path / "b0.pth")

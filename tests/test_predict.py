@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from errors import ConfigError, LabelKeyError
 import labels
 import inference
 import predict as pr
@@ -148,7 +149,7 @@ def test_label_texts_from_user_yaml(tmp_path):
     (tmp_path / "s.yaml").write_text("sky: An image of heaven.\n")
     assert labels.label_texts_for(["sky"], str(tmp_path / "s.yaml")) == ["An image of heaven."]
     (tmp_path / "bad.yaml").write_text("- sky\n")
-    with pytest.raises(ValueError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match="bad.yaml"):
         labels.label_texts_for(["sky"], str(tmp_path / "bad.yaml"))
 
 
@@ -172,6 +173,6 @@ def test_cli_with_a_checkpoint_and_a_table(tmp_path):
     for i in range(2):
         ids = np.asarray(Image.open(tmp_path / "out" / f"im{i}.png"))
         assert ids.shape == (40, 48) and set(np.unique(ids)) <= {0, 1, 2, 255}
-    with pytest.raises(KeyError, match="moose"):
+    with pytest.raises(LabelKeyError, match="moose"):
         pr.main([f"--images={tmp_path / 'im0.png'}", "--labels=deer,moose", f"--checkpoint={tmp_path / 'ckpt.pt'}",
                  f"--embeddings={tmp_path / 't.pt'}", "--device=cpu", f"--out_dir={tmp_path / 'out2'}"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from errors import ConfigError, DivergedError
 import train
 from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
@@ -154,7 +155,7 @@ def test_non_finite_loss_stops_with_step_terms_and_sources(setup, monkeypatch):
         return {"loss": nan, "loss_dense": nan}
 
     monkeypatch.setattr(train, "compute_losses", nan_losses)
-    with pytest.raises(FloatingPointError, match=r"step 0.*loss_dense.*'a'"):
+    with pytest.raises(DivergedError, match=r"step 0.*loss_dense.*'a'"):
         train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'nan'}"])
 
 
@@ -171,7 +172,7 @@ def test_loss_settings_reach_the_losses(setup, monkeypatch):
                     "--coarse_drop=0.25", "--weight_aux=0.5"])
     weights, options = seen.value.args
     assert options == {"resize": "labels", "drop_fraction": 0.25} and weights["aux"] == 0.5
-    with pytest.raises(ValueError, match="loss_resize='pixels' must be one of"):
+    with pytest.raises(ConfigError, match="loss_resize='pixels' must be one of"):
         train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'options'}", "--loss_resize=pixels"])
 
 
