@@ -1,7 +1,8 @@
 """Pictures of predictions: id PNGs, colour overlays with a legend, and image | prediction | ground truth strips.
 
-A label's colour comes from its name, so road is the same colour in every dataset, run and label set; two labels can
-land on similar colours, which is why every overlay names its colours in a legend.
+A label's colour comes from its name, so road is the same colour in every dataset, run and label set (Cityscapes'
+colours for the common street labels); two other labels can land on similar colours, which is why every overlay names
+its colours in a legend.
 """
 import colorsys
 import hashlib
@@ -25,9 +26,22 @@ def to_uint8(x):
     return (((x.cpu() * std + mean) * 255).round().clamp(0, 255)).byte().permute(1, 2, 0).numpy()
 
 
+# Cityscapes' colours for the labels street scenes share, so overlays look as the field's figures do; any other label
+# gets a colour from its name (label_colour)
+KNOWN_COLOURS = {
+    "road": (128, 64, 128), "sidewalk_pavement": (244, 35, 232), "building": (70, 70, 70), "wall": (102, 102, 156),
+    "fence": (190, 153, 153), "pole": (153, 153, 153), "traffic_light": (250, 170, 30), "traffic_sign": (220, 220, 0),
+    "vegetation": (107, 142, 35), "tree": (107, 142, 35), "terrain": (152, 251, 152), "sky": (70, 130, 180),
+    "person": (220, 20, 60), "rider": (255, 0, 0), "car": (0, 0, 142), "truck": (0, 0, 70), "bus": (0, 60, 100),
+    "train": (0, 80, 100), "motorcycle": (0, 0, 230), "bicycle": (119, 11, 32)}
+
+
 def label_colour(name):
-    """An RGB colour from a label's name alone: hue, saturation and brightness from its sha256 (bright and saturated
-    enough to read over a photo; never the unknown colour)."""
+    """An RGB colour from a label's name alone: Cityscapes' for the labels in KNOWN_COLOURS, else hue, saturation and
+    brightness from the name's sha256 (bright and saturated enough to read over a photo; never the unknown colour)."""
+    key = name.strip().lower().replace(" ", "_")
+    if key in KNOWN_COLOURS:
+        return KNOWN_COLOURS[key]
     h = hashlib.sha256(name.strip().lower().encode()).digest()
     r, g, b = colorsys.hsv_to_rgb(h[0] / 256 + h[1] / 65536, 0.55 + 0.4 * h[2] / 255, 0.7 + 0.3 * h[3] / 255)
     return round(255 * r), round(255 * g), round(255 * b)

@@ -404,3 +404,16 @@ def test_labelmefacade_own_lists_name_the_image_alone(tmp_path, shared_dir):
     assert len(alone) == len(paired) == 300
     assert [str(alone.source.samples.label_path(i)) for i in (0, 299)] == \
         [str(paired.source.samples.label_path(i)).replace(str(shared_dir / "data"), str(tmp_path)) for i in (0, 299)]
+
+
+def test_a_label_has_one_colour_in_every_dataset_and_label_set():
+    """Colours come from the label's name: Cityscapes' for the common street labels, a hash of the name otherwise,
+    so road is the same purple whichever dataset or label list names it."""
+    assert overlays.label_colour("road") == overlays.label_colour(" Road ") == (128, 64, 128)
+    assert overlays.label_colour("sidewalk pavement") == overlays.label_colour("sidewalk_pavement") == (244, 35, 232)
+    tower = overlays.label_colour("tower")
+    assert tower == overlays.label_colour("tower") and tower != overlays.UNKNOWN_COLOUR
+    assert all(0 <= c <= 255 for c in tower) and tower != overlays.label_colour("towers")
+    a, _ = overlays.colour_map(np.array([[0, 1]]), ["sky", "road"])
+    b, _ = overlays.colour_map(np.array([[1, 0]]), ["road", "sky"])
+    assert (a == b).all()  # the same labels in another order: the same picture
