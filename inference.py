@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import sentence_encoder
 import text_cache
 from checkpoints import check_width, load_checkpoint
-from distributed import choose_precision, cpu_has_bf16  # noqa: F401 (cpu_has_bf16: tools import it from here)
+from distributed import choose_precision
 from errors import ConfigError, WeightsError
 from labels import LabelTable, load_label_table
 from model import similarity, upsample_logits
@@ -290,8 +290,8 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", 
         check_same_encoder(trained, enc.encoder, enc.weights_sha256, None, f"--clip_weights={clip_weights}")
     if enc is not None:
         emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D)
-        if clip_weights:
-            check_same_encoder(trained, enc.encoder, enc.weights_sha256, emb.shape[1], f"--clip_weights={clip_weights}")
+        if clip_weights:  # the width now (the weights' sha256 was compared above, before reading them)
+            check_same_encoder(trained, enc.encoder, "", emb.shape[1], f"--clip_weights={clip_weights}")
         print(f"label embeddings: {len(texts)} texts embedded with {enc.encoder} ({hits} from the text cache)")
     elif trained is not None and not (missing := [k for k in keys if k not in trained.names]):
         emb = trained.embeddings[trained.rows(keys)]                      # (N, D)

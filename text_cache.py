@@ -11,7 +11,6 @@ A file that is corrupt, of another encoder or weights, or whose rows are not fin
 one warning line and rewritten: the cache is never trusted over the encoder.
 """
 import functools
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Callable
 import torch
 
 from errors import save_torch_file
+from provenance import sha256_file
 
 CACHE_ENV = "SSIW_CACHE"
 FORMAT = "ssiw text embeddings 1"
@@ -42,11 +42,7 @@ def file_sha256(path: str | Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _SHA256[key] = digest.hexdigest()
+        _SHA256[key] = sha256_file(path)
     return _SHA256[key]
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from distributed import set_threads
+from distributed import cpu_has_bf16, set_threads
 from errors import run_main
 from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
-from inference import Protocol, cpu_has_bf16, infer, load_for_inference
+from inference import Protocol, infer, load_for_inference
 from labels import label_texts
 from provenance import provenance, repo_relative
 from settings import parse_settings
