@@ -25,7 +25,7 @@ import distributed
 from errors import run_main
 from evaluation import (EvalDataset, evaluate_images, load_dataset_config, metrics_from_confusion, seen_classes,
                         split_miou)
-from inference import Protocol, load_for_inference, resolve_precision
+from inference import Protocol, load_for_inference
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
@@ -130,9 +130,9 @@ def main(argv=None):
     model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, dataset.keys, texts, s.embeddings,  # (N, D)
                                                        s.clip_weights, device)
     # recorded before the run: the checkout, the files and the command as they were when it started
-    precision = resolve_precision(s.precision, device)  # what --precision=auto means here, recorded as run
+    precision, why = distributed.choose_precision(s.precision, device)  # what auto means here, recorded as run
     if master:
-        print(distributed.choose_precision(s.precision, device)[1])  # and why
+        print(why)
     prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device, precision,
                       **dataset_hashes(cfg, dataset, s)) if master else None
     if master:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from distributed import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, in_precision, infer, load_for_inference,
-                       resize_short_side, resolve_precision, unknown_id)
+                       resize_short_side, unknown_id)
 from labels import label_texts_for
 from overlays import save_prediction
 from readers import MAX_PIXELS, decode_rgb, open_image, set_max_pixels
@@ -151,7 +151,8 @@ def main(argv=None):
     print_settings(s)
     set_threads(s.threads)
     device = pick_device(s.device)
-    print(choose_precision(s.precision, device)[1])  # which precision the network runs in, and why
+    precision, why = choose_precision(s.precision, device)  # which precision the network runs in, and why
+    print(why)
     paths = list_images(s.images)
     labels = [label.strip() for label in s.labels.split(",") if label.strip()]
     if not labels or len(set(labels)) != len(labels) or len(labels) > 65535:
@@ -167,7 +168,7 @@ def main(argv=None):
          "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
          "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
          "labels_from": s.embeddings or f"{s.clip_weights or 'the checkpoint (its encoder or table)'} ({s.mode})",
-         "precision": resolve_precision(s.precision, device)}, indent=2) + "\n")
+         "precision": precision}, indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, scale, s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)
     print(f"wrote {len(paths)} id maps and overlays to {out_dir}")
