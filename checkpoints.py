@@ -11,7 +11,7 @@ raises WeightsError naming it, what it should be and where such files come from.
 import torch
 
 from errors import ConfigError, WeightsError, read_torch_file
-from efficientnet import efficientnet_lite0_imagenet_path, remap_efficientnet_key
+from efficientnet import WHEEL_FILES, efficientnet_imagenet_path, remap_efficientnet_key
 from hrnet import remap_hrnet_key
 from model import ModelConfig, SegModel, build_model
 from segformer import remap_head_key, remap_mit_key
@@ -23,7 +23,7 @@ from segformer import remap_head_key, remap_mit_key
 
 PRETRAINED = ("pretrained weights: a state dict such as NVlabs' mit_b0..mit_b5.pth or a SegFormer segmentation "
               "checkpoint, the authors' segformer_7data.pth, HRNet's ImageNet or segmentation weights, the "
-              "EfficientNet-Lite0 ImageNet weights (efficientnet_lite0_imagenet) (README: Public weights and data), "
+              "EfficientNet-Lite0/1/2 ImageNet weights (efficientnet_lite0_imagenet, ..._lite2_imagenet) (README: Public weights and data), "
               "or a train.py checkpoint")
 CHECKPOINT = "a train.py checkpoint (ckpt_*.pt in a training run's out_dir)"
 
@@ -95,7 +95,8 @@ FORMATS = {  # name -> (remap, prefixes of our keys the format leaves newly init
     "hrnet_imagenet": (remap_hrnet_key, ("decoder.", "aux.") + _ALWAYS_NEW),
     "hrnet_seg": (remap_hrnet_key, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
     "hrnet_fullmodel": (_hrnet_fullmodel, ("decoder.pred.", "aux.") + _ALWAYS_NEW),
-    "efficientnet_lite_imagenet": (_efficientnet_lite_imagenet, ("decoder.", "aux.") + _ALWAYS_NEW),
+    # the frozen ImageNet branch (model.ImageNetBranch) is loaded from the same file by load_imagenet_branch
+    "efficientnet_lite_imagenet": (_efficientnet_lite_imagenet, ("decoder.", "aux.", "imagenet.") + _ALWAYS_NEW),
     "ours": (_ours, ()),
 }
 
@@ -135,7 +136,7 @@ def _group(keys):
 
 
 # short names for weight files that an installed package ships, resolved by load_pretrained; anything else is a path
-NAMED_WEIGHTS = {"efficientnet_lite0_imagenet": efficientnet_lite0_imagenet_path}
+NAMED_WEIGHTS = {f"{variant}_imagenet": (lambda v=variant: efficientnet_imagenet_path(v)) for variant in WHEEL_FILES}
 
 
 def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
@@ -197,6 +198,32 @@ def load_pretrained(model: SegModel, path, verbose: bool = True) -> dict:
             "logit_scale": float(loaded["logit_scale"]) if "logit_scale" in loaded else None}
 
 
+def load_imagenet_branch(model: SegModel, path, verbose: bool = True) -> int:
+    """Load the frozen ImageNet branch (model.imagenet) strictly from an EfficientNet-Lite ImageNet file (a path or a
+    name in NAMED_WEIGHTS): every tensor of the file, head conv and 1000-class classifier included, lands in it.
+    Returns the number of tensors loaded."""
+    if model.imagenet is None:
+        raise ConfigError("the model has no ImageNet branch (imagenet_branch: false)")
+    path = NAMED_WEIGHTS[path]() if path in NAMED_WEIGHTS else path
+    obj = read_torch_file(path, PRETRAINED)
+    if not isinstance(obj, dict) or _detect_format(obj.keys(), path) != "efficientnet_lite_imagenet":
+        raise WeightsError(f"{path}: the ImageNet branch needs EfficientNet-Lite ImageNet weights (e.g. "
+                           f"{model.config.backbone}_imagenet), not this file")
+    state = {}
+    for k, v in obj.items():
+        ours, _ = remap_efficientnet_key(k, classifier=True)
+        if ours is None:
+            raise WeightsError(f"{path}: unexpected key {k!r} for the ImageNet branch")
+        state[ours] = v
+    try:
+        model.imagenet.net.load_state_dict(state, strict=True)  # shapes too: another variant's file raises here
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not fit the {model.config.backbone} ImageNet branch: {e}") from None
+    if verbose:
+        print(f"load_imagenet_branch: {path}: {len(state)} tensors loaded (classifier included), frozen")
+    return len(state)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Our own training checkpoints: one dict {model, optimizer, scaler, step, sampler, config, model_args, label_table}
 # (run_dir.py writes them)
@@ -226,6 +253,12 @@ def load_checkpoint(path, device):
         model.load_state_dict(ckpt["model"])  # strict: a mismatch means another model, not something to paper over
     except RuntimeError as e:
         raise WeightsError(f"{path}: its weights do not fit its own model_args: {e}") from None
+    if model.imagenet is not None:  # what "seen in training" means to the ensemble: the trained keys' table rows
+        table, keys = ckpt.get("label_table"), ckpt.get("trained_keys")
+        if not table or not keys:
+            raise WeightsError(f"{path}: has an ImageNet branch but no label_table/trained_keys to tell seen labels")
+        rows = [table["names"].index(k) for k in keys]
+        model.imagenet.seen_emb = torch.as_tensor(table["embeddings"])[rows].float()  # (K, D)
     return model.to(device).eval(), ckpt
 
 

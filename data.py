@@ -71,6 +71,8 @@ class SourceConfig:
                                # + label_suffix (LabelMeFacade's own train.txt)
     masks: str = ""            # openimages: folder of the mask PNGs (the MaskPath column)
     box_targets: str = ""      # boxes: CLIP box-target folder written by clip_image.py
+    rest: str = ""             # evaluation only: the class that stands for everything else (weizmann-horses'
+                               # background), predicted wherever a label of evaluate.py's --background wins
 
     @classmethod
     def from_dict(cls, d: dict, data_root: str = "") -> SourceConfig:

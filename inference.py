@@ -25,7 +25,7 @@ from checkpoints import check_width, load_checkpoint
 from distributed import choose_precision
 from errors import ConfigError, WeightsError
 from labels import LabelTable, load_label_table
-from model import similarity, upsample_logits
+from model import upsample_logits
 from overlays import id_png_dtype
 from settings import one_of, require
 
@@ -46,6 +46,8 @@ class Protocol:
                                    # 4 on a GPU (fills the device; speed-up not measured)
     precision: str = "auto"        # the network's: auto (bf16 on GPUs and on CPUs with bf16 units, else fp32) | fp32 |
                                    # bf16 (autocast; similarity, softmax and averaging stay fp32)
+    imagenet_branch: str = "on"    # a checkpoint with a frozen ImageNet branch (labels never seen in training): on (the
+                                   # ensemble) | off (the trained branch alone) | alone (the ImageNet branch alone)
 
     def protocol(self) -> dict:
         """Just the protocol's fields (for results files), also of a subclass's settings."""
@@ -60,6 +62,7 @@ class Protocol:
         require(self, "scales", lambda v: v and all(type(x) in (int, float) and x > 0 for x in v),
                 "must be a non-empty list of positive numbers")
         one_of(self, "precision", ("auto", "fp32", "bf16"))
+        one_of(self, "imagenet_branch", ("on", "off", "alone"))
 
 
 def resolve_precision(precision, device):
@@ -68,16 +71,17 @@ def resolve_precision(precision, device):
     return choose_precision(precision, device)[0]
 
 
-def in_precision(model, precision, device):
-    """model, or under bf16 a function running it in bf16 autocast and returning fp32: only the network runs in
+def in_precision(model, precision, device, branch="on"):
+    """The scoring function (x, label_emb, scale) -> (logits, cos) of model.label_logits with the ImageNet branch
+    `branch` (Protocol.imagenet_branch), under bf16 run in bf16 autocast and returning fp32: only the network runs in
     bf16; the similarity, softmax and averaging of the protocol stay fp32."""
     device = torch.device(device)
-    if resolve_precision(precision, device) == "fp32":
-        return model
+    bf16 = resolve_precision(precision, device) == "bf16"
 
-    def run(x):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return model(x).float()
+    def run(x, label_emb, scale):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, cos = model.label_logits(x, label_emb, scale, branch)
+        return logits.float(), cos.float()
     return run
 
 
@@ -119,24 +123,28 @@ def window_starts(size, crop, stride):
 def window_scores(model, x, label_emb, scale, flip, with_cos):
     """Class scores of a batch of equal-sized windows.
 
-    x: (B, 3, h, w) normalised; label_emb: (N, D). Returns (B, N, h, w) softmax probabilities, or (B, 2N, h, w) with
-    the cosine similarities appended when with_cos (upsampled the same way, for predict.py's unknown threshold).
+    model: in_precision's scoring function (model.label_logits: the trained branch, with the ImageNet branch where the
+    model has one); x: (B, 3, h, w) normalised; label_emb: (N, D). Returns (B, N, h, w) softmax probabilities, or
+    (B, 2N, h, w) with the cosine similarities appended when with_cos (upsampled the same way, for predict.py's
+    unknown threshold).
     """
     b, _, h, w = x.shape
     if flip:
         x = torch.cat([x, x.flip(-1)])                                   # (2B, 3, h, w)
-    logits = similarity(model(x), label_emb, scale)                      # (B', D, h/4, w/4) -> (B', N, h/4, w/4)
+    logits, cos = model(x, label_emb, scale)                             # (B', N, h/4, w/4) each
     logits = upsample_logits(logits.to(label_emb.dtype), (h, w))        # (B', N, h, w), fp32 even under autocast
     out = logits.softmax(1)
     if with_cos:
-        out = torch.cat([out, logits / scale], 1)                        # (B', 2N, h, w)
+        out = torch.cat([out, upsample_logits(cos.to(label_emb.dtype), (h, w))], 1)  # (B', 2N, h, w)
     if flip:
         out = (out[:b] + out[b:].flip(-1)) / 2                           # un-mirror, then average probabilities
     return out
 
 
 def whole_image_scores(model, x, label_emb, scale, flip, with_cos=False):
-    """Scores of one image as one window padded to a multiple of 32. x: (1, 3, h, w) -> (C, h, w), C = N or 2N."""
+    """Scores of one image as one window padded to a multiple of 32. x: (1, 3, h, w) -> (C, h, w), C = N or 2N.
+    model: in_precision's scoring function, or a SegModel (scored in fp32, with its ImageNet branch where it has one)."""
+    model = getattr(model, "label_logits", model)
     h, w = x.shape[-2:]
     m = WHOLE_IMAGE_MULTIPLE
     xp, top, left = pad_centred(x, math.ceil(h / m) * m, math.ceil(w / m) * m)
@@ -208,7 +216,7 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
     The network runs in proto.precision (in_precision); what follows it, in fp32.
     """
     x = image.to(label_emb.device, label_emb.dtype)[None]                # (1, 3, H, W), the labels' precision (fp32)
-    model = in_precision(model, proto.precision, x.device)
+    model = in_precision(model, proto.precision, x.device, proto.imagenet_branch)
     out_size = tuple(out_size or x.shape[-2:])
     short = proto.base_size or min(x.shape[-2:])
     sizes = [short_side_size(*x.shape[-2:], round(s * short)) for s in proto.scales]

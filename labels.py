@@ -89,6 +89,14 @@ def dataset_label_keys(spec: LabelSpec, dataset: str, class_names: list[str]) ->
     return [None if mapping[n] == IGNORE else mapping[n] for n in class_names]
 
 
+IMAGENET = "imagenet-1k"  # label_sentences.yaml's dataset of the 1000 ImageNet classes, keyed by logit index
+
+
+def imagenet_keys(spec: LabelSpec) -> list[str]:
+    """The label key of each ImageNet-1k class in logit order (the ImageNet branch's class embeddings)."""
+    return dataset_label_keys(spec, IMAGENET, [str(i) for i in range(1000)])
+
+
 def with_own_labels(spec: LabelSpec, dataset: str, class_names: list[str], taxonomy: dict | None = None,
                     sentences: dict | None = None, where: str = "") -> LabelSpec:
     """`spec` plus a dataset's own labels (a user's dataset YAML), so that no repository file needs an edit.

@@ -216,10 +216,20 @@ def _mask_terms(emb, batch, label_emb, scale, resize, drop_fraction):
     return dense, coarse
 
 
+def loss_imagenet(emb, target):
+    """Distilling the frozen ImageNet branch (model.ImageNetBranch): emb (B, D, H/4, W/4) the pixel embeddings,
+    average-pooled to target's (B, D, H/32, W/32) grid, pulled towards the branch's direction there: 1 - cosine,
+    averaged over the grid (labels are matched by cosine, so the direction is all that matters; L_WD's L1 on the raw
+    vectors would also fit their lengths). Every pixel of every image counts: the branch has an opinion about all."""
+    pooled = F.adaptive_avg_pool2d(emb, target.shape[-2:])          # (B, D, h, w) -> (B, D, H/32, W/32)
+    return 1 - F.cosine_similarity(pooled, target, dim=1).mean()
+
+
 def compute_losses(out, batch, label_emb, scale, weights, resize, drop_fraction):
     """All loss terms of one batch, DETR-style.
 
-    out: the model's train-mode dict {"emb": (B, D, H/4, W/4), "aux": (B, D, H/16, W/16)?, "box": (B, C, H/4, W/4)?};
+    out: the model's train-mode dict {"emb": (B, D, H/4, W/4), "aux": (B, D, H/16, W/16)?, "box": (B, C, H/4, W/4)?}
+    and, from train.py, "imagenet": (B, D, H/32, W/32) the ImageNet branch's targets (loss_imagenet) where distilled;
     batch: data.py's collate contract (target (B, H, W) table rows or -1, kind, source, label_rows, boxes (P, 5),
     box_targets (P, C)); label_emb (N, D) the label table; scale exp(logit_scale) (clamped by the model); weights
     {"dense", "coarse", "boxes", "aux": weight}; resize one of RESIZE_MODES; drop_fraction L_LD's share of dropped
@@ -253,6 +263,8 @@ def compute_losses(out, batch, label_emb, scale, weights, resize, drop_fraction)
                                              1.0 / strides[0])
         else:
             terms["loss_boxes"] = _fp32(out.get("box", out["emb"])).sum() * 0.0
+        if "imagenet" in out:
+            terms["loss_imagenet"] = loss_imagenet(_fp32(out["emb"]), _fp32(out["imagenet"]))
     missing = sorted({name.removeprefix("loss_") for name in terms} - set(weights))
     if missing:
         raise KeyError(f"no weight for loss term(s) {missing}; weights has {sorted(weights)}")

@@ -1,12 +1,14 @@
-"""The pixel-embedding network: a backbone (MiT-B0..B5, HRNet-W18/W48 or EfficientNet-Lite0), a decoder to D-dim
-embeddings at 1/4 resolution, an optional auxiliary FCN head and box projection, and the learnable temperature; and
-the pixel-label similarity. Loading public checkpoints into it is checkpoints.py's.
+"""The pixel-embedding network: a backbone (MiT-B0..B5, HRNet-W18/W48 or EfficientNet-Lite0/1/2), a decoder to D-dim
+embeddings at 1/4 resolution, an optional auxiliary FCN head and box projection, the learnable temperature, and for
+EfficientNet-Lite an optional frozen ImageNet branch (labels never seen in training); and the pixel-label similarity.
+Loading public checkpoints into it is checkpoints.py's.
 
     model = build_model(ModelConfig(backbone="mit_b5", embed_dim=512, aux_head=True))
     checkpoints.load_pretrained(model, "segformer_7data.pth")
     emb = model.eval()(images)                                # (B, 512, H/4, W/4), not normalised
     logits = similarity(emb, label_emb, model.scale())        # (B, N, H/4, W/4)
     logits = upsample_logits(logits, images.shape[-2:])       # (B, N, H, W)
+    logits, cos = model.label_logits(images, label_emb)       # the same, with the ImageNet branch where it has one
 """
 import math
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from segformer import MIT_VARIANTS, MixTransformer, SegFormerHead
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mit_b5"  # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0
+    backbone: str = "mit_b5"  # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0/1/2
     embed_dim: int = 512  # D, the label-embedding width (CLIP ViT-B: 512)
     decoder_dim: int = 0  # SegFormer MLP width; 0 = 256 for mit_b0/b1 and efficientnet_lite0, 768 otherwise
     aux_head: bool = False  # auxiliary FCN head on the 1/16 features (the authors train with one)
@@ -31,6 +33,15 @@ class ModelConfig:
     box_dim: int = 512  # width of the box targets (CLIP image embeddings)
     drop_path_rate: float = 0.1  # MiT / EfficientNet stochastic depth, linear over blocks
     dropout: float = 0.1  # Dropout2d before the decoder's last 1x1 conv
+    # the frozen ImageNet branch (EfficientNet-Lite only): the backbone's ImageNet classifier per stride-32 pixel,
+    # mapped into label space through the 1000 ImageNet class sentences (ImageNetBranch), combined with the trained
+    # branch as FC-CLIP's geometric ensemble: log p = (1 - w) log p_trained + w log p_imagenet per label, w by
+    # whether the label was seen in training (docs/results.md "Labels never seen in training" measured the values)
+    imagenet_branch: bool = False
+    imagenet_temperature: float = 1.0  # softmax temperature of the per-pixel ImageNet logits
+    imagenet_scale: float = 2.0  # the branch's standardised scores -> logits (the trained branch learns its own scale)
+    ensemble_seen: float = 0.35  # w for labels seen in training (FC-CLIP's alpha)
+    ensemble_unseen: float = 0.8  # w for labels never seen (FC-CLIP's beta)
 
 
 class AuxHead(nn.Module):
@@ -44,6 +55,72 @@ class AuxHead(nn.Module):
 
     def forward(self, x):
         return self.pred(F.relu(self.bn(self.conv(x))))
+
+
+# A label counts as seen by the cosine of its embedding with the nearest training label's: 1 for a training label
+# itself, under about 0.8 for other concepts (MiniLM sentences: "horse" vs the street labels 0.2-0.5); between the two
+# its ensemble weight moves linearly from the unseen to the seen value.
+SEEN_COSINE = (0.8, 0.95)
+IMAGENET_CLASSES = 1000
+
+
+class ImageNetBranch(nn.Module):
+    """The out-of-vocabulary branch: a frozen copy of an EfficientNet-Lite ImageNet network whose classifier runs per
+    stride-32 pixel; its distribution over the 1000 classes, p, maps into the label-embedding space through the
+    embeddings of the classes' sentences, E (1000, D): t = p E. A label's score is then the cosine of t with its
+    embedding, so any label the sentence encoder places near ImageNet classes ("horse" near "sorrel") is recognised
+    without ever being trained on. Never trained (no gradients, always in eval mode); train.py can distill it.
+
+    class_emb: (1000, D) the ImageNet classes' label embeddings in logit order, set by train.py from the label table
+    and saved with the weights. seen_emb: (K, D) the labels the model was trained on, set when a checkpoint is loaded
+    (checkpoints.load_checkpoint) from its training table; not saved (the checkpoint holds the table).
+    """
+
+    def __init__(self, variant, embed_dim, temperature):
+        super().__init__()
+        self.net = EfficientNetLite(variant, drop_path_rate=0.0, classifier=True)
+        self.temperature = temperature
+        self.register_buffer("class_emb", torch.zeros(IMAGENET_CLASSES, embed_dim))
+        self.register_buffer("seen_emb", torch.zeros(0, embed_dim), persistent=False)
+        self.requires_grad_(False)
+
+    def train(self, mode=True):  # frozen: BatchNorm keeps its ImageNet statistics, dropout stays off
+        return super().train(False)
+
+    def probabilities(self, images):
+        """(B, 3, H, W) ImageNet-normalised -> (B, 1000, H/32, W/32) the classifier's distribution per pixel."""
+        return (self.net.classify_pixels(images).float() / self.temperature).softmax(1)
+
+    def forward(self, images):
+        """(B, 3, H, W) ImageNet-normalised -> (B, D, H/32, W/32) ImageNet knowledge in label space (t = p E), not
+        normalised: the distillation target."""
+        return torch.einsum("bkhw,kd->bdhw", self.probabilities(images), self.class_emb)  # (B, D, h, w)
+
+    def label_scores(self, images, label_emb):
+        """(B, 3, H, W), label_emb (N, D) unit rows -> scores and cosines (B, N, H/32, W/32).
+
+        score = sum_c p_c z_cn, z_cn the cosine of class c's and label n's embeddings standardised over the 1000
+        classes: a label is scored by how much nearer than usual the pixel's likely classes are to it. Raw cosines
+        (cos(t, label)) favour whatever the class list has most of: 40% of ImageNet is animals, so "horse" won every
+        pixel of a horse photo, grass and sky included (horse IoU 25 with the branch alone vs 29 standardised, 57 vs
+        26 in the ensemble; docs/results.md). The cosines are cos(t, label), for --unknown_below.
+        """
+        p = self.probabilities(images)                                  # (B, 1000, h, w)
+        cos_cn = F.normalize(self.class_emb, dim=1) @ label_emb.T       # (1000, N)
+        z = (cos_cn - cos_cn.mean(0)) / cos_cn.std(0).clamp_min(1e-6)   # (1000, N), standardised per label
+        scores = torch.einsum("bkhw,kn->bnhw", p, z)                    # (B, N, h, w)
+        t = torch.einsum("bkhw,kd->bdhw", p, self.class_emb)            # (B, D, h, w)
+        return scores, similarity(t, label_emb, 1.0)
+
+    def weights(self, label_emb, seen, unseen):
+        """(N, D) label embeddings -> (N,) the branch's ensemble weight per label: `seen` for labels the model was
+        trained on, `unseen` for labels far from all of them (SEEN_COSINE), linear in between."""
+        if self.seen_emb.shape[0] == 0:
+            return label_emb.new_full(label_emb.shape[:1], unseen)
+        near = (F.normalize(label_emb, dim=1) @ F.normalize(self.seen_emb, dim=1).T).amax(1)  # (N, K) -> (N,)
+        lo, hi = SEEN_COSINE
+        s = ((near - lo) / (hi - lo)).clamp(0, 1)
+        return unseen + (seen - unseen) * s
 
 
 class SegModel(nn.Module):
@@ -66,10 +143,16 @@ class SegModel(nn.Module):
         else:
             raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected one of "
                               f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS) + sorted(EFFICIENTNET_VARIANTS)}")
+        self.imagenet = None
+        if cfg.imagenet_branch:
+            if cfg.backbone not in EFFICIENTNET_VARIANTS:
+                raise ConfigError(f"imagenet_branch needs an EfficientNet-Lite backbone (its ImageNet classifier); "
+                                  f"{cfg.backbone} has none")
+            self.imagenet = ImageNetBranch(cfg.backbone, cfg.embed_dim, cfg.imagenet_temperature)
         self.aux = AuxHead(self.backbone.dims[2], cfg.embed_dim) if cfg.aux_head else None
         self.box_proj = nn.Conv2d(cfg.embed_dim, cfg.box_dim, 1) if cfg.box_head else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-        self.apply(_init_weights)
+        self.apply(_init_weights)  # the ImageNet branch's weights come from its file (load_imagenet_branch)
         # channels_last throughout: MiT's tokens (B, N, C) already are channels_last maps, and on CPU (oneDNN) and
         # GPU (cuDNN, AMP) NHWC convolutions are faster; tools/bench_model.py measured ~3.6x for MiT-B0 inference on
         # CPU.
@@ -97,6 +180,39 @@ class SegModel(nn.Module):
         if self.box_proj is not None:
             out["box"] = self.box_proj(emb)
         return out
+
+
+    def label_logits(self, images, label_emb, scale=None, branch="on"):
+        """images (B, 3, H, W), label_emb (N, D) -> logits and cosines (B, N, H/4, W/4), eval mode: `combine` on
+        the pixel embeddings of images."""
+        return self.combine(self(images), images, label_emb, scale, branch)
+
+    def combine(self, emb, images, label_emb, scale=None, branch="on", valid=None):
+        """Pixel embeddings emb (B, D, h, w) of images (B, 3, H, W) and label_emb (N, D) -> logits and cosines
+        (B, N, h, w).
+
+        The trained branch alone: logits = scale * cos (`similarity`). With the ImageNet branch (branch "on"): per
+        label, (1 - w) log_softmax(trained) + w log_softmax(imagenet) with w from ImageNetBranch.weights, and the
+        cosines mixed with the same weights (what --unknown_below thresholds); "alone": the ImageNet branch only.
+        The caller upsamples and softmaxes the logits like plain ones (log-probabilities renormalise). valid (N,)
+        bool: rows that are labels; the others (padding of a fixed-size input) take no part in either softmax.
+        """
+        scale = self.scale() if scale is None else scale
+        cos = similarity(emb, label_emb, 1.0)                             # (B, N, h, w)
+        if self.imagenet is None or branch == "off":
+            return scale * cos, cos
+        label_emb = F.normalize(label_emb.float(), dim=1)
+        ov, ov_cos = self.imagenet.label_scores(images, label_emb)        # (B, N, H/32, W/32) each
+        ov, ov_cos = (upsample_logits(t.float(), cos.shape[-2:]) for t in (ov, ov_cos))  # (B, N, h, w)
+        c = self.config
+        trained, ov = scale * cos.float(), c.imagenet_scale * ov
+        if valid is not None:  # padding rows: out of both softmaxes (their sums would weigh labels unequally)
+            trained, ov = (torch.where(valid[:, None, None], t, -1e4) for t in (trained, ov))
+        if branch == "alone":
+            return ov, ov_cos
+        w = self.imagenet.weights(label_emb, c.ensemble_seen, c.ensemble_unseen)[:, None, None]  # (N, 1, 1)
+        logits = (1 - w) * trained.log_softmax(1) + w * ov.log_softmax(1)
+        return logits, (1 - w) * cos.float() + w * ov_cos
 
 
 def _init_weights(m):

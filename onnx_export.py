@@ -47,7 +47,10 @@ def segment(model, image, label_emb, scale, with_emb, valid=None):
     # padded to a multiple of 32, centred, as inference.whole_image_scores pads (so the outputs are its)
     x = F.pad(image, [left, pw - left, top, ph - top])                    # (1, 3, H', W')
     emb = model(x)                                                         # (1, D, H'/4, W'/4)
-    logits = label_logits(emb, label_emb, scale)                           # (1, N, H'/4, W'/4)
+    if model.imagenet is None:
+        logits = label_logits(emb, label_emb, scale)                       # (1, N, H'/4, W'/4)
+    else:  # the ensemble with the frozen ImageNet branch, as inference.infer computes it
+        logits, _ = model.combine(emb, x, label_emb, scale, valid=valid)  # (1, N, H'/4, W'/4)
     if valid is not None:
         logits = torch.where(valid[:, None, None], logits, PADDED_LOGIT)   # (1, N, H'/4, W'/4)
     logits = upsample_logits(logits, x.shape[-2:])[:, :, top:top + h, left:left + w]  # (1, N, H, W)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from distributed import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
-from inference import (Protocol, background_labels, ids_from_scores, in_precision, infer, load_for_inference,
-                       resize_short_side, unknown_id)
+from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resize_short_side,
+                       resolve_precision, unknown_id)
 from labels import label_texts_for
 from overlays import save_prediction
 from readers import MAX_PIXELS, decode_rgb, open_image, set_max_pixels
@@ -94,7 +94,10 @@ def pixel_embeddings(model, image, proto):
     runs in proto.precision."""
     x = image[None].to(next(model.parameters()).device)                 # (1, 3, H, W)
     x = resize_short_side(x, round(proto.scales[0] * (proto.base_size or min(x.shape[-2:]))))
-    return F.normalize(in_precision(model, proto.precision, x.device)(x)[0].float(), dim=0)  # (D, h, w)
+    bf16 = resolve_precision(proto.precision, x.device) == "bf16"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        emb = model(x)                                                   # (1, D, h, w)
+    return F.normalize(emb[0].float(), dim=0)                            # (D, h, w)
 
 
 def reduce_embeddings(emb, k):

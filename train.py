@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import distributed
-from checkpoints import load_pretrained
+from checkpoints import load_imagenet_branch, load_pretrained
 from errors import ConfigError, DivergedError, WeightsError, run_main
-from labels import LabelTable, load_label_spec, load_label_table
+from labels import LabelTable, imagenet_keys, load_label_spec, load_label_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from readers import MAX_PIXELS, set_max_pixels
@@ -50,11 +50,13 @@ class TrainSettings:
     skip_bad: bool = False         # count and skip unreadable samples instead of stopping
     max_pixels: int = MAX_PIXELS   # an image (or label) larger than this is refused before decoding (100 MP)
     # model
-    backbone: str = "mit_b5"       # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0
+    backbone: str = "mit_b5"       # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0/1/2
     embed_dim: int = 512           # pixel embedding width; must equal the label table's
     decoder_dim: int = 0           # SegFormer MLP decoder width; 0 = 256 for mit_b0/b1 and lite0, 768 for the others
     aux_head: bool = False         # auxiliary FCN head on stage 3 (SegFormer-B5 in the paper)
     pretrained: str = ""           # public weights to start from: a checkpoint path, or efficientnet_lite0_imagenet
+    imagenet_branch: bool = False  # EfficientNet-Lite: its ImageNet classifier as a frozen branch for labels never
+                                   # seen in training (model.ImageNetBranch; from `pretrained`'s ImageNet weights)
     drop_path_rate: float = 0.1    # stochastic depth in the MiT / EfficientNet encoder
     dropout: float = 0.1           # before the decoder's last 1x1 conv
     # losses
@@ -62,6 +64,7 @@ class TrainSettings:
     weight_coarse: float = 1.0     # L_LD, coarse masks (OpenImages)
     weight_boxes: float = 1.0      # L_WD, boxes with CLIP image targets (Objects365)
     weight_aux: float = 0.4        # the auxiliary head's (mmseg's FCN auxiliary weight; not in the paper)
+    weight_imagenet: float = 0.0   # distilling the ImageNet branch into the pixel embeddings (needs imagenet_branch)
     coarse_drop: float = 0.3       # fraction of the highest-loss pixels dropped per image (L_LD)
     loss_resize: str = "logits"    # logits | embeddings | labels (~4x less memory): losses.RESIZE_MODES
     # optimisation
@@ -92,7 +95,9 @@ class TrainSettings:
         require(self, "batch_size accum_steps max_steps log_every save_every keep_last crop_size short_side embed_dim",
                 lambda v: v >= 1, "must be >= 1")
         require(self, "workers decoder_dim warmup_steps weight_decay poly_power grad_clip weight_dense weight_coarse "
-                "weight_boxes weight_aux", lambda v: v >= 0, "must be >= 0")
+                "weight_boxes weight_aux weight_imagenet", lambda v: v >= 0, "must be >= 0")
+        require(self, "weight_imagenet", lambda v: not v or self.imagenet_branch, "needs imagenet_branch: true (the "
+                "distillation target is that branch's output)")
         require(self, "lr head_lr_mult scale_min", lambda v: v > 0, "must be > 0")
         # torch steps in float32 and AdamW's first step divides by 1 - beta1 = 0.1: a larger lr overflows inside it
         top = FLOAT32_MAX / 10 / max(1.0, self.head_lr_mult)
@@ -318,10 +323,18 @@ def main(argv=None):
     # ---- model and optimizer --------------------------------------------------------------------------------------
     model_args = ModelConfig(backbone=s.backbone, embed_dim=s.embed_dim, decoder_dim=s.decoder_dim,
                              aux_head=s.aux_head, box_head=any(src.kind == "boxes" for src in sources),
-                             drop_path_rate=s.drop_path_rate, dropout=s.dropout)
+                             drop_path_rate=s.drop_path_rate, dropout=s.dropout, imagenet_branch=s.imagenet_branch)
     model = build_model(model_args)
     if s.pretrained:
-        load_pretrained(model, s.pretrained)
+        loaded = load_pretrained(model, s.pretrained)
+    if model.imagenet is not None:
+        if s.pretrained and loaded["format"] == "efficientnet_lite_imagenet":
+            load_imagenet_branch(model, s.pretrained)
+        elif not s.pretrained or any(k.startswith("imagenet.net.") for k in loaded["new"]):
+            raise ConfigError(f"imagenet_branch needs pretrained={s.backbone}_imagenet (or a checkpoint with the "
+                              f"branch): the branch is the ImageNet network, frozen")
+        # the 1000 classes' rows of this run's table: the branch speaks the same label space as the labels
+        model.imagenet.class_emb.copy_(table.embeddings[table.rows(imagenet_keys(spec))])
     model.to(device)
     if world > 1:
         model = distributed.convert_sync_batchnorm(model, device)
@@ -336,7 +349,8 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- loop -----------------------------------------------------------------------------------------------------
-    weights = {"dense": s.weight_dense, "coarse": s.weight_coarse, "boxes": s.weight_boxes, "aux": s.weight_aux}
+    weights = {"dense": s.weight_dense, "coarse": s.weight_coarse, "boxes": s.weight_boxes, "aux": s.weight_aux,
+               "imagenet": s.weight_imagenet}
     loader = data.make_loader(dataset, sampler, workers=s.workers, pin_memory=device.type == "cuda")
     stop, progress = StopSignal(), Progress(s, sources, world, device, master, step)
     model.train()
@@ -363,6 +377,8 @@ def main(argv=None):
             with model.no_sync() if world > 1 and not last else nullcontext():
                 with autocast:
                     out = model(batch["image"])
+                    if s.weight_imagenet:  # the frozen branch's view of the same crops: no gradients, in label space
+                        out["imagenet"] = raw_model.imagenet(batch["image"])
                 loss = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside
                                       resize=s.loss_resize, drop_fraction=s.coarse_drop)
                 if not torch.isfinite(loss["loss"]):
