@@ -131,6 +131,19 @@ def _with_own_labels(cfg, spec, path, sentences, own_taxonomy):
     return spec
 
 
+def same_dataset_here(path, data_root):
+    """(name, folder) of each other shipped YAML of the same dataset (the name before its first '-': camvid-11 and
+    camvid-segnet) whose data is in data_root: what a user who holds that copy (README.md's CamVid in data/camvid-11,
+    the SegNet layout) can evaluate on when the YAML asked for lacks its data."""
+    family = path.stem.split("-")[0]
+    found = []
+    for other in sorted(EVAL_CONFIGS.glob(f"{family}*.yaml")):
+        d = read_yaml(other) if other != path and other.stem.split("-")[0] == family else None
+        if isinstance(d, dict) and isinstance(d.get("root"), str) and Path(data_root, d["root"]).is_dir():
+            found.append((other.stem, Path(data_root, d["root"])))
+    return found
+
+
 def load_dataset_config(name_or_path, root="", list_path="", images="", labels="", spec=None, also_missing=(),
                         data_root="data"):
     """A dataset name (see dataset_yaml) or YAML path -> (data.SourceConfig, label spec). The YAML holds SourceConfig
@@ -153,8 +166,10 @@ def load_dataset_config(name_or_path, root="", list_path="", images="", labels="
                        + " (or --images DIR --labels DIR)")
     if missing or also_missing:
         hint = f"{repo_relative(path)} says where the data comes from:\n{yaml_header(path)}" if missing else ""
+        here = "".join(f"; or --dataset={name}, which reads the copy in {folder}"
+                       for name, folder in same_dataset_here(path, data_root)) if missing else ""
         raise ConfigError(f"evaluate.py --dataset={d.get('name', path.stem)} needs "
-                          + ", ".join([*also_missing, *missing]), hint=hint)
+                          + ", ".join([*also_missing, *missing]) + here, hint=hint)
     cfg = data.SourceConfig.from_dict(d)
     return cfg, _with_own_labels(cfg, spec or load_label_spec(), path, sentences, own_taxonomy)
 

@@ -5,7 +5,9 @@ colours for the common street labels); two other labels can land on similar colo
 its colours in a legend.
 """
 import colorsys
+import functools
 import hashlib
+import itertools
 import math
 from pathlib import Path
 
@@ -36,15 +38,44 @@ KNOWN_COLOURS = {
     "train": (0, 80, 100), "motorcycle": (0, 0, 230), "bicycle": (119, 11, 32)}
 
 
+# A named colour differs from every Cityscapes colour above by at least this CIE76 distance in CIELAB: about where two
+# swatches of a legend stop passing for one (window's first colour, a green 23 from vegetation's, did)
+MIN_DELTA_E = 30.0
+
+
+def cielab(rgb):
+    """sRGB (0..255) -> CIE L*a*b* (D65), to compare colours as eyes do."""
+    def linear(c):
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    def f(t):
+        return t ** (1 / 3) if t > 216 / 24389 else t * 24389 / 27 / 116 + 16 / 116
+
+    r, g, b = (linear(float(c)) for c in rgb)
+    x = f((0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047)
+    y = f(0.2126 * r + 0.7152 * g + 0.0722 * b)
+    z = f((0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883)
+    return 116 * y - 16, 500 * (x - y), 200 * (y - z)
+
+
+KNOWN_LAB = [cielab(c) for c in set(KNOWN_COLOURS.values())]
+
+
+@functools.lru_cache(maxsize=65536)  # a server asks for the same labels' colours again and again
 def label_colour(name):
     """An RGB colour from a label's name alone: Cityscapes' for the labels in KNOWN_COLOURS, else hue, saturation and
-    brightness from the name's sha256 (bright and saturated enough to read over a photo; never the unknown colour)."""
+    brightness from the name's sha256 (bright and saturated enough to read over a photo; never the unknown colour),
+    drawn again from the hash of the name and a counter while it is within MIN_DELTA_E of a Cityscapes colour."""
     key = name.strip().lower().replace(" ", "_")
     if key in KNOWN_COLOURS:
         return KNOWN_COLOURS[key]
-    h = hashlib.sha256(name.strip().lower().encode()).digest()
-    r, g, b = colorsys.hsv_to_rgb(h[0] / 256 + h[1] / 65536, 0.55 + 0.4 * h[2] / 255, 0.7 + 0.3 * h[3] / 255)
-    return round(255 * r), round(255 * g), round(255 * b)
+    for draw in itertools.count():  # 2.9 draws on average, at most 23, over 20,000 names
+        h = hashlib.sha256((name.strip().lower() + "\n" * draw).encode()).digest()
+        r, g, b = colorsys.hsv_to_rgb(h[0] / 256 + h[1] / 65536, 0.55 + 0.4 * h[2] / 255, 0.7 + 0.3 * h[3] / 255)
+        colour = round(255 * r), round(255 * g), round(255 * b)
+        if min(math.dist(cielab(colour), known) for known in KNOWN_LAB) >= MIN_DELTA_E:
+            return colour
 
 
 def colour_map(ids, names):

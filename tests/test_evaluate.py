@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,27 +345,28 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
     torch.testing.assert_close(inf.label_embeddings(keys, sentences, trained_table=trained), emb[[1, 2]])
 
 
-def shipped_dataset(name, shared_dir):
-    """A shipped dataset YAML read with the data root at shared/data, the local copy of the README's downloads."""
-    return evaluation.EvalDataset(*evaluation.load_dataset_config(name, data_root=str(shared_dir / "data")))
+def shipped_dataset(name, data_root):
+    """A shipped dataset YAML read from the README's data root."""
+    return evaluation.EvalDataset(*evaluation.load_dataset_config(name, data_root=str(data_root)))
 
 
-def test_shipped_dataset_yamls_read_the_downloaded_layouts(shared_dir):
-    camvid = shipped_dataset("camvid-segnet", shared_dir)
+def test_shipped_dataset_yamls_read_the_downloaded_layouts(data_root):
+    camvid = shipped_dataset("camvid-segnet", data_root)
     assert len(camvid) == 101 and camvid.class_names == CAMVID
     image, target, stem = camvid[0]
     raw = np.asarray(Image.open(camvid.source.samples.label_path(0))).astype(np.int64)
     assert image.shape == (3, 360, 480) and stem == "0016E5_07959"
     np.testing.assert_array_equal(target.numpy(), np.where(raw == 11, -1, raw))
-    facade = shipped_dataset("labelmefacade", shared_dir)
-    assert len(facade) == 300 and len(facade.class_names) == 8 and "various" not in facade.class_names
+    facade = shipped_dataset("labelmefacade", data_root)
+    tests = (data_root / "labelmefacade" / "test.txt").read_text().split("\n")
+    assert len(facade) == len([line for line in tests if line.strip()]) and len(facade.class_names) == 8 and "various" not in facade.class_names
     image, target, _ = facade[0]
     rgb = np.asarray(Image.open(facade.source.samples.label_path(0)).convert("RGB"))
     assert target.shape == image.shape[1:]
     np.testing.assert_array_equal(target.numpy() == -1, (rgb == 0).all(-1))  # black = various = ignored
     assert (target.numpy()[(rgb == (0, 0, 128)).all(-1)] == facade.class_names.index("window")).all()
     # the seen-only variant: the same pixels, window and door (navy, olive) ignored, the other six classes kept
-    seen = shipped_dataset("labelmefacade-seen", shared_dir)
+    seen = shipped_dataset("labelmefacade-seen", data_root)
     assert seen.keys == ["building", "car", "sidewalk_pavement", "road", "sky", "vegetation"]
     _, seen_target, _ = seen[0]
     dropped = (rgb == 0).all(-1) | (rgb == (0, 0, 128)).all(-1) | (rgb == (128, 128, 0)).all(-1)
@@ -386,24 +388,44 @@ def test_mseg_dataset_yamls_match_names_files_and_taxonomy(name, shared_dir):
     assert f"configs/eval/{name}.yaml says where the data comes from" in missing.value.hint
 
 
+def test_mseg_camvid_without_data_names_the_segnet_copy_in_the_data_root(tmp_path):
+    """A user holding README.md's CamVid (data/camvid-11, the SegNet layout) who asks for MSeg's camvid is told which
+    --dataset reads what they have; without that folder the message does not mention it."""
+    with pytest.raises(ConfigError) as without:
+        evaluation.load_dataset_config("camvid", data_root=str(tmp_path))
+    assert "camvid-segnet" not in str(without.value)
+    (tmp_path / "camvid-11").mkdir()
+    with pytest.raises(ConfigError, match="--root DIR") as held:
+        evaluation.load_dataset_config("camvid", data_root=str(tmp_path))
+    assert str(held.value).endswith(f"; or --dataset=camvid-segnet, which reads the copy in {tmp_path / 'camvid-11'}")
+    assert "mseg_download_camvid.sh" in held.value.hint  # MSeg's instructions stay, above the error line
+    with pytest.raises(ConfigError) as kitti:
+        evaluation.load_dataset_config("kitti", data_root=str(tmp_path))
+    assert "camvid-segnet" not in str(kitti.value)
+
+
 def test_window_batch_auto_is_one_window_on_a_cpu_and_four_on_a_gpu():
     assert inf.window_batch(0, "cpu") == 1 and inf.window_batch(0, "cuda:0") == 4
     assert inf.window_batch(3, "cpu") == 3 and inf.window_batch(3, torch.device("cuda")) == 3
 
 
-def test_labelmefacade_own_lists_name_the_image_alone(tmp_path, shared_dir):
-    """The repository's own train.txt/test.txt hold `images/X.jpg` alone: the label is labels/X.png."""
-    own = tmp_path / "labelmefacade"
-    own.mkdir()
-    for folder in ("images", "labels"):
-        (own / folder).symlink_to(shared_dir / "data" / "labelmefacade" / folder)
-    pairs = (shared_dir / "data" / "labelmefacade" / "test.txt").read_text().splitlines()
-    (own / "test.txt").write_text("".join(line.split()[0] + "\n" for line in pairs))
-    alone = evaluation.EvalDataset(*evaluation.load_dataset_config("labelmefacade", data_root=str(tmp_path)))
-    paired = shipped_dataset("labelmefacade", shared_dir)
-    assert len(alone) == len(paired) == 300
-    assert [str(alone.source.samples.label_path(i)) for i in (0, 299)] == \
-        [str(paired.source.samples.label_path(i)).replace(str(shared_dir / "data"), str(tmp_path)) for i in (0, 299)]
+def test_labelmefacade_own_lists_name_the_image_alone(tmp_path, data_root):
+    """The repository's own train.txt/test.txt hold `images/X.jpg` alone: the label is labels/X.png. The same images
+    with `image label` pairs per line (a copy's lists) give the same samples."""
+    own, paired = tmp_path / "own" / "labelmefacade", tmp_path / "paired" / "labelmefacade"
+    lines = [line.split() for line in (data_root / "labelmefacade" / "test.txt").read_text().splitlines() if line.strip()]
+    for folder, text in ((own, "".join(f[0] + "\n" for f in lines)),
+                         (paired, "".join(f"{f[0]} labels/{Path(f[0]).stem}.png\n" for f in lines))):
+        folder.mkdir(parents=True)
+        for sub in ("images", "labels"):
+            (folder / sub).symlink_to(data_root / "labelmefacade" / sub)
+        (folder / "test.txt").write_text(text)
+    alone = shipped_dataset("labelmefacade", tmp_path / "own")
+    pairs = shipped_dataset("labelmefacade", tmp_path / "paired")
+    assert len(alone) == len(pairs) == len(lines) > 0
+    assert [str(alone.source.samples.label_path(i)) for i in (0, len(lines) - 1)] == \
+        [str(pairs.source.samples.label_path(i)).replace("paired", "own") for i in (0, len(lines) - 1)]
+    assert alone.source.samples.label_path(0).is_file()
 
 
 def test_a_label_has_one_colour_in_every_dataset_and_label_set():
@@ -414,6 +436,14 @@ def test_a_label_has_one_colour_in_every_dataset_and_label_set():
     tower = overlays.label_colour("tower")
     assert tower == overlays.label_colour("tower") and tower != overlays.UNKNOWN_COLOUR
     assert all(0 <= c <= 255 for c in tower) and tower != overlays.label_colour("towers")
+    # a named colour stays clear of every Cityscapes colour (window was a green next to vegetation's)
+    assert overlays.label_colour("window") != overlays.label_colour("vegetation")
+    for name in ["window", "door", "awning", "tower"] + [f"label {i}" for i in range(500)]:
+        lab = overlays.cielab(overlays.label_colour(name))
+        assert min(math.dist(lab, overlays.cielab(c)) for c in overlays.KNOWN_COLOURS.values()) >= 30, name
+    assert math.dist(overlays.cielab((97, 179, 46)), overlays.cielab(overlays.KNOWN_COLOURS["vegetation"])) < 30
+    assert overlays.cielab((255, 255, 255)) == pytest.approx((100, 0, 0), abs=0.05)  # D65 white
+    assert overlays.cielab((255, 0, 0)) == pytest.approx((53.24, 80.09, 67.20), abs=0.05)  # sRGB red's published Lab
     a, _ = overlays.colour_map(np.array([[0, 1]]), ["sky", "road"])
     b, _ = overlays.colour_map(np.array([[1, 0]]), ["road", "sky"])
     assert (a == b).all()  # the same labels in another order: the same picture

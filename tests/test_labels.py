@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from data_fixtures import CAMVID_NAMES
 from errors import ConfigError, LabelKeyError, WeightsError
 from labels import (IGNORE, LabelSpec, LabelTable, dataset_label_keys, label_texts, load_label_spec,
                     load_label_table, save_label_table)
@@ -95,13 +96,13 @@ def test_mseg_universal_order(spec, shared_dir):
     assert keys == PAPER_LABELS[:194]  # the paper's list starts with the universal classes, in MSeg order
 
 
-def test_other_datasets_map_fully(spec, shared_dir):
-    camvid = read_names(shared_dir / "data/camvid-11/names.txt")
-    assert dataset_label_keys(spec, "camvid-segnet", camvid) == [
+def test_other_datasets_map_fully(spec, data_root):
+    assert dataset_label_keys(spec, "camvid-segnet", CAMVID_NAMES) == [
         "sky", "building", "pole", "road", "sidewalk_pavement", "vegetation", "traffic_sign", "fence", "car", "person",
         "bicyclist"]
-    readme = (shared_dir / "data/labelmefacade/README.md").read_text()
-    facade = re.findall(r"^\| (\w+)[^|]* \| \d+:\d+:\d+ \|$", readme, flags=re.M)
+    # the classes as the dataset's own README lists their colours: `various = 0:0:0` (or a table row `| various | 0:0:0 |`)
+    readme = (data_root / "labelmefacade" / "README.md").read_text()
+    facade = re.findall(r"^\W*(\w+)\b.*\b\d+:\d+:\d+\b", readme, flags=re.M)
     assert len(facade) == 9
     keys = dict(zip(facade, dataset_label_keys(spec, "labelmefacade", facade)))
     assert keys["various"] is None and keys["pavement"] == "sidewalk_pavement" and keys["window"] == "window"

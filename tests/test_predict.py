@@ -84,6 +84,21 @@ def test_unknown_threshold(tmp_path):
     assert (everything == 255).all()
 
 
+def test_the_printed_line_names_every_label_with_its_share(tmp_path, capsys):
+    """Stripes of red, green (no label fits: unknown) and blue twice, labels red, blue and white: every label is
+    printed with its share, largest first, the one that won no pixel too, and unknown's share last."""
+    path = write_stripes(tmp_path / "a.png", ["red", "green", "blue", "blue"])
+    labels = ["red", "blue", "white"]
+    ids = pr.predict_images(ColourModel(), [path], labels, colour_emb(labels), 50.0, PROTO, tmp_path / "o",
+                            unknown_below=0.5)["a"]
+    share = {name: 100 * float((ids == i).mean()) for i, name in zip([0, 1, 2, 255], labels + ["unknown"])}
+    assert share["blue"] > share["red"] > 0 and share["white"] == 0 and share["unknown"] > 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (f"[1/1] a.png: blue {share['blue']:.1f}%, red {share['red']:.1f}%, white 0.0%, "
+                    f"unknown {share['unknown']:.1f}%")
+    assert pr.share_line(np.array([[1, 1, 0, 1]], np.uint8), ["road", "sky"]) == "sky 75.0%, road 25.0%"
+
+
 def test_300_labels_give_16_bit_ids(tmp_path):
     """Beyond 255 labels the ids and the unknown id (65535) live in a 16-bit PNG; below, PNGs stay 8-bit."""
     path = write_stripes(tmp_path / "a.png", ["red", "green", "blue"])

@@ -176,7 +176,8 @@ def big_png_b64(w, h):
 
 GOOD = {"image": photo_b64(), "labels": LABELS}
 BAD_BODIES = [  # (body, status, words of the error)
-    ({**GOOD, "image": base64.b64encode(b"not an image at all").decode()}, 400, "unreadable image"),
+    ({**GOOD, "image": base64.b64encode(b"not an image at all").decode()}, 400,
+     "the uploaded image: unreadable image (not a format Pillow reads: JPEG, PNG, WebP"),  # no `<... object at 0x..>`
     ({**GOOD, "image": "!!!not base64!!!"}, 400, "image: not base64"),
     ({**GOOD, "image": big_png_b64(2500, 2000)}, 413, "pixel budget (max_pixels=4000000)"),
     ({**GOOD, "labels": []}, 400, "no labels"),
@@ -205,6 +206,7 @@ BAD_BODIES = [  # (body, status, words of the error)
 def test_bad_input_is_a_json_error_and_the_server_keeps_serving(server, body, status, words):
     got, r, _ = call(server, "POST", "/api/segment", body)
     assert got == status and words in r["error"], r
+    assert " object at 0x" not in r["error"]  # no Python object's repr in what a user reads
     still_serving(server)
 
 
@@ -257,13 +259,13 @@ def test_settings_are_checked():
         serve.main(["--checkpoint=x.pt", "--warmup=,"])
 
 
-def test_page_in_headless_chromium(tmp_path, shared_dir):
+def test_page_in_headless_chromium(tmp_path, data_root):
     """The page as a user meets it: pick a CamVid photo, type labels, get the overlay and legend, move the slider."""
     from chromium import Chromium, find_chromium
     binary = find_chromium()
     if binary is None:
-        pytest.skip("no chromium on PATH (tests/run.sh installs the Debian package `chromium`)")
-    photo = shared_dir / "data" / "camvid-11" / (shared_dir / "data" / "camvid-11" / "val.txt").read_text().split()[0]
+        pytest.skip("no chromium on PATH (SSIW_INSTALL_CHROMIUM=1 bash tests/run.sh installs Debian's `chromium`)")
+    photo = data_root / "camvid-11" / "val" / "0016E5_07959.png"
     server, thread = start_server(tmp_path / "run", base_size=240, crop_size=240)
     browser = None
     try:

@@ -7,22 +7,22 @@ from PIL import Image
 
 import data
 import labels
-from data_fixtures import SPEC, TABLE, shared_sources, write_id_dataset
+from data_fixtures import SPEC, TABLE, readme_sources, write_id_dataset
 from transforms import TrainTransform, eval_image, hflip_boxes
 
 STILL = dict(p_jitter=0, p_blur=0, p_noise=0, p_jpeg=0)  # geometry only
 from sampler import BalancedSampler
 
 
-def real_dataset(shared_dir, transform):
+def real_dataset(data_root, transform):
     spec = labels.load_label_spec()
-    sources = [data.SourceConfig.from_dict(d) for d in shared_sources(shared_dir)]
+    sources = [data.SourceConfig.from_dict(d) for d in readme_sources(data_root)]
     keys = data.source_label_keys(sources, spec)
     return data.MultiSourceDataset(sources, spec, labels.LabelTable(keys, keys, torch.eye(len(keys)), "t"), transform)
 
 
-def test_label_values_are_a_subset_plus_ignore(shared_dir):
-    ds = real_dataset(shared_dir, TrainTransform())  # the paper's settings, every augmentation on by its chance
+def test_label_values_are_a_subset_plus_ignore(data_root):
+    ds = real_dataset(data_root, TrainTransform())  # the paper's settings, every augmentation on by its chance
     for s, i, draw in [(0, 5, 0), (0, 300, 1), (1, 7, 2), (1, 99, 3)]:
         src = ds.sources[s]
         image = src.samples.image(i)
@@ -33,8 +33,8 @@ def test_label_values_are_a_subset_plus_ignore(shared_dir):
         assert set(sample["target"].unique().tolist()) <= raw_rows | {-1}
 
 
-def test_plan_is_reproducible_per_seed_epoch_draw(shared_dir):
-    ds = real_dataset(shared_dir, TrainTransform())
+def test_plan_is_reproducible_per_seed_epoch_draw(data_root):
+    ds = real_dataset(data_root, TrainTransform())
     a, b = ds[(1, 3, 2, 17)], ds[(1, 3, 2, 17)]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
     c = ds[(1, 3, 3, 17)]  # next epoch, same draw position: another augmentation
@@ -43,8 +43,8 @@ def test_plan_is_reproducible_per_seed_epoch_draw(shared_dir):
     assert not torch.equal(a["image"], ds[(1, 3, 2, 17)]["image"])
 
 
-def test_same_sample_in_a_worker_process(shared_dir):
-    ds = real_dataset(shared_dir, TrainTransform(crop_size=128, short_side=256))
+def test_same_sample_in_a_worker_process(data_root):
+    ds = real_dataset(data_root, TrainTransform(crop_size=128, short_side=256))
     sampler = BalancedSampler(ds.source_sizes, batch_size=2, batches_per_epoch=2)
     keys = list(sampler)
     in_worker = list(data.make_loader(ds, sampler, workers=1))
