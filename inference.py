@@ -23,6 +23,7 @@ import sentence_encoder
 import text_cache
 from checkpoints import check_width, load_checkpoint
 from distributed import choose_precision
+from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
 from labels import LabelTable, load_label_table
 from model import upsample_logits
@@ -321,6 +322,12 @@ def load_for_inference(checkpoint, keys, texts, embeddings="", clip_weights="", 
     table's rows, `texts` embedded now, or the checkpoint's own training table); a width other than the model's
     raises naming both."""
     model, ckpt = load_checkpoint(checkpoint, device)
+    c = model.config
+    print(f"imagenet branch: ensemble of the trained and the frozen ImageNet branch (--imagenet_branch; weight of the "
+          f"ImageNet branch {c.ensemble_seen} for labels seen in training, {c.ensemble_unseen} for others)"
+          if model.imagenet is not None else
+          f"imagenet branch: none ({c.backbone} has no ImageNet classifier)" if c.backbone not in EFFICIENTNET_VARIANTS
+          else "imagenet branch: none (trained without imagenet_branch): labels come from the trained branch alone")
     label_emb = label_embeddings(keys, texts, embeddings, clip_weights, device, ckpt.get("label_table"))  # (N, D)
     check_width(ckpt, label_emb, "the label embeddings")
     return model, ckpt, label_emb, float(model.scale().detach())

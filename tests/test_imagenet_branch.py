@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +219,28 @@ def test_checkpoint_tells_the_branch_which_labels_were_seen(tmp_path):
     torch.save(ckpt, tmp_path / "bare.pt")
     with pytest.raises(WeightsError, match="trained_keys"):
         load_checkpoint(tmp_path / "bare.pt", "cpu")
+
+
+def test_open_vocab_graph_computes_the_ensemble(tmp_path):
+    """export.py's open-vocabulary graph of a model with the branch (padded to a static label count) against the torch
+    protocol (inference.whole_image_scores, which goes through label_logits)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import onnx_export
+    from inference import whole_image_scores
+    from test_export import assert_same_labels
+    model = branch_model(embed_dim=16).eval()
+    torch.manual_seed(1)
+    model.imagenet.class_emb.copy_(torch.randn(1000, 16))
+    labels = F.normalize(torch.randn(3, 16), dim=1)
+    model.imagenet.seen_emb = labels[:1].clone()
+    path = tmp_path / "ov.onnx"
+    onnx_export.export(onnx_export.OpenVocabSegmenter(model, 14.0, max_labels=5), path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = torch.randn(1, 3, 70, 100)
+    padded = torch.cat([labels, torch.zeros(2, 16)])
+    ids, score = session.run(None, {"image": image.numpy(), "label_emb": padded.numpy(),
+                                    "label_count": np.array([3], dtype=np.int64)})
+    with torch.no_grad():
+        prob = whole_image_scores(model, image, labels, 14.0, flip=False)  # (3, H, W)
+    assert_same_labels(ids, score, prob)

@@ -1,12 +1,16 @@
 """Relative speed of SegModel with different backbones, on the same input (e.g. the CPU recipe's 360x480).
 
     python -m tools.bench_backbones --backbones=efficientnet_lite0,mit_b0 --batch=2 --pairs=12 --threads=1
+    python -m tools.bench_backbones --backbones=efficientnet_lite0,efficientnet_lite0+imagenet,efficientnet_lite2 \
+        --batch=1 --labels=15                     # with the frozen ImageNet branch: inference scores 15 labels
 
 Inference (eval, inference_mode) and a training step (train mode, forward + backward of a stand-in loss, no
 optimizer step). The backbones alternate call by call and each reports its median seconds per call and the median
 over rounds of its time / the first backbone's time, with quartiles: on a machine shared with other processes,
 whose load comes and goes over seconds, per-round ratios stay tight where best-of-N throughputs of separate runs
-(tools/bench_model.py's method) swung 2-3x between rounds.
+(tools/bench_model.py's method) swung 2-3x between rounds. A name ending in `+imagenet` is that backbone with the frozen
+ImageNet branch (model.ImageNetBranch); inference then times model.label_logits for --labels labels (every model,
+for the same work after the network), training the trainable part as usual.
 """
 import statistics
 import time
@@ -28,6 +32,7 @@ class BenchSettings:
     batch: int = 2
     pairs: int = 12  # timed rounds per phase, each calling every backbone once (after one warm-up round)
     embed_dim: int = 384  # the CPU recipe's MiniLM table width
+    labels: int = 0  # > 0: inference scores this many labels (model.label_logits), as evaluate.py does
     threads: int = 0  # torch.set_num_threads; 0 = from the usable cores (distributed.set_threads)
 
 
@@ -38,7 +43,9 @@ def main(argv=None):
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     torch.manual_seed(0)
     x = torch.randn(cfg.batch, 3, cfg.height, cfg.width).contiguous(memory_format=torch.channels_last)
-    models = {b: build_model(ModelConfig(backbone=b, embed_dim=cfg.embed_dim)) for b in cfg.backbones}
+    models = {b: build_model(ModelConfig(backbone=b.removesuffix("+imagenet"), embed_dim=cfg.embed_dim,
+                                         imagenet_branch=b.endswith("+imagenet"))) for b in cfg.backbones}
+    label_emb = torch.nn.functional.normalize(torch.randn(max(cfg.labels, 1), cfg.embed_dim), dim=1)  # (N, D)
     for name, m in models.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
               f"(backbone {sum(p.numel() for p in m.backbone.parameters()) / 1e6:.2f}M)")
@@ -46,7 +53,7 @@ def main(argv=None):
     def infer(m):
         m.eval()
         with torch.inference_mode():
-            m(x)
+            m.label_logits(x, label_emb) if cfg.labels else m(x)
 
     def train(m):
         m.train()
