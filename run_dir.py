@@ -14,11 +14,13 @@ import json
 import os
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from checkpoints import CHECKPOINT, read_checkpoint
+from model import ModelConfig
 from errors import DivergedError, InputError, WeightsError, read_torch_file, save_torch_file
 
 
@@ -119,7 +121,8 @@ def restore_checkpoint(path, model, optimizer, scaler, sampler, meta, allow_new_
     the newest finite checkpoint before it: training from such a state cannot recover. Returns the step it was
     saved at."""
     ckpt = read_checkpoint(path, RESUME_KEYS)
-    if ckpt["model_args"] != meta["model_args"]:
+    # a field this code added since the checkpoint was written takes its default, as load_checkpoint rebuilds it
+    if {**asdict(ModelConfig()), **ckpt["model_args"]} != meta["model_args"]:
         raise WeightsError(f"{path}: model_args {ckpt['model_args']} differ from this run's {meta['model_args']}")
     bad = nonfinite_tensors({"model": ckpt["model"], "optimizer": ckpt["optimizer"]})
     if bad:
