@@ -166,13 +166,15 @@ class Source:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int, transform: TrainTransform | None, rng: np.random.Generator | None = None) -> dict:
+    def load(self, i: int, transform: TrainTransform | None, rng: np.random.Generator | None = None,
+             work_size=None) -> dict:
         """Sample i: decode, map labels to rows, augment (when `transform`, drawing from `rng`). Bad files raise
-        DataError."""
+        DataError, and so does an image over the pixel budget (readers.open_image; `work_size`: the size a model
+        processes it at, for evaluation; training processes crops)."""
         if transform is not None and rng is None:
             raise ValueError("Source.load: a transform needs an rng (np.random.Generator) to draw its augmentation")
         image_path = self.samples.image(i)
-        im = open_image(image_path)
+        im = open_image(image_path, work_size)
         size = im.size  # (w, h) of the original, before any draft
         plan = transform.plan(*size, rng) if transform is not None else None
         image = decode_rgb(im, image_path, draft_size(plan) if plan else None)

@@ -30,7 +30,7 @@ from inference import Protocol, background_labels, load_for_inference
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
-from readers import MAX_PIXELS, set_max_pixels
+from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from settings import one_of, parse_settings, print_settings, require
 
 
@@ -52,7 +52,9 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     background: str = ""           # a dataset with a rest class (its YAML's `rest:`, e.g. weizmann-horses' background):
                                    # the labels standing for it, "default" = predict.py's background vocabulary
     max_images: int = 0            # evaluate the first N images only (0 = all)
-    max_pixels: int = MAX_PIXELS   # an image (or label) larger than this is refused before decoding (100 MP)
+    max_pixels: int = MAX_PIXELS   # an image (or label), or the size the protocol processes it at, larger than this
+                                   # is refused before decoding (100 MP)
+    max_aspect: float = MAX_ASPECT # an image whose longer side is more than this times its shorter is refused so too
     save_pred: str = ""            # folder for id PNGs and overlays with a legend ("" = none)
     out_dir: str = "out/eval"      # results JSON + markdown
     print_every: int = 10          # progress line every N images
@@ -136,7 +138,7 @@ def dataset_hashes(cfg, dataset, s):
 
 def main(argv=None):
     s = parse_settings(EvalSettings, argv)
-    set_max_pixels(s.max_pixels)
+    set_image_budget(s.max_pixels, s.max_aspect)
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
     distributed.set_threads(s.threads, verbose=master)
@@ -146,7 +148,7 @@ def main(argv=None):
     no_checkpoint = [] if Path(s.checkpoint).is_file() else ["--checkpoint CKPT"]  # said with any missing data
     cfg, spec = load_dataset_config(s.dataset, s.root, s.list, s.images, s.labels, also_missing=no_checkpoint,
                                     data_root=s.data_root)
-    dataset = EvalDataset(cfg, spec, s.max_images)
+    dataset = EvalDataset(cfg, spec, s.max_images, s.work_size)
     keys, row_class = rest_labels(cfg, dataset, s.background)
     texts = label_texts(spec, keys, s.mode, unknown_as_word=row_class is not None)
     if s.embeddings and s.mode == "word" and master:

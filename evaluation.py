@@ -209,17 +209,18 @@ class EvalDataset:
     int64 class index or -1 = ignore, stem). Classes: the dataset's ids whose taxonomy key is not ignore, in id order
     (ids sharing a key are one class). Ignored: the config's `ignore` ids and classes mapped to ignore."""
 
-    def __init__(self, cfg, spec, max_images=0):
+    def __init__(self, cfg, spec, max_images=0, work_size=None):
         self.name, self.names = cfg.name, data.source_class_names(cfg)
         self.keys, self.class_ids, self.class_names = evaluated_classes(cfg, spec)
         self.source = data.Source(cfg, spec, {k: row for row, k in enumerate(self.keys)})  # raw id -> class index
         self.size = min(len(self.source), max_images) if max_images else len(self.source)
+        self.work_size = work_size  # (w, h) -> (W, H, how): the size the protocol processes an image at (budgeted)
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, i):
-        sample = self.source.load(i, None)  # image (3, H, W) normalised, target (H, W) int64
+        sample = self.source.load(i, None, work_size=self.work_size)  # image (3, H, W) normalised, target (H, W)
         return sample["image"], sample["target"], Path(self.source.samples.image(i)).stem
 
 

@@ -44,7 +44,7 @@ from distributed import set_threads
 from errors import ConfigError, run_main
 from evaluation import dataset_classes
 from inference import load_for_inference
-from labels import label_texts, label_texts_for
+from labels import label_texts, label_texts_for, parse_labels
 from onnx_export import OpenVocabSegmenter, Segmenter, export, import_onnx
 from onnx_text import export_text_encoder
 from settings import one_of, parse_settings, print_settings, require
@@ -82,7 +82,7 @@ def labels_and_texts(s):
     if s.dataset:
         keys, names, spec = dataset_classes(s.dataset)
         return names, keys, label_texts(spec, keys, s.mode)
-    labels = [label.strip() for label in s.labels.split(",") if label.strip()]
+    labels = parse_labels(s.labels, "--labels")
     if not labels or len(set(labels)) != len(labels):
         raise ConfigError(f"--labels={s.labels!r}: give distinct comma-separated labels")
     return labels, labels, label_texts_for(labels, s.sentences, s.mode)

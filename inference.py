@@ -25,7 +25,7 @@ from checkpoints import check_width, load_checkpoint
 from distributed import choose_precision
 from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
-from labels import LabelTable, load_label_table
+from labels import LabelTable, load_label_table, parse_labels
 from model import upsample_logits
 from overlays import id_png_dtype
 from settings import one_of, require
@@ -49,6 +49,19 @@ class Protocol:
                                    # bf16 (autocast; similarity, softmax and averaging stay fp32)
     imagenet_branch: str = "on"    # a checkpoint with a frozen ImageNet branch (labels never seen in training): on (the
                                    # ensemble) | off (the trained branch alone) | alone (the ImageNet branch alone)
+
+    def work_size(self, w, h):
+        """(W, H, how): the largest image the protocol makes of a w x h one (the short side resized for the largest
+        scale, then padded to the crop, or to a multiple of 32 for the whole image), and the settings that set it;
+        readers.open_image checks it against the pixel budget before decoding the image."""
+        s = max(self.scales)
+        hs, ws = short_side_size(h, w, round(s * (self.base_size or min(w, h))))
+        if self.sliding:
+            size, pad = (max(ws, self.crop_size), max(hs, self.crop_size)), f"padded to crop_size={self.crop_size}"
+        else:
+            m = WHOLE_IMAGE_MULTIPLE
+            size, pad = (-(-ws // m) * m, -(-hs // m) * m), f"padded to a multiple of {m}"
+        return (*size, f"base_size={self.base_size}" + (f", scale {s:g}" if s != 1 else "") + f", {pad}")
 
     def protocol(self) -> dict:
         """Just the protocol's fields (for results files), also of a subclass's settings."""
@@ -246,11 +259,10 @@ def encoder_family(encoder):
     return first if first in TEXT_FAMILIES else ""
 
 
-def check_same_encoder(trained, encoder, sha, width, given):
-    """Raise WeightsError where label embeddings from `encoder` (`width`-d) cannot stand for the rows of the table the
-    checkpoint was trained with: another encoder family (a CLIP table for a model trained on sentence-encoder rows,
-    or the reverse) or another width. The same family with other weights (e.g. CLIP ViT-B/16 for ViT-B/32, or the
-    same weights in another file format) is only warned about: the hashes cannot tell those apart."""
+def check_same_encoder(trained, encoder, width, given):
+    """Raise WeightsError where label embeddings from `encoder` (`width`-d, None = not known yet) cannot stand for the
+    rows of the table the checkpoint was trained with: another encoder family (a CLIP table for a model trained on
+    sentence-encoder rows, or the reverse) or another width."""
     if trained is None:
         return
     trained_width = trained.embeddings.shape[1]
@@ -259,9 +271,22 @@ def check_same_encoder(trained, encoder, sha, width, given):
         raise WeightsError(f"{given} gives {encoder} embeddings ({width or '?'}-d), but the checkpoint was trained on "
                            f"{trained.encoder} embeddings ({trained_width}-d); embed the labels with the checkpoint's "
                            f"encoder (no --clip_weights/--embeddings: its own, where installed)")
-    if trained.weights_sha256 and sha and sha != trained.weights_sha256:
-        print(f"warning: {given}: weights sha256 {sha[:16]}... differ from those of the checkpoint's table "
-              f"({trained.encoder}, {trained.weights_sha256[:16]}...): same encoder family, other weights?")
+
+
+def warn_other_weights(trained, encoder, sha, given):
+    """One `warning:` line where the embeddings come from other weights than the checkpoint's table's, within the same
+    family and width (CLIP ViT-B/16 for ViT-B/32, or the same weights in another file format: the hashes cannot tell
+    those apart): their sha256s differ, or where either is unknown (label_table.py --clip_random_init's table has no
+    weights file, older tables no hash) their encoder ids do."""
+    if trained is None:
+        return
+    other = sha != trained.weights_sha256 if sha and trained.weights_sha256 else encoder != trained.encoder
+    if other:
+        def named(enc, h):
+            return f"{enc} (weights sha256 {h[:16] + '...' if h else 'unknown'})"
+        print(f"warning: {given}: {named(encoder, sha)} is not the encoder of the checkpoint's table, "
+              f"{named(trained.encoder, trained.weights_sha256)}: other weights, or the same in another file? The "
+              f"model was trained against that table's rows")
 
 
 def own_text_encoder(trained):
@@ -291,16 +316,18 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", 
     if embeddings:
         table = load_label_table(embeddings)
         emb = table.embeddings[table.rows(keys)]                          # (N, D)
-        check_same_encoder(trained, table.encoder, table.weights_sha256, emb.shape[1], f"--embeddings={embeddings}")
+        check_same_encoder(trained, table.encoder, emb.shape[1], f"--embeddings={embeddings}")
+        warn_other_weights(trained, table.encoder, table.weights_sha256, f"--embeddings={embeddings}")
         print(f"label embeddings: {len(keys)} rows of {embeddings} ({table.encoder})")
         return F.normalize(emb.float(), dim=-1).to(device)
     enc = text_cache.clip_text_encoder(clip_weights) if clip_weights else own_text_encoder(trained)
     if clip_weights:  # the family before reading the weights, the width after
-        check_same_encoder(trained, enc.encoder, enc.weights_sha256, None, f"--clip_weights={clip_weights}")
+        check_same_encoder(trained, enc.encoder, None, f"--clip_weights={clip_weights}")
+        warn_other_weights(trained, enc.encoder, enc.weights_sha256, f"--clip_weights={clip_weights}")
     if enc is not None:
         emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D)
         if clip_weights:  # the width now (the weights' sha256 was compared above, before reading them)
-            check_same_encoder(trained, enc.encoder, "", emb.shape[1], f"--clip_weights={clip_weights}")
+            check_same_encoder(trained, enc.encoder, emb.shape[1], f"--clip_weights={clip_weights}")
         print(f"label embeddings: {len(texts)} texts embedded with {enc.encoder} ({hits} from the text cache)")
     elif trained is not None and not (missing := [k for k in keys if k not in trained.names]):
         emb = trained.embeddings[trained.rows(keys)]                      # (N, D)
@@ -370,5 +397,5 @@ def ids_from_scores(prob, cos=None, unknown_below=-1.0, asked=None):
 def background_labels(background, labels):
     """--background -> the background vocabulary: DEFAULT_BACKGROUND for "default", else the comma-separated labels;
     labels that are asked for are left out (asking for a label must not make it unknown)."""
-    extra = DEFAULT_BACKGROUND if background == "default" else [b.strip() for b in background.split(",") if b.strip()]
+    extra = DEFAULT_BACKGROUND if background == "default" else parse_labels(background, "--background")
     return [b for b in dict.fromkeys(extra) if b not in labels]

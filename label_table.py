@@ -18,7 +18,7 @@ import clip_text
 import text_cache
 from distributed import set_threads
 from errors import ConfigError, run_main
-from labels import TEXT_MODES, LabelTable, label_texts, load_label_spec, save_label_table
+from labels import TEXT_MODES, LabelTable, label_texts, load_label_spec, parse_labels, save_label_table
 from settings import one_of, parse_settings, print_settings, required
 
 
@@ -61,7 +61,7 @@ def main(argv=None):
     set_threads(s.threads)
     print_settings(s)
     spec = load_label_spec(s.sentences) if s.sentences else load_label_spec()
-    keys = [k.strip() for k in s.labels.split(",") if k.strip()] if s.labels else list(spec.sentences)
+    keys = parse_labels(s.labels, "--labels") or list(spec.sentences)
     texts = label_texts(spec, keys, mode=s.mode)  # an unknown key raises naming it
     if s.clip_random_init:
         print(RANDOM_WARNING)

@@ -134,6 +134,33 @@ def with_own_labels(spec: LabelSpec, dataset: str, class_names: list[str], taxon
                      mseg_universal=spec.mseg_universal)
 
 
+def label_list_problem(labels: list[str]) -> str:
+    """Why a list of labels given by a user cannot be used ("" where it can): a blank label (label i gets id i, so
+    dropping it would shift the ids after it), or one that is not valid Unicode (a lone surrogate, from JSON's
+    "\\ud800" or a command line's undecodable bytes, which no file, hash or PNG legend can hold)."""
+    for i, label in enumerate(labels, 1):
+        if not label.strip():
+            return (f"label {i} of {len(labels)} is blank (label i gets id i: a blank label would shift the ids after "
+                    f"it)")
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"label {i} of {len(labels)} is not valid Unicode ({label!r:.80})"
+    return ""
+
+
+def parse_labels(text: str, flag: str) -> list[str]:
+    """A comma-separated label list (a flag's value) -> the labels, stripped; ConfigError naming the flag where one
+    is blank or not valid Unicode (label_list_problem). "" -> []."""
+    if not text.strip():
+        return []
+    labels = text.split(",")
+    problem = label_list_problem(labels)
+    if problem:
+        raise ConfigError(f"{flag}={text!r}: {problem}")
+    return [label.strip() for label in labels]
+
+
 def label_texts(spec: LabelSpec, keys: list[str], mode: str = "sentence", extra: dict[str, str] | None = None,
                 unknown_as_word: bool = False) -> list[str]:
     """The text to embed for each key. mode "sentence": its sentence from `extra` ({key: sentence}, e.g. a user's

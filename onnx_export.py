@@ -85,12 +85,32 @@ class Segmenter(nn.Module):
         return (torch.zeros(1, 3, 64, 96),), {"image": [1, 3, "height", "width"]}
 
 
+class LabelCountCheck(nn.Module):
+    """label_count (1,) int64 -> itself where it lies in 1..max_labels, else the graph fails. Outside, no output is
+    right: 0 or less labels nothing, more than M counts padding rows as labels (a zero row may win pixels).
+
+    A hack, named as one: ONNX has no assert, but a Gather whose index is out of bounds is an error in every runtime
+    (the spec says so). So label_count is multiplied by element 0 or 1 of a one-element tensor; 1, out of bounds,
+    where it is outside 1..M. onnxruntime's message names the node, and the node is named by this module's attribute
+    in OpenVocabSegmenter: '/label_count_outside_1_to_max_labels/Gather'. In torch, the same index is an IndexError.
+    """
+
+    def __init__(self, max_labels):
+        super().__init__()
+        self.max_labels = max_labels
+
+    def forward(self, label_count):
+        outside = ((label_count < 1) | (label_count > self.max_labels)).long()       # (1,) 0 or 1
+        return label_count * torch.ones(1, dtype=torch.long).index_select(0, outside)  # (1,), or the error
+
+
 class OpenVocabSegmenter(nn.Module):
     """A model with its temperature baked in; the label embeddings are an input, L2-normalised in the graph.
 
     image (1, 3, H, W), label_emb (K, D) -> ids (1, H, W) int64 in 0..K-1, score, [emb] as Segmenter's. With
-    max_labels = M > 0: label_emb (M, D) static and label_count (1,) int64; rows label_count.. are padding and
-    never win (PADDED_LOGIT), so the outputs are those of the first label_count rows alone.
+    max_labels = M > 0: label_emb (M, D) static and label_count (1,) int64 in 1..M (else the graph fails:
+    LabelCountCheck); rows label_count.. are padding and never win (PADDED_LOGIT), so the outputs are those of the
+    first label_count rows alone.
     """
 
     def __init__(self, model, scale, with_emb=False, max_labels=0):
@@ -99,12 +119,15 @@ class OpenVocabSegmenter(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.with_emb, self.max_labels = with_emb, max_labels
         self.embed_dim = model.config.embed_dim
+        if max_labels:  # the attribute's name is the node's in a runtime's error message
+            self.label_count_outside_1_to_max_labels = LabelCountCheck(max_labels)
         self.eval()
 
     def forward(self, image, label_emb, label_count=None):
         label_emb = F.normalize(label_emb, dim=-1)                          # (K, D)
         valid = None
         if self.max_labels:
+            label_count = self.label_count_outside_1_to_max_labels(label_count)  # (1,), or the graph fails
             valid = torch.arange(self.max_labels) < label_count             # (M,) bool
         return segment(self.model, image, label_emb, self.scale, self.with_emb, valid)
 

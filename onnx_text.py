@@ -136,7 +136,13 @@ class TextGraph:
         if meta.get("tokenizer") not in ("clip-bpe", "wordpiece"):
             raise WeightsError(f"{path}: metadata tokenizer={meta.get('tokenizer')!r}; expected a text graph "
                                "written by export.py --text_encoder (tokenizer clip-bpe or wordpiece)")
-        vocab = path.parent / meta["vocab"]
+        # the metadata names the files the tokenizer reads: confined to the graph's folder, so that a graph from
+        # elsewhere cannot point it at any file on disk (a plain relative path; symlinks the user made are theirs)
+        name = Path(meta.get("vocab", ""))
+        if not name.parts or name.is_absolute() or ".." in name.parts:
+            raise WeightsError(f"{path}: its metadata vocab={meta.get('vocab')!r} is not a path inside the graph's "
+                               f"folder {path.parent} (export.py writes the vocabulary beside the graph)")
+        vocab = path.parent / name
         if not vocab.exists():
             raise WeightsError(f"{path}: its vocabulary {vocab} is missing (export.py writes it beside the graph)")
         self.context_length = int(meta["context_length"])

@@ -32,9 +32,9 @@ from distributed import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resize_short_side,
                        resolve_precision, unknown_id)
-from labels import label_texts_for
+from labels import label_texts_for, parse_labels
 from overlays import save_prediction
-from readers import MAX_PIXELS, decode_rgb, open_image, set_max_pixels
+from readers import MAX_ASPECT, MAX_PIXELS, decode_rgb, open_image, set_image_budget
 from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image
 
@@ -57,7 +57,9 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
     export_emb: bool = False       # also write <stem>.npz with per-pixel embeddings
     emb_dims: int = 0              # PCA dims of the exported embeddings (0 = all D)
     emb_dtype: str = "float16"     # float16 | float32
-    max_pixels: int = MAX_PIXELS   # an image larger than this is refused before decoding (100 MP)
+    max_pixels: int = MAX_PIXELS   # an image, or the size the protocol processes it at, larger than this is refused
+                                   # before decoding (100 MP)
+    max_aspect: float = MAX_ASPECT # an image whose longer side is more than this times its shorter is refused so too
     device: str = "auto"           # auto | cpu | cuda
     threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
@@ -143,7 +145,7 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for n, path in enumerate(paths, 1):
-        rgb = decode_rgb(open_image(path), path)                         # PIL RGB
+        rgb = decode_rgb(open_image(path, proto.work_size), path)       # PIL RGB; the budget checked first
         image = eval_image(rgb)                                     # (3, H, W) normalised
         prob, cos = infer(model, image, label_emb, scale, proto, with_cos=unknown_below > -1)  # (N, H, W) each
         ids = ids_from_scores(prob, cos, unknown_below, len(labels))     # (H, W) uint8 or uint16
@@ -157,14 +159,14 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
 
 def main(argv=None):
     s = parse_settings(PredictSettings, argv)
-    set_max_pixels(s.max_pixels)
+    set_image_budget(s.max_pixels, s.max_aspect)
     print_settings(s)
     set_threads(s.threads)
     device = pick_device(s.device)
     precision, why = choose_precision(s.precision, device)  # which precision the network runs in, and why
     print(why)
     paths = list_images(s.images)
-    labels = [label.strip() for label in s.labels.split(",") if label.strip()]
+    labels = parse_labels(s.labels, "--labels")  # a blank one refused: label i gets id i
     if not labels or len(set(labels)) != len(labels) or len(labels) > 65535:
         raise ConfigError(f"--labels={s.labels!r}: give 1..65535 distinct comma-separated labels")
     background = background_labels(s.background, labels)

@@ -24,18 +24,27 @@ label's sentence embedded on request), once per label set (the last --label_cach
            over the photo, legend below), "seconds"; with maps also "winner_png" (RGB, R + 256 G = the winning label
            before any threshold) and "cosine_png" (RGB, 256 R + G = round((cosine + 1) / 2 * 65535) of that label)}
 All outputs are at the size the model saw: the photo's shorter side resized to base_size (0: the photo's own size).
-Bad input is a 4xx status with {"error": "..."}: 400 malformed or invalid, 404 path, 405 method, 411 no
-Content-Length, 413 body over max_body (refused before reading it) or image over max_pixels (before decoding it);
-503 when max_waiting requests already wait for the model.
+Bad input is a 4xx status with {"error": "..."} naming the field: 400 malformed or invalid (a blank label, text that
+is not valid Unicode, JSON nested too deep, a malformed request line or header ...), 404 path, 405 method, 408 a
+body that did not arrive within `timeout` seconds, 411 no Content-Length, 413 body over max_body (refused before
+reading it) or an image over the budget, from its header before decoding it: more than max_pixels pixels, an aspect
+ratio over max_aspect, or more than max_pixels pixels at the size the model would process it at (base_size, padding);
+503 when max_waiting requests are already in progress (refused before reading the body). After an error whose body
+was not read, the server closes the connection (what follows cannot be told from a request), reading and discarding
+what the client still sends for a moment first, so that the client gets the answer rather than a reset. 500 is a bug.
+The listen backlog is the kernel's largest (a burst of clients is queued, then admitted or answered 503).
 """
 import base64
 import binascii
 import io
+import ipaddress
 import json
+import socket
 import threading
 import time
 import traceback
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -49,9 +58,9 @@ from distributed import pick_device, set_threads
 from errors import InputError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, infer, label_embeddings, load_for_inference,
                        resolve_precision, short_side_size, unknown_id)
-from labels import TEXT_MODES, label_texts_for, load_label_spec
+from labels import TEXT_MODES, label_list_problem, label_texts_for, load_label_spec, parse_labels
 from overlays import label_colour, overlay_with_legend
-from readers import decode_rgb, open_image
+from readers import MAX_ASPECT, ImageBudget, decode_rgb, read_header
 from serve_page import PAGE
 from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image
@@ -67,8 +76,12 @@ class ServeSettings(Protocol):     # + the inference protocol's settings (infere
     port: int = 8000               # 0 = any free port (printed)
     max_labels: int = 256          # labels (with background) in one request
     max_body: int = 40_000_000     # bytes of a request body, refused from its Content-Length before it is read
-    max_pixels: int = 25_000_000   # pixels of an uploaded image, refused from its header before it is decoded
-    max_waiting: int = 16          # requests waiting for the model beyond which a request gets 503
+    max_pixels: int = 25_000_000   # pixels of an uploaded image, and of the size the model would process it at (after
+                                   # the short-side resize and padding), refused from its header before it is decoded
+    max_aspect: float = MAX_ASPECT # longer side / shorter side of an uploaded image, refused so too
+    max_waiting: int = 16          # requests in progress (read, decoded, waiting for or in the model) beyond which a
+                                   # request gets 503 before its body is read
+    timeout: float = 60.0          # seconds a connection may sit idle, or take to send a request's body (408)
     label_cache: int = 64          # label sets whose embeddings stay in memory
     warmup: str = "sky,road"       # labels segmented once at start on a grey image: a bad label source fails now
     device: str = "auto"
@@ -76,11 +89,12 @@ class ServeSettings(Protocol):     # + the inference protocol's settings (infere
 
     def validate(self):
         super().validate()
-        require(self, "max_body max_pixels max_waiting", lambda v: v >= 1, "must be >= 1")
+        require(self, "max_body max_pixels max_waiting max_aspect", lambda v: v >= 1, "must be >= 1")
+        require(self, "timeout", lambda v: v > 0, "must be > 0")
         require(self, "max_labels", lambda v: 1 <= v <= 65535, "must be in 1..65535 (16-bit id PNGs)")
         require(self, "label_cache", lambda v: v >= 0, "must be >= 0")
         require(self, "port", lambda v: 0 <= v <= 65535, "must be in 0..65535")
-        require(self, "warmup", lambda v: any(x.strip() for x in v.split(",")), "must name at least one label")
+        require(self, "warmup", lambda v: parse_labels(v, "--warmup"), "must name at least one label")
         one_of(self, "mode", TEXT_MODES)
 
 
@@ -99,6 +113,27 @@ class Upload(io.BytesIO):
         return "the uploaded image"
 
 
+def label_list(body, field, max_labels):
+    """body[field], a list of strings or one comma-separated string -> the labels, stripped; HttpError 400 where one
+    is blank (label i gets id i) or not valid Unicode (a lone surrogate), where they are too many or repeated."""
+    labels = body.get(field)
+    if isinstance(labels, str):
+        labels = labels.split(",")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        required = "required, " if field == "labels" else ""
+        raise HttpError(400, f"{field}: {required}a list of strings or one comma-separated string")
+    problem = label_list_problem(labels)
+    if problem:
+        raise HttpError(400, f"{field}: {problem}")
+    labels = [x.strip() for x in labels]
+    if len(labels) > max_labels:
+        raise HttpError(400, f"{field}: {len(labels)} labels, more than this server takes (max_labels={max_labels})")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise HttpError(400, f"{field}: {dup} asked more than once")
+    return labels
+
+
 def parse_request(body, max_labels):
     """A decoded JSON body -> (image bytes, labels, sentences, unknown_below, background, maps); HttpError 400 naming
     the field at fault otherwise."""
@@ -111,42 +146,40 @@ def parse_request(body, max_labels):
     image = body.get("image")
     if not isinstance(image, str) or not image:
         raise HttpError(400, "image: required, the image file's bytes in base64")
+    if image.startswith("data:"):
+        if "," not in image:
+            raise HttpError(400, "image: a data: URL without the comma before its base64 (data:image/png;base64,...)")
+        image = image.split(",", 1)[1]
     try:
-        data = base64.b64decode(image.split(",", 1)[1] if image.startswith("data:") else image, validate=True)
+        data = base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError) as e:
         raise HttpError(400, f"image: not base64 ({e})") from None
-    labels = body.get("labels")
-    if isinstance(labels, str):
-        labels = labels.split(",")
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise HttpError(400, "labels: required, a list of strings or one comma-separated string")
-    labels = [x.strip() for x in labels if x.strip()]
+    labels = label_list(body, "labels", max_labels)
     if not labels:
         raise HttpError(400, "labels: no labels given")
-    if len(labels) > max_labels:
-        raise HttpError(400, f"labels: {len(labels)} labels, more than this server takes (max_labels={max_labels})")
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise HttpError(400, f"labels: {dup} asked more than once")
     sentences = body.get("sentences") or {}
     if not isinstance(sentences, dict) or not all(isinstance(v, str) for v in sentences.values()):
         raise HttpError(400, "sentences: expected an object {label: sentence}")
     stray = sorted(set(sentences) - set(labels))
     if stray:
         raise HttpError(400, f"sentences: {stray} are not among the labels")
+    for label, sentence in sentences.items():
+        if not sentence.strip():
+            raise HttpError(400, f"sentences: {label!r}: blank sentence (leave the label out to embed its own)")
+        try:
+            sentence.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HttpError(400, f"sentences: {label!r}: not valid Unicode ({sentence!r:.80})") from None
     unknown_below = body.get("unknown_below", -1.0)
     if type(unknown_below) not in (int, float) or not -1 <= unknown_below <= 1:
         raise HttpError(400, f"unknown_below: expected a number in [-1, 1], got {unknown_below!r:.50}")
     background = body.get("background", "")
-    if isinstance(background, list) and all(isinstance(x, str) for x in background):
-        background = ",".join(background)
-    if not isinstance(background, str):
-        raise HttpError(400, "background: expected \"default\" or a list of labels")
+    if background not in ("", "default"):
+        background = ",".join(label_list(body, "background", max_labels))
     maps = body.get("maps", False)
     if not isinstance(maps, bool):
         raise HttpError(400, f"maps: expected true or false, got {maps!r:.50}")
-    return data, labels, {k: v.strip() for k, v in sentences.items() if v.strip()}, float(unknown_below), \
-        background, maps
+    return data, labels, {k: v.strip() for k, v in sentences.items()}, float(unknown_below), background, maps
 
 
 def png_base64(array_or_image):
@@ -167,7 +200,7 @@ class Segmenter:
         self.lock, self.count_lock = threading.Lock(), threading.Lock()
         self.waiting = self.served = 0
         self.cache = OrderedDict()  # (keys, texts) -> (N, D) embeddings, least recently used first
-        warm = [x.strip() for x in s.warmup.split(",") if x.strip()]
+        warm = parse_labels(s.warmup, "--warmup")
         texts = label_texts_for(warm, {}, s.mode, self.spec)
         self.model, self.ckpt, emb, self.scale = load_for_inference(s.checkpoint, warm, texts, s.embeddings,
                                                                     s.clip_weights, device)
@@ -195,14 +228,30 @@ class Segmenter:
         self.remember(key, emb)
         return emb
 
+    @contextmanager
+    def admitted(self):
+        """A request in progress, from before its body is read until it is answered; HttpError 503 at once where
+        max_waiting are: a burst costs neither the bodies' memory nor their decoding, and every client an answer."""
+        with self.count_lock:
+            if self.waiting >= self.s.max_waiting:
+                raise HttpError(503, f"busy: {self.waiting} requests in progress (max_waiting={self.s.max_waiting}); "
+                                     f"retry later")
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self.count_lock:
+                self.waiting -= 1
+
     def read_image(self, data):
         """Upload bytes -> (PIL RGB photo, the working size (w, h), the photo's size (w, h)); DataError or HttpError
-        413 (over max_pixels, from the header alone) otherwise."""
-        im = open_image(Upload(data))  # header only; readers' process-wide budget (100 MP) is checked there too
+        413 (over the budget: max_pixels of the image or of the size the model would process, max_aspect; from the
+        header alone) otherwise."""
+        im = read_header(Upload(data))  # header only
         w, h = im.size
-        if w * h > self.s.max_pixels:
-            raise HttpError(413, f"the uploaded image is {w}x{h} = {w * h / 1e6:.1f} MP, over this server's pixel "
-                                 f"budget (max_pixels={self.s.max_pixels}); refused before decoding it")
+        problem = ImageBudget(self.s.max_pixels, self.s.max_aspect).problem(w, h, self.s.work_size(w, h))
+        if problem:
+            raise HttpError(413, f"the uploaded image: {problem}")
         hs, ws = short_side_size(h, w, self.s.base_size) if self.s.base_size else (h, w)
         # a JPEG decodes at 1/2..1/8 scale where that still covers the working size (as evaluate's loader drafts)
         rgb = decode_rgb(im, "the uploaded image", draft_size=(ws, hs))
@@ -220,18 +269,10 @@ class Segmenter:
                                  f"server takes (max_labels={self.s.max_labels})")
         texts = label_texts_for(labels + extra, sentences or {}, self.s.mode, self.spec)
         image = eval_image(rgb)                                               # (3, H, W) normalised
-        with self.count_lock:
-            if self.waiting >= self.s.max_waiting:
-                raise HttpError(503, f"busy: {self.waiting} requests wait for the model; retry later")
-            self.waiting += 1
-        try:
-            with self.lock:
-                emb = self.embeddings_for(labels + extra, texts)              # (N, D)
-                prob, cos = infer(self.model, image, emb, self.scale, self.s, out_size=(hs, ws), with_cos=True)
-        finally:
-            with self.count_lock:
-                self.waiting -= 1
-                self.served += 1
+        with self.lock:
+            emb = self.embeddings_for(labels + extra, texts)                  # (N, D)
+            prob, cos = infer(self.model, image, emb, self.scale, self.s, out_size=(hs, ws), with_cos=True)
+            self.served += 1
         n = len(labels)
         ids = ids_from_scores(prob, cos, unknown_below, asked=n)             # (hs, ws) uint8 | uint16
         winner = prob.argmax(0)                                              # (hs, ws), before any threshold
@@ -263,16 +304,23 @@ class Segmenter:
                 "device": str(self.device), "precision": resolve_precision(s.precision, self.device),
                 "base_size": s.base_size, "served": self.served, "waiting": self.waiting,
                 "limits": {"max_labels": s.max_labels, "max_body": s.max_body, "max_pixels": s.max_pixels,
-                           "max_waiting": s.max_waiting}}
+                           "max_aspect": s.max_aspect, "max_waiting": s.max_waiting, "timeout": s.timeout}}
+
+
+LINGER_S = 2.0  # seconds a connection closed after an error keeps reading (and dropping) what the client still sends
 
 
 class Handler(BaseHTTPRequestHandler):
     """Routes: GET / (the page), GET /api/health, POST /api/segment. Every answer is complete (Content-Length), so
-    connections are kept alive; every error is JSON."""
+    connections are kept alive, except after an error whose request body was not read; every error is JSON."""
     protocol_version = "HTTP/1.1"
     server_version = "ssiw-serve"
-    timeout = 60  # seconds a connection may sit idle or trickle a body before its thread lets it go
     ROUTES = {"/": ("GET",), "/api/health": ("GET",), "/api/segment": ("POST",)}
+
+    def setup(self):
+        self.timeout = self.server.segmenter.s.timeout  # seconds a connection may sit idle before its thread lets go
+        self.linger = False
+        super().setup()
 
     def do_GET(self):
         self.route("GET")
@@ -303,7 +351,8 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/api/health":
                 status = self.send_json(200, self.server.segmenter.health())
             else:
-                status = self.send_json(200, self.segment())
+                with self.server.segmenter.admitted():
+                    status = self.send_json(200, self.segment())
         except HttpError as e:
             status = self.send_json(e.status, {"error": str(e)}, {"Allow": e.allow} if e.allow else {})
         except InputError as e:  # a bad image, an unknown label in a table, a sentence too long ...
@@ -318,23 +367,24 @@ class Handler(BaseHTTPRequestHandler):
               f"{time.perf_counter() - t0:.3f}s{self.note}", flush=True)
 
     def segment(self):
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding") or length is None:
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") or not lengths:
             raise HttpError(411, "send the body with a Content-Length (chunked bodies are not read)")
-        if not length.isdigit():
+        if len(lengths) > 1:
+            raise HttpError(400, f"Content-Length given {len(lengths)} times")
+        length = lengths[0]
+        if not (length.isascii() and length.isdigit() and len(length) <= 18):  # "²".isdigit(); int() of 5000 digits
             raise HttpError(400, f"Content-Length {length!r:.30} is not a byte count")
         if int(length) > self.server.segmenter.s.max_body:
             raise HttpError(413, f"body of {int(length)} bytes is over this server's max_body "
                                  f"({self.server.segmenter.s.max_body} bytes); refused without reading it")
-        raw = self.rfile.read(int(length))
-        self.body_read = True
-        if len(raw) < int(length):
-            self.close_connection = True
-            raise HttpError(400, f"body ended after {len(raw)} of {length} bytes")
+        raw = self.read_body(int(length))
         try:
             body = json.loads(raw)
         except ValueError as e:  # also a UnicodeDecodeError
             raise HttpError(400, f"body is not JSON ({e})") from None
+        except RecursionError:  # [[[[...: the parser recurses once per level
+            raise HttpError(400, "body is not JSON (nested deeper than this server parses)") from None
         data, labels, sentences, unknown_below, background, maps = parse_request(body,
                                                                                   self.server.segmenter.s.max_labels)
         out = self.server.segmenter.segment(data, labels, sentences, unknown_below, background, maps)
@@ -342,13 +392,40 @@ class Handler(BaseHTTPRequestHandler):
                     f"{out['size'][1]} in segment {out['seconds']:.3f}s"
         return out
 
+    def read_body(self, n):
+        """The n bytes of the body, which must arrive within `timeout` seconds in all (a client that stalls or
+        trickles holds a place among max_waiting): HttpError 408, or 400 where the client stops short."""
+        timeout = self.server.segmenter.s.timeout
+        deadline, raw = time.monotonic() + timeout, bytearray()
+        try:
+            while len(raw) < n:
+                self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
+                chunk = self.rfile.read1(n - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+        except TimeoutError:
+            self.close_connection = self.linger = True
+            raise HttpError(408, f"body: {len(raw)} of {n} bytes arrived in {timeout:g} s (timeout={timeout:g}); "
+                                 f"send the whole body at once") from None
+        finally:
+            self.connection.settimeout(timeout)
+        self.body_read = True
+        if len(raw) < n:
+            self.close_connection = True
+            raise HttpError(400, f"body ended after {len(raw)} of {n} bytes")
+        return bytes(raw)
+
     def send_json(self, status, obj, headers=None):
         return self.send(status, json.dumps(obj).encode(), "application/json", headers)
 
     def send(self, status, payload, content_type, headers=None):
-        unread = self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0") != "0"
-        if unread and not self.body_read:
-            self.close_connection = True  # a body left unread would be read as the next request: end the connection
+        request = getattr(self, "headers", None) or {}  # none where the request line itself was malformed
+        has_body = request.get("Transfer-Encoding") or request.get("Content-Length", "0") != "0"
+        if not getattr(self, "body_read", False) and (has_body or status >= 400):
+            # a body left unread (or sent without a Content-Length) would be read as the next request: end the
+            # connection, and read out what still comes so that closing does not reset it before the client reads
+            self.close_connection = self.linger = True
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -360,17 +437,53 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
         return status
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line or header, a line too long, an unknown method or
+        HTTP version) as JSON too, and 4xx: an unknown method is routed (404 or 405), a version is a 400."""
+        if code == 501 and getattr(self, "command", None):
+            return self.route(self.command)
+        if self.request_version == "HTTP/0.9":  # a request line too malformed to name its version: answer in 1.1
+            self.request_version = "HTTP/1.1"
+        try:
+            self.send_json(400 if code >= 500 else code, {"error": message or self.responses[code][0]})
+        except OSError:
+            self.close_connection = True
+
+    def finish(self):
+        super().finish()  # the answer flushed
+        if self.linger:  # the client may still be sending: read and drop it, briefly, then the server closes
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(LINGER_S)
+                deadline = time.monotonic() + LINGER_S
+                while time.monotonic() < deadline and self.connection.recv(1 << 16):
+                    pass
+            except OSError:
+                pass
+
     def log_request(self, code="-", size="-"):
         pass  # route() logs one line per request, with its time
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = socket.SOMAXCONN  # the listen backlog: a burst of clients waits in it, not reset (5 was)
+    daemon_threads = True                  # an idle keep-alive connection does not hold up shutdown
 
 
 def make_server(segmenter, host="127.0.0.1", port=8000):
     """A ThreadingHTTPServer on (host, port) answering with `segmenter`; port 0 binds a free one
     (server.server_address has it). Call serve_forever() on it."""
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True  # an idle keep-alive connection does not hold up shutdown
+    server = Server((host, port), Handler)
     server.segmenter = segmenter
     return server
+
+
+def exposure_warning(host, port):
+    """A `warning:` line where the server listens on an address other machines can reach ("" for loopback)."""
+    if ipaddress.ip_address(host).is_loopback:
+        return ""
+    return (f"warning: serving on {host}:{port}, not a loopback address: anyone who can reach this machine can use "
+            f"the server, which has no authentication (--host=127.0.0.1 keeps it to this machine)")
 
 
 def main(argv=None):
@@ -381,6 +494,8 @@ def main(argv=None):
     segmenter = Segmenter(s, device)
     server = make_server(segmenter, s.host, s.port)
     host, port = server.server_address[:2]
+    if warning := exposure_warning(host, port):
+        print(warning, flush=True)
     print(f"serving {s.checkpoint} on http://{host}:{port}/ ({device}, "
           f"{resolve_precision(s.precision, device)}, {torch.get_num_threads()} threads); Ctrl-C stops", flush=True)
     try:

@@ -9,6 +9,10 @@ Layout: one file per encoder and weights, <cache>/text/<encoder id>-<sha256[:16]
 written atomically (errors.save_torch_file). <cache> is the `cache` argument, else $SSIW_CACHE, else ~/.cache/ssiw.
 A file that is corrupt, of another encoder or weights, or whose rows are not finite unit vectors is ignored with
 one warning line and rewritten: the cache is never trusted over the encoder.
+A file keeps at most MAX_ROWS texts, least recently used first: a call that embeds a new text writes the file with
+the texts it used moved to its end, and the oldest beyond MAX_ROWS dropped (serve.py embeds whatever labels clients
+send; without a bound the file, read at every start, would grow without end). A call whose texts are all cached
+writes nothing, so its use does not count as recent.
 """
 import functools
 import os
@@ -24,6 +28,7 @@ from provenance import sha256_file
 
 CACHE_ENV = "SSIW_CACHE"
 FORMAT = "ssiw text embeddings 1"
+MAX_ROWS = 20_000  # texts per cache file: 20,000 x 512 fp32 = 41 MB at most (CLIP), 31 MB at 384 (MiniLM)
 KEYS = {"format", "encoder", "weights_sha256", "texts", "embeddings"}
 
 
@@ -156,6 +161,8 @@ def embed_texts(enc: TextEncoder, texts: list[str], cache: str | Path = "") -> t
         if known and next(iter(known.values())).shape[0] != new.shape[1]:  # cannot happen with the same weights
             known = warn(path, f"its width differs from the encoder's {new.shape[1]}")
         known.update(zip(missing, new))
-        write_cache(path, enc, known)
+        for t in dict.fromkeys(texts):                                 # this call's texts: the most recently used
+            known[t] = known.pop(t)
+        write_cache(path, enc, dict(list(known.items())[-MAX_ROWS:]))  # the least recently used beyond MAX_ROWS go
     hits = sum(t not in missing for t in texts)
     return torch.stack([known[t] for t in texts]), hits                  # (N, D)

@@ -26,7 +26,7 @@ from errors import ConfigError, DivergedError, WeightsError, run_main
 from labels import LabelTable, imagenet_keys, load_label_spec, load_label_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
-from readers import MAX_PIXELS, set_max_pixels
+from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from run_dir import (claim_out_dir, find_resume, label_table_sha256, restore_checkpoint, save_checkpoint, set_aside,
                      set_aside_log)
 from sampler import BalancedSampler
@@ -49,6 +49,7 @@ class TrainSettings:
     workers: int = 4               # DataLoader workers per process
     skip_bad: bool = False         # count and skip unreadable samples instead of stopping
     max_pixels: int = MAX_PIXELS   # an image (or label) larger than this is refused before decoding (100 MP)
+    max_aspect: float = MAX_ASPECT # ... and one whose longer side is more than this times its shorter
     # model
     backbone: str = "mit_b5"       # mit_b0..mit_b5, hrnet_w18, hrnet_w48, efficientnet_lite0/1/2
     embed_dim: int = 512           # pixel embedding width; must equal the label table's
@@ -291,7 +292,7 @@ def resume(s, model, optimizer, scaler, sampler, meta, master) -> int:
 
 def main(argv=None):
     s = parse_settings(TrainSettings, argv)
-    set_max_pixels(s.max_pixels)
+    set_image_budget(s.max_pixels, s.max_aspect)
 
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)

@@ -148,6 +148,20 @@ def test_padded_labels_change_nothing(open_vocab, h, w):
     assert ids_all.max() >= 11  # the same rows counted as labels do win: the mask is what kept them out
 
 
+@pytest.mark.parametrize("count", [0, -2, MAX_LABELS + 1, MAX_LABELS + 3])
+def test_a_label_count_outside_1_to_max_labels_is_refused(open_vocab, count):
+    # M + 3 would count zero padding rows as labels (one may win pixels); 0 or less, no label at all (every pixel 0
+    # at score 1/M): the graph fails instead, in onnxruntime and in torch
+    model, scale, _, padded = open_vocab
+    label_emb, image = labels_and_image(11, 37, 53)
+    rows = torch.cat([label_emb, torch.zeros(MAX_LABELS - 11, 16)])       # (320, 16)
+    with pytest.raises(Exception, match=r"label_count_outside_1_to_max_labels"):
+        padded.run(None, {"image": image.numpy(), "label_emb": rows.numpy(), "label_count": np.array([count])})
+    segmenter = onnx_export.OpenVocabSegmenter(model, scale, max_labels=MAX_LABELS)
+    with pytest.raises(IndexError):
+        segmenter(image, rows, torch.tensor([count]))
+
+
 def declared_dims(path):
     graph = onnx.load(str(path)).graph
     return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

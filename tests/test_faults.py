@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from PIL import Image
 from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
 import readers
+from inference import Protocol
 from errors import ConfigError, DataError, DivergedError, WeightsError, read_torchscript, run_main
 from labels import LabelTable, save_label_table
 from sampler import BalancedSampler
@@ -184,7 +186,12 @@ BOMB_CULPRIT = r"20000x20000 = 400 MP is over max_pixels=100000000 \(100 MP\).*r
 
 def bomb_eval_dataset(world, case):
     """prepare: the evaluation dataset with every image a bomb."""
-    broken_data(write("images/*.png", BOMB))(world, case)
+    eval_dataset_of(world, case, BOMB)
+
+
+def eval_dataset_of(world, case, image: bytes):
+    """prepare: the evaluation dataset with every image `image`."""
+    broken_data(write("images/*.png", image))(world, case)
     (case / "eval.yaml").write_text(yaml.safe_dump(dict(yaml.safe_load((world / "eval.yaml").read_text()),
                                                         root=str(case / "data"))))
 
@@ -377,6 +384,40 @@ CASES = [
     Case("evaluate/predict", "evaluate_image_over_max_pixels",
          [*EVAL[:1], "--dataset={case}/eval.yaml", *EVAL[2:], "--checkpoint=" + CKPT],
          r"images/train_000\d\.png: " + BOMB_CULPRIT, prepare=bomb_eval_dataset),
+    # ---- the size the model would process, and the aspect ratio, from the header (200x1: a thin strip, 9600x48 at
+    #      base 48; a 3000x1 PNG at the default base 720 asks for a 2,160,000x720 tensor)
+    Case("evaluate/predict", "predict_image_extreme_aspect",
+         [*PREDICT[:1], "--images={case}/thin.png", *PREDICT[2:], "--checkpoint=" + CKPT],
+         r"thin\.png: 200x1 has an aspect ratio of 200:1, over max_aspect=20; the model would process it at 9600x64 "
+         r"= 0\.6 MP \(base_size=48, padded to a multiple of 32\); refused before decoding it",
+         prepare=lambda world, case: (case / "thin.png").write_bytes(png_header_only(200, 1))),
+    Case("evaluate/predict", "predict_processed_size_over_max_pixels",
+         [*PREDICT[:1], "--images={case}/strip.png", *PREDICT[2:], "--checkpoint=" + CKPT, "--max_pixels=50000"],
+         r"strip\.png: 200x10 is processed at 960x64 = 0\.06 MP \(base_size=48, padded to a multiple of 32\), over "
+         r"max_pixels=50000 \(0\.05 MP\), the pixel budget of one image; refused before decoding it",
+         prepare=lambda world, case: Image.new("RGB", (200, 10)).save(case / "strip.png")),
+    Case("evaluate/predict", "evaluate_image_extreme_aspect", [*EVAL[:1], "--dataset={case}/eval.yaml", *EVAL[2:],
+                                                               "--checkpoint=" + CKPT],
+         r"images/train_000\d\.png: 200x1 has an aspect ratio of 200:1, over max_aspect=20; the model would process "
+         r"it at 9600x64", prepare=lambda world, case: eval_dataset_of(world, case, png_header_only(200, 1))),
+    Case("data", "image_extreme_aspect", train(config="{case}/config.yaml"),
+         r"images/train_000\d\.png: 200x1 has an aspect ratio of 200:1, over max_aspect=20; refused before decoding",
+         prepare=broken_data(write("images/*.png", png_header_only(200, 1)))),
+    # ---- blank labels and labels that are not text: one line, wherever a label list is read
+    Case("evaluate/predict", "predict_label_blank", [*PREDICT[:2], "--labels=sky,,road", *PREDICT[3:],
+                                                     "--checkpoint=" + CKPT],
+         r"--labels='sky,,road': label 2 of 3 is blank \(label i gets id i: a blank label would shift the ids after "
+         r"it\)"),
+    Case("evaluate/predict", "predict_label_lone_surrogate", [*PREDICT[:2], "--labels=sky,ro\udcffad", *PREDICT[3:],
+                                                              "--checkpoint=" + CKPT],
+         r"--labels='sky,ro\\udcffad': label 2 of 2 is not valid Unicode"),
+    Case("evaluate/predict", "predict_background_blank", [*PREDICT, "--background=wall,,car", "--checkpoint=" + CKPT],
+         r"--background='wall,,car': label 2 of 3 is blank"),
+    Case("evaluate/predict", "export_label_blank", ["export.py", "--checkpoint=" + CKPT, "--labels=sky,road,",
+                                                    "--out={case}/m.onnx"],
+         r"--labels='sky,road,': label 3 of 3 is blank"),
+    Case("tools", "label_table_label_blank", ["label_table.py", "--labels=sky, ,road", "--clip_random_init",
+                                              "--out={case}/t.pt"], r"--labels='sky, ,road': label 2 of 3 is blank"),
     Case("evaluate/predict", "predict_image_missing", [*PREDICT, "--images={case}/nope.png", "--checkpoint=" + CKPT],
          r"no such file\(s\) \['.*nope\.png'\]"),
     Case("tools", "synthetic_data_small_size", ["-m", "tools.synthetic_data", "--out={case}/syn",
@@ -604,15 +645,44 @@ def test_open_image_refuses_an_image_over_max_pixels_from_its_header(tmp_path):
     with pytest.raises(DataError, match=r"bomb\.png: " + BOMB_CULPRIT):
         readers.open_image(tmp_path / "bomb.png")
     try:
-        readers.set_max_pixels(64 * 48)
+        readers.set_image_budget(64 * 48, 20)
         assert readers.open_image(tmp_path / "small.png").size == (64, 48)
-        readers.set_max_pixels(64 * 48 - 1)
+        readers.set_image_budget(64 * 48 - 1, 20)
         with pytest.raises(DataError, match=r"small\.png: 64x48 = 0 MP is over max_pixels=3071 \(0 MP\)"):
             readers.open_image(tmp_path / "small.png")
         with pytest.raises(ConfigError, match=r"max_pixels=0 must be >= 1"):
-            readers.set_max_pixels(0)
+            readers.set_image_budget(0, 20)
+        with pytest.raises(ConfigError, match=r"max_aspect=0\.5 must be >= 1"):
+            readers.set_image_budget(100, 0.5)
     finally:
-        readers.set_max_pixels(100_000_000)
+        readers.set_image_budget(100_000_000, 20)
+
+
+@pytest.mark.parametrize("w, h", [(3000, 1), (100_000, 1), (1, 100_000)])
+def test_an_extreme_aspect_ratio_is_refused_from_the_header_in_under_a_second(tmp_path, w, h):
+    # a 3000x1 PNG at base_size 720 would be a 2,160,000x720 tensor; 100000x1, 72,000,000x720
+    (tmp_path / "thin.png").write_bytes(png_header_only(w, h))
+    work = Protocol().work_size                                       # predict's and evaluate's defaults
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=rf"thin\.png: {w}x{h} has an aspect ratio of {max(w, h)}:1, over "
+                                        rf"max_aspect=20; the model would process it at \d+x\d+ = [\d.]+ MP "
+                                        rf"\(base_size=720, padded to crop_size=640\); refused before decoding it"):
+        readers.open_image(tmp_path / "thin.png", work)
+    assert time.perf_counter() - t0 < 1
+
+
+def test_the_size_the_model_processes_has_the_pixel_budget_too(tmp_path):
+    Image.new("RGB", (400, 20)).save(tmp_path / "strip.png")       # 8000 pixels, 20:1
+    proto = Protocol(base_size=720, scales=[1.0, 1.5], sliding=False)
+    with pytest.raises(DataError, match=r"strip\.png: 400x20 is processed at 21600x1088 = 23\.5 MP "
+                                        r"\(base_size=720, scale 1\.5, padded to a multiple of 32\), over "
+                                        r"max_pixels=10000000 \(10\.0 MP\)"):
+        try:
+            readers.set_image_budget(10_000_000, 20)
+            readers.open_image(tmp_path / "strip.png", proto.work_size)
+        finally:
+            readers.set_image_budget(100_000_000, 20)
+    assert readers.open_image(tmp_path / "strip.png", proto.work_size).size == (400, 20)
 
 
 class Block(torch.nn.Module):

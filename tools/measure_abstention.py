@@ -26,7 +26,7 @@ from errors import ConfigError, run_main
 from evaluation import EvalDataset, load_dataset_config
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
                        unknown_id)
-from labels import label_texts_for
+from labels import label_texts_for, parse_labels
 from provenance import provenance, repo_relative
 from settings import parse_settings
 
@@ -75,7 +75,7 @@ def main(argv=None):
     device = pick_device(s.device)
     cfg, spec = load_dataset_config(s.dataset, s.root, s.list)
     dataset = EvalDataset(cfg, spec, s.max_images)
-    asked_names = [a.strip() for a in s.asked.split(",") if a.strip()]
+    asked_names = parse_labels(s.asked, "--asked")
     unknown_names = [a for a in asked_names if a not in dataset.class_names]
     if unknown_names or not asked_names:
         raise ConfigError(f"--asked={s.asked!r}: {unknown_names or 'nothing'} not among the dataset's classes "
