@@ -26,7 +26,7 @@ from distributed import choose_precision
 from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
 from labels import LabelTable, load_label_table, parse_labels
-from model import upsample_logits
+from model import label_logits, upsample_logits
 from overlays import id_png_dtype
 from settings import one_of, require
 
@@ -94,7 +94,7 @@ def in_precision(model, precision, device, branch="on"):
 
     def run(x, label_emb, scale):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, cos = model.label_logits(x, label_emb, scale, branch)
+            logits, cos = label_logits(model, x, label_emb, scale, branch)
         return logits.float(), cos.float()
     return run
 
@@ -157,8 +157,9 @@ def window_scores(model, x, label_emb, scale, flip, with_cos):
 
 def whole_image_scores(model, x, label_emb, scale, flip, with_cos=False):
     """Scores of one image as one window padded to a multiple of 32. x: (1, 3, h, w) -> (C, h, w), C = N or 2N.
-    model: in_precision's scoring function, or a SegModel (scored in fp32, with its ImageNet branch where it has one)."""
-    model = getattr(model, "label_logits", model)
+    model: in_precision's scoring function, or a network (scored in fp32 by model.label_logits)."""
+    if isinstance(model, torch.nn.Module):
+        model = in_precision(model, "fp32", x.device)
     h, w = x.shape[-2:]
     m = WHOLE_IMAGE_MULTIPLE
     xp, top, left = pad_centred(x, math.ceil(h / m) * m, math.ceil(w / m) * m)

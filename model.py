@@ -8,7 +8,7 @@ Loading public checkpoints into it is checkpoints.py's.
     emb = model.eval()(images)                                # (B, 512, H/4, W/4), not normalised
     logits = similarity(emb, label_emb, model.scale())        # (B, N, H/4, W/4)
     logits = upsample_logits(logits, images.shape[-2:])       # (B, N, H, W)
-    logits, cos = model.label_logits(images, label_emb)       # the same, with the ImageNet branch where it has one
+    logits, cos = label_logits(model, images, label_emb, model.scale())  # with the ImageNet branch where it has one
 """
 import math
 from dataclasses import dataclass
@@ -39,9 +39,12 @@ class ModelConfig:
     # whether the label was seen in training (docs/results.md "Labels never seen in training" measured the values)
     imagenet_branch: bool = False
     imagenet_temperature: float = 1.0  # softmax temperature of the per-pixel ImageNet logits
-    imagenet_scale: float = 2.0  # the branch's standardised scores -> logits (the trained branch learns its own scale)
-    ensemble_seen: float = 0.35  # w for labels seen in training (FC-CLIP's alpha)
-    ensemble_unseen: float = 0.8  # w for labels never seen (FC-CLIP's beta)
+    imagenet_scale: float = 3.0  # the branch's standardised scores -> logits (the trained branch learns its own scale)
+    ensemble_seen: float = 0.15  # w for labels seen in training (FC-CLIP's alpha)
+    ensemble_unseen: float = 1.0  # w for labels never seen (FC-CLIP's beta): the ImageNet branch alone, since the
+                                  # trained branch's score for a label it never saw says nothing
+    imagenet_guide: float = 0.1  # the branch's stride-32 scores to stride 4 guided by the pixel embeddings
+                                 # (guided_upsample's temperature); 0 = bilinear
 
 
 class AuxHead(nn.Module):
@@ -143,16 +146,17 @@ class SegModel(nn.Module):
         else:
             raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected one of "
                               f"{sorted(MIT_VARIANTS) + sorted(HRNET_WIDTHS) + sorted(EFFICIENTNET_VARIANTS)}")
-        self.imagenet = None
-        if cfg.imagenet_branch:
-            if cfg.backbone not in EFFICIENTNET_VARIANTS:
-                raise ConfigError(f"imagenet_branch needs an EfficientNet-Lite backbone (its ImageNet classifier); "
-                                  f"{cfg.backbone} has none")
-            self.imagenet = ImageNetBranch(cfg.backbone, cfg.embed_dim, cfg.imagenet_temperature)
+        if cfg.imagenet_branch and cfg.backbone not in EFFICIENTNET_VARIANTS:
+            raise ConfigError(f"imagenet_branch needs an EfficientNet-Lite backbone (its ImageNet classifier); "
+                              f"{cfg.backbone} has none")
         self.aux = AuxHead(self.backbone.dims[2], cfg.embed_dim) if cfg.aux_head else None
         self.box_proj = nn.Conv2d(cfg.embed_dim, cfg.box_dim, 1) if cfg.box_head else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-        self.apply(_init_weights)  # the ImageNet branch's weights come from its file (load_imagenet_branch)
+        self.apply(_init_weights)
+        self.imagenet = None
+        if cfg.imagenet_branch:  # its weights come from its file (load_imagenet_branch); built without drawing from
+            with torch.random.fork_rng(devices=[]):  # the global generator, so a run trains the same weights with it
+                self.imagenet = ImageNetBranch(cfg.backbone, cfg.embed_dim, cfg.imagenet_temperature)  # as without
         # channels_last throughout: MiT's tokens (B, N, C) already are channels_last maps, and on CPU (oneDNN) and
         # GPU (cuDNN, AMP) NHWC convolutions are faster; tools/bench_model.py measured ~3.6x for MiT-B0 inference on
         # CPU.
@@ -182,11 +186,6 @@ class SegModel(nn.Module):
         return out
 
 
-    def label_logits(self, images, label_emb, scale=None, branch="on"):
-        """images (B, 3, H, W), label_emb (N, D) -> logits and cosines (B, N, H/4, W/4), eval mode: `combine` on
-        the pixel embeddings of images."""
-        return self.combine(self(images), images, label_emb, scale, branch)
-
     def combine(self, emb, images, label_emb, scale=None, branch="on", valid=None):
         """Pixel embeddings emb (B, D, h, w) of images (B, 3, H, W) and label_emb (N, D) -> logits and cosines
         (B, N, h, w).
@@ -203,8 +202,11 @@ class SegModel(nn.Module):
             return scale * cos, cos
         label_emb = F.normalize(label_emb.float(), dim=1)
         ov, ov_cos = self.imagenet.label_scores(images, label_emb)        # (B, N, H/32, W/32) each
-        ov, ov_cos = (upsample_logits(t.float(), cos.shape[-2:]) for t in (ov, ov_cos))  # (B, N, h, w)
         c = self.config
+        if c.imagenet_guide:  # each stride-4 pixel takes the scores of the stride-32 cells its embedding is like
+            ov, ov_cos = guided_upsample(torch.cat([ov, ov_cos], 1).float(), emb.float(), c.imagenet_guide).chunk(2, 1)
+        else:
+            ov, ov_cos = (upsample_logits(t.float(), cos.shape[-2:]) for t in (ov, ov_cos))  # (B, N, h, w)
         trained, ov = scale * cos.float(), c.imagenet_scale * ov
         if valid is not None:  # padding rows: out of both softmaxes (their sums would weigh labels unequally)
             trained, ov = (torch.where(valid[:, None, None], t, -1e4) for t in (trained, ov))
@@ -249,6 +251,39 @@ def similarity(pixel_emb, label_emb, scale):
     pixel = F.normalize(pixel_emb, dim=1)
     label = F.normalize(label_emb, dim=1)
     return scale * torch.einsum("bdhw,nd->bnhw", pixel, label)  # (B, D, h, w), (N, D) -> (B, N, h, w)
+
+
+def label_logits(net, images, label_emb, scale, branch="on"):
+    """images (B, 3, H, W), label_emb (N, D) -> logits and cosines (B, N, H/4, W/4), the network in eval mode: a
+    SegModel's `combine` (with its ImageNet branch where it has one, `branch` on | off | alone), or for any other
+    network mapping images to pixel embeddings (the tests' stand-ins) scale x cosine."""
+    emb = net(images)                                                     # (B, D, h, w)
+    if isinstance(net, SegModel):
+        return net.combine(emb, images, label_emb, scale, branch)
+    cos = similarity(emb, label_emb, 1.0)                                 # (B, N, h, w)
+    return scale * cos, cos
+
+
+def guided_upsample(scores, emb, temperature):
+    """Stride-32 scores (B, C, h, w) to the stride-4 grid of emb (B, D, H, W) (H = ceil(h * 8) for inputs padded to
+    32): each stride-4 pixel averages the scores of the 3 x 3 stride-32 cells around its own, weighted by a softmax
+    over the cosines of its embedding with each cell's mean embedding / temperature. Bilinear upsampling spreads a
+    horse's scores over the grass beside it; the trained branch's embeddings know where the horse ends (Weizmann
+    horses, 82 photos: horse IoU 58.0 bilinear, 62.6 guided; docs/results.md). A joint bilateral upsampling with the
+    cells as the low-resolution grid; plain ops (pad, slice, nearest resize), so it exports to ONNX."""
+    b, c, h, w = scores.shape
+    size = emb.shape[-2:]
+    cells = F.avg_pool2d(emb, 8, 8, ceil_mode=True)                      # (B, D, h, w) mean embedding per cell
+    emb, cells = F.normalize(emb, dim=1), F.normalize(cells, dim=1)
+    scores, cells = (F.pad(t, (1, 1, 1, 1), mode="replicate") for t in (scores, cells))  # (B, ., h + 2, w + 2)
+    affinity, values = [], []
+    for dy in range(3):
+        for dx in range(3):
+            cell = F.interpolate(cells[:, :, dy:dy + h, dx:dx + w], size=size, mode="nearest")      # (B, D, H, W)
+            affinity.append((emb * cell).sum(1, keepdim=True) / temperature)                        # (B, 1, H, W)
+            values.append(F.interpolate(scores[:, :, dy:dy + h, dx:dx + w], size=size, mode="nearest"))  # (B, C, H, W)
+    weights = torch.cat(affinity, 1).softmax(1)                         # (B, 9, H, W)
+    return sum(weights[:, k:k + 1] * v for k, v in enumerate(values))  # (B, C, H, W)
 
 
 def upsample_logits(logits, size):

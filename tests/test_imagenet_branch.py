@@ -20,7 +20,7 @@ from checkpoints import load_checkpoint, load_imagenet_branch, load_pretrained
 from efficientnet import EfficientNetLite, efficientnet_imagenet_path, remap_efficientnet_key
 from errors import ConfigError, WeightsError
 from labels import IMAGENET, imagenet_keys, load_label_spec
-from model import SEEN_COSINE, ModelConfig, build_model
+from model import SEEN_COSINE, ModelConfig, build_model, label_logits
 from test_model_loading import read_listing, synthesise
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -187,8 +187,8 @@ def test_label_logits_is_the_geometric_ensemble():
     model.imagenet.seen_emb = labels[:1].clone()                    # label 0 seen, the others (almost surely) not
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        logits, cos = model.label_logits(x, labels, scale=10.0)
-        off, off_cos = model.label_logits(x, labels, scale=10.0, branch="off")
+        logits, cos = label_logits(model, x, labels, 10.0)
+        off, off_cos = label_logits(model, x, labels, 10.0, branch="off")
         emb = F.normalize(model(x), dim=1)                          # (1, 8, 16, 24)
         p = model.imagenet.net.classify_pixels(x).softmax(1)        # (1, 1000, 2, 3)
     c = F.normalize(model.imagenet.class_emb, dim=1) @ labels.T     # (1000, 3)
@@ -202,7 +202,7 @@ def test_label_logits_is_the_geometric_ensemble():
     w = w[:, None, None]
     want = (1 - w) * (10.0 * plain).log_softmax(1) + w * (3.0 * z).log_softmax(1)
     torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
-    alone, _ = model.label_logits(x, labels, scale=10.0, branch="alone")
+    alone, _ = label_logits(model, x, labels, 10.0, branch="alone")
     torch.testing.assert_close(alone, 3.0 * z, rtol=1e-4, atol=1e-4)
 
 
@@ -244,3 +244,54 @@ def test_open_vocab_graph_computes_the_ensemble(tmp_path):
     with torch.no_grad():
         prob = whole_image_scores(model, image, labels, 14.0, flip=False)  # (3, H, W)
     assert_same_labels(ids, score, prob)
+
+
+# --- training ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lite_run(tmp_path_factory):
+    """The tiny run of data_fixtures.write_tiny_run on EfficientNet-Lite0 from a synthetic file of the wheel's exact
+    listing (so nothing depends on the wheel being installed), 2 steps."""
+    from data_fixtures import write_tiny_run
+    root = tmp_path_factory.mktemp("lite")
+    src = synthesise(read_listing(LITE0))
+    for k in src:
+        if k.endswith("running_var"):  # a variance, so that the branch's BatchNorm is finite when it runs
+            src[k] = src[k].abs() + 0.5
+    torch.save(src, root / "lite0.pth")
+    write_tiny_run(root, backbone="efficientnet_lite0", pretrained=str(root / "lite0.pth"), max_steps=2,
+                   save_every=2, threads=1)
+    return root
+
+
+def train_weights(root, name, *flags):
+    import train
+    train.main([str(root / "config.yaml"), f"--out_dir={root / name}", *flags])
+    return torch.load(root / name / "ckpt_00000002.pt", map_location="cpu", weights_only=True)
+
+
+def test_a_frozen_branch_changes_nothing_in_training(lite_run):
+    """imagenet_branch without distillation trains exactly the weights of the same run without it (the branch is
+    never run in training), so one run gives both the trained branch alone and the ensemble."""
+    plain = train_weights(lite_run, "plain")["model"]
+    ckpt = train_weights(lite_run, "branch", "--imagenet_branch=true")
+    branch = ckpt["model"]
+    assert set(branch) - set(plain) == {k for k in branch if k.startswith("imagenet.")}
+    for k, v in plain.items():
+        assert torch.equal(branch[k], v), k
+    src = torch.load(lite_run / "lite0.pth", weights_only=True)
+    assert torch.equal(branch["imagenet.net.fc.weight"], src["_fc.weight"])  # frozen: the file's, after training
+    table = ckpt["label_table"]
+    rows = [table["names"].index(k) for k in imagenet_keys(load_label_spec())]
+    assert torch.equal(branch["imagenet.class_emb"], torch.as_tensor(table["embeddings"])[rows])
+
+
+def test_distillation_adds_its_term(lite_run, capsys):
+    ckpt = train_weights(lite_run, "distill", "--imagenet_branch=true", "--weight_imagenet=0.5")
+    assert "loss_imagenet" in capsys.readouterr().out
+    plain_path = lite_run / "plain" / "ckpt_00000002.pt"
+    plain = (torch.load(plain_path, map_location="cpu", weights_only=True) if plain_path.is_file()
+             else train_weights(lite_run, "plain"))["model"]
+    assert not torch.equal(ckpt["model"]["decoder.pred.weight"], plain["decoder.pred.weight"])
+    with pytest.raises(ConfigError, match="weight_imagenet.*needs imagenet_branch"):
+        train_weights(lite_run, "refused", "--weight_imagenet=0.5")

@@ -16,7 +16,7 @@ from distributed import choose_precision
 from errors import ConfigError
 from evaluate import EvalSettings
 from inference import Protocol, in_precision, infer, label_embeddings, resolve_precision
-from model import ModelConfig, build_model
+from model import ModelConfig, build_model, label_logits
 from settings import parse_settings
 from test_evaluate import write_tiny_run
 from test_train import REPO, final, setup  # noqa: F401 (setup is a fixture)
@@ -96,7 +96,10 @@ def tiny():
 
 def test_fp32_path_is_the_plain_network(tiny, monkeypatch):
     model, image, label_emb = tiny
-    assert in_precision(model, "fp32", "cpu") is model
+    x = image[None]
+    with torch.no_grad():  # fp32: model.label_logits itself, no autocast around it
+        torch.testing.assert_close(in_precision(model, "fp32", "cpu")(x, label_emb, 10.0),
+                                   label_logits(model, x, label_emb, 10.0), rtol=0, atol=0)
     with torch.no_grad():  # by hand: the network, cosine x temperature, upsample, softmax
         emb = F.normalize(model(image[None]), dim=1)                       # (1, D, 16, 24)
         label = F.normalize(label_emb, dim=1)                               # model.similarity normalises again

@@ -20,7 +20,7 @@ import torch
 
 from distributed import set_threads
 from errors import run_main
-from model import ModelConfig, build_model
+from model import ModelConfig, build_model, label_logits
 from settings import parse_settings
 
 
@@ -53,7 +53,7 @@ def main(argv=None):
     def infer(m):
         m.eval()
         with torch.inference_mode():
-            m.label_logits(x, label_emb) if cfg.labels else m(x)
+            label_logits(m, x, label_emb, m.scale()) if cfg.labels else m(x)
 
     def train(m):
         m.train()
