@@ -5,16 +5,17 @@ run_dir.py's.
     load_pretrained(model, "mit_b5.pth")             # NVlabs ImageNet, SegFormer, SSIW, HRNet: format from the keys
     model, ckpt = load_checkpoint("runs/x/ckpt_00001000.pt", device)   # train.py's own: model_args + strict weights
 
-Every file is read by errors.read_torch_file: tensors and plain Python only, and a file that is not what it should be
+Every file is read by torch_files.read_torch_file: tensors and plain Python only, and a file that is not what it should be
 raises WeightsError naming it, what it should be and where such files come from.
 """
 import torch
 
-from errors import ConfigError, WeightsError, read_torch_file
+from errors import ConfigError, WeightsError
 from efficientnet import WHEEL_FILES, efficientnet_imagenet_path, remap_efficientnet_key
 from hrnet import remap_hrnet_key
 from model import ModelConfig, SegModel, build_model
 from segformer import remap_head_key, remap_mit_key
+from torch_files import read_torch_file
 
 
 # ----------------------------------------------------------------------------------------------------------------

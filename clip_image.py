@@ -34,6 +34,7 @@ from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, 
 from errors import ConfigError, DataError, WeightsError, run_main
 from index_format import Index
 from readers import decode_rgb, open_image
+from runtime import set_threads
 from settings import parse_settings, require, required
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
@@ -327,7 +328,7 @@ class ImageSettings:
 def main(argv=None):
     a = parse_settings(ImageSettings, argv)
     rank, world, device = distributed.setup(a.device)
-    distributed.set_threads(a.threads, verbose=rank == 0)
+    set_threads(a.threads, verbose=rank == 0)
     model = load_image_tower(a.weights, device)
     index = Index(a.index, "coco_boxes")
     images = Path(a.images or index.meta["images_folder"])

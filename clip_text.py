@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import ConfigError, WeightsError, read_torch_file
+from errors import ConfigError, WeightsError
+from torch_files import read_torch_file
 
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"

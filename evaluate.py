@@ -31,6 +31,7 @@ from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
 from readers import MAX_PIXELS, set_max_pixels
+from runtime import choose_precision, set_threads
 from settings import one_of, parse_settings, print_settings, require
 
 
@@ -139,7 +140,7 @@ def main(argv=None):
     set_max_pixels(s.max_pixels)
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
-    distributed.set_threads(s.threads, verbose=master)
+    set_threads(s.threads, verbose=master)
     if master:
         print_settings(s)
 
@@ -154,7 +155,7 @@ def main(argv=None):
     model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, texts, s.embeddings,  # (N, D)
                                                        s.clip_weights, device)
     # recorded before the run: the checkout, the files and the command as they were when it started
-    precision, why = distributed.choose_precision(s.precision, device)  # what auto means here, recorded as run
+    precision, why = choose_precision(s.precision, device)  # what auto means here, recorded as run
     if master:
         print(why)
     prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device, precision,

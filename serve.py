@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageOps
 
 from checkpoints import check_width
-from distributed import pick_device, set_threads
+from runtime import pick_device, set_threads
 from errors import InputError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, infer, label_embeddings, load_for_inference,
                        resolve_precision, short_side_size, unknown_id)

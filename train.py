@@ -29,6 +29,7 @@ from model import ModelConfig, build_model
 from readers import MAX_PIXELS, set_max_pixels
 from run_dir import (claim_out_dir, find_resume, label_table_sha256, restore_checkpoint, save_checkpoint, set_aside,
                      set_aside_log)
+from runtime import choose_precision, set_threads
 from sampler import BalancedSampler
 from settings import FLOAT32_MAX, one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
@@ -296,8 +297,8 @@ def main(argv=None):
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
     master = rank == 0
-    distributed.set_threads(s.threads, verbose=master)
-    precision, why = distributed.choose_precision(s.amp, device)
+    set_threads(s.threads, verbose=master)
+    precision, why = choose_precision(s.amp, device)
     if master:
         print("settings:")
         print_settings(s)

@@ -19,7 +19,7 @@ rc=0
 if [ -z "${SSIW_TEST_BF16:-}" ] && [ $# -eq 0 ]; then
   # first the tests whose path depends on the CPU's bf16 units, with those units reported the other way than this
   # CPU has them (tests/cpu_features): a green run must not depend on the machine CI lands on
-  other=$(python -c "from distributed import cpu_has_bf16; print(0 if cpu_has_bf16() else 1)")
+  other=$(python -c "from runtime import cpu_has_bf16; print(0 if cpu_has_bf16() else 1)")
   SSIW_TEST_BF16=$other python -m pytest -q tests/test_precision.py tests/test_evaluate.py tests/test_predict.py \
       tests/test_eval_tools.py
   rc=$?

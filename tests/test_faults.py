@@ -29,7 +29,8 @@ from PIL import Image
 from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
 import readers
-from errors import ConfigError, DataError, DivergedError, WeightsError, read_torchscript, run_main
+from errors import ConfigError, DataError, DivergedError, WeightsError, run_main
+from torch_files import read_torchscript
 from labels import LabelTable, save_label_table
 from sampler import BalancedSampler
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import evaluation
 from checkpoints import load_checkpoint
-from distributed import choose_precision
+from runtime import choose_precision
 from errors import ConfigError
 from evaluate import EvalSettings
 from inference import Protocol, in_precision, infer, label_embeddings, resolve_precision

@@ -1,4 +1,4 @@
-"""Training speed at the automatic thread count (distributed.set_threads) against fixed counts, on an idle machine and
+"""Training speed at the automatic thread count (runtime.set_threads) against fixed counts, on an idle machine and
 beside one busy process: does the default pick well?
 
     python -m tools.synthetic_data --out data/synthetic                # the demo's data and label table (made here
@@ -24,8 +24,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distributed import usable_cores
 from errors import DataError, run_main
+from runtime import usable_cores
 from settings import parse_settings, read_yaml, require, required
 
 REPO = Path(__file__).resolve().parents[1]
