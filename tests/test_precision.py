@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dataset_yaml
 import evaluation
 from checkpoints import load_checkpoint
 from runtime import choose_precision
@@ -127,7 +128,7 @@ def test_compare_precision_runs_and_matches_evaluate(tmp_path):
                             f"--out={tmp_path / 'c.json'}"])
     result = json.loads((tmp_path / "c.json").read_text())
     # each precision's mIoU is evaluate.py's with --precision set to it
-    cfg, spec = evaluation.load_dataset_config(str(yaml_path))
+    cfg, spec = dataset_yaml.load_dataset_config(str(yaml_path))
     dataset = evaluation.EvalDataset(cfg, spec)
     model, _ = load_checkpoint(tmp_path / "ckpt.pt", "cpu")
     label_emb = label_embeddings(dataset.keys, [], str(tmp_path / "table.pt"))

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import run_main
-from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
+from dataset_yaml import load_dataset_config
+from evaluation import EvalDataset, confusion_matrix, metrics_from_confusion
 from inference import Protocol, infer, load_for_inference, resize_short_side, whole_image_scores
 from labels import label_texts
 from model import ModelConfig, build_model

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from errors import run_main
-from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
+from dataset_yaml import load_dataset_config
+from evaluation import EvalDataset, confusion_matrix, metrics_from_confusion
 from inference import Protocol, infer, load_for_inference
 from labels import label_texts
 from provenance import provenance, repo_relative

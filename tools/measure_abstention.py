@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from errors import ConfigError, run_main
-from evaluation import EvalDataset, load_dataset_config
+from dataset_yaml import load_dataset_config
+from evaluation import EvalDataset
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
                        unknown_id)
 from labels import label_texts_for
