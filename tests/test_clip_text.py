@@ -335,6 +335,7 @@ def test_safetensors_reader_matches_library(tmp_path):
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_writes_label_table_from_torchscript_weights(weights, tmp_path):
     import labels
     spec = labels.load_label_spec()

@@ -41,12 +41,14 @@ def test_a_source_naming_a_dataset_yaml_is_that_yaml_with_its_keys_over_it():
         load_sources([{"dataset": "camvid-segnet", "name": "camvid", "lists": "x.txt"}], "data")
 
 
-def test_the_cpu_recipe_names_the_eval_yamls(data_root):
-    """The recipe's config names configs/eval's CamVid and LabelMeFacade instead of copying them."""
+def test_the_cpu_recipe_names_the_eval_yamls():
+    """The recipe's config names configs/eval's CamVid and LabelMeFacade instead of copying them (their data is
+    not read here: the class names are in the YAMLs)."""
     config = yaml.safe_load((EVAL_CONFIGS.parents[1] / "configs" / "cpu_camvid_facade_lite0.yaml").read_text())
     assert [e.get("dataset") for e in config["sources"]] == ["camvid-segnet", "labelmefacade"]
-    sources, spec = load_sources(config["sources"], data_root)
-    assert [(s.name, s.images or s.list) for s in sources] == [("camvid", "train"), ("labelmefacade", "train.txt")]
+    sources, spec = load_sources(config["sources"], "/data")
+    assert [(s.name, s.root, s.images or s.list) for s in sources] == [
+        ("camvid", "/data/camvid-11", "train"), ("labelmefacade", "/data/labelmefacade", "train.txt")]
     assert "door" in data.source_label_keys(sources, spec)
 
 

@@ -46,6 +46,7 @@ def worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_batchnorm_equals_full_batch_batchnorm(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     x, bn = make_case()

@@ -167,6 +167,7 @@ sentences:
     return path
 
 
+@pytest.mark.slow
 def test_user_dataset_yaml_end_to_end(tmp_path):
     yaml_path = write_user_set(tmp_path / "data")
     write_checkpoint(tmp_path / "ckpt.pt")
@@ -217,6 +218,7 @@ def test_user_labels_errors_name_the_classes(tmp_path):
         evaluation.EvalDataset(*dataset_yaml.load_dataset_config(str(tmp_path / "typo.yaml")))
 
 
+@pytest.mark.slow
 def test_provenance_git_state_and_hashes(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -197,6 +197,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_two_gloo_processes_equal_single_process(tmp_path):
     single = evaluation.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO)
     out = tmp_path / "conf.pt"
@@ -351,6 +352,7 @@ def shipped_dataset(name, data_root):
     return evaluation.EvalDataset(*dataset_yaml.load_dataset_config(name, data_root=str(data_root)))
 
 
+@pytest.mark.slow
 def test_shipped_dataset_yamls_read_the_downloaded_layouts(data_root):
     camvid = shipped_dataset("camvid-segnet", data_root)
     assert len(camvid) == 101 and camvid.class_names == CAMVID
@@ -410,6 +412,7 @@ def test_window_batch_auto_is_one_window_on_a_cpu_and_four_on_a_gpu():
     assert inf.window_batch(3, "cpu") == 3 and inf.window_batch(3, torch.device("cuda")) == 3
 
 
+@pytest.mark.slow
 def test_labelmefacade_own_lists_name_the_image_alone(tmp_path, data_root):
     """The repository's own train.txt/test.txt hold `images/X.jpg` alone: the label is labels/X.png. The same images
     with `image label` pairs per line (a copy's lists) give the same samples."""

@@ -44,6 +44,7 @@ def clip_graph(tmp_path_factory):
     return root / "out" / "text.onnx", openai
 
 
+@pytest.mark.slow
 def test_clip_graph_matches_openai_encode_text(clip_graph, sentences):
     path, openai = clip_graph
     got = onnx_text.embed_texts(path, sentences)                           # (N, EMBED)
@@ -114,6 +115,7 @@ def sentence_graph(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.slow
 def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
     import sentence_encoder as se
     path, model = sentence_graph

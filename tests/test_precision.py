@@ -66,6 +66,7 @@ if os.environ.get("FAKE_BF16_UNITS") in ("0", "1"):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("units", ["1", "0"])
 def test_torchrun_workers_train_in_what_auto_means_on_their_cpu(setup, tmp_path, units):
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)

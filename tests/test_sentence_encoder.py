@@ -74,6 +74,7 @@ def real():
     return ours, st, texts, se.encode_sentences(ours, texts), ref
 
 
+@pytest.mark.slow
 def test_token_ids_match_oracle(real):
     ours, st, sentences, _, _ = real
     texts = sentences + hard_strings(1000)
@@ -86,6 +87,7 @@ def test_token_ids_match_oracle(real):
     assert torch.equal(mask, ref_mask)
 
 
+@pytest.mark.slow
 def test_embeddings_match_oracle_on_all_label_sentences(real):
     ours, _, texts, emb, ref = real
     assert emb.shape == (len(texts), 384) and emb.dtype == torch.float32 and len(texts) > 1000
@@ -94,6 +96,7 @@ def test_embeddings_match_oracle_on_all_label_sentences(real):
     assert cos_distance.max() < 1e-5, (cos_distance.max(), texts[int(cos_distance.argmax())])
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_an_embedding(real):
     ours, _, texts, emb, _ = real
     picks = [texts[i] for i in (0, 1, 7, 100, 500)] + ["", "a dog", "word " * 300]  # lengths 2 ... 256 tokens
