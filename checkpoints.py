@@ -5,16 +5,17 @@ run_dir.py's.
     load_pretrained(model, "mit_b5.pth")             # NVlabs ImageNet, SegFormer, SSIW, HRNet: format from the keys
     model, ckpt = load_checkpoint("runs/x/ckpt_00001000.pt", device)   # train.py's own: model_args + strict weights
 
-Every file is read by errors.read_torch_file: tensors and plain Python only, and a file that is not what it should be
+Every file is read by torch_files.read_torch_file: tensors and plain Python only, and a file that is not what it should be
 raises WeightsError naming it, what it should be and where such files come from.
 """
 import torch
 
-from errors import ConfigError, WeightsError, read_torch_file
+from errors import ConfigError, WeightsError
 from efficientnet import WHEEL_FILES, efficientnet_imagenet_path, remap_efficientnet_key
 from hrnet import remap_hrnet_key
 from model import ModelConfig, SegModel, build_model
 from segformer import remap_head_key, remap_mit_key
+from torch_files import read_torch_file
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -23,7 +24,7 @@ from segformer import remap_head_key, remap_mit_key
 
 PRETRAINED = ("pretrained weights: a state dict such as NVlabs' mit_b0..mit_b5.pth or a SegFormer segmentation "
               "checkpoint, the authors' segformer_7data.pth, HRNet's ImageNet or segmentation weights, the "
-              "EfficientNet-Lite0/1/2 ImageNet weights (efficientnet_lite0_imagenet, ..._lite2_imagenet) (README: Public weights and data), "
+              "EfficientNet-Lite0/1/2 ImageNet weights (efficientnet_lite0_imagenet, ..._lite2_imagenet; docs/training.md), "
               "or a train.py checkpoint")
 CHECKPOINT = "a train.py checkpoint (ckpt_*.pt in a training run's out_dir)"
 

@@ -16,7 +16,6 @@ Weights: OpenAI's released .pt (keys visual.*) or an HF CLIP checkpoint (vision_
 read by clip_text.read_clip_state_dict and loaded strictly. Only the ViT variants exist here (B/32, B/16, L/14, sizes
 read from the state dict); OpenAI's ResNet towers (RN50 ...) raise.
 """
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from PIL import Image
 
 import distributed
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
-from errors import ConfigError, DataError, WeightsError, run_main
-from index_format import Index
+from errors import DataError, WeightsError, run_main
+from index_format import Index, prepare_targets
 from readers import decode_rgb, open_image
+from runtime import set_threads
 from settings import parse_settings, require, required
 
 # CLIP's own normalisation (clip/clip.py _transform), not ImageNet's
@@ -211,30 +211,6 @@ class ShardCrops(torch.utils.data.Dataset):
         return shard, torch.cat(crops), bad
 
 
-def prepare_targets(out: Path, index: Index, dim: int, shard_rows: int, encoder: str) -> None:
-    """Create the target folder (rank 0; a temporary folder renamed into place), or check that the one there
-    belongs to this index, encoder and shard size, so resuming continues the same work."""
-    rows = index.meta["counts"]["boxes"]
-    want = {"index_build": index.meta["build"], "rows": rows, "dim": dim, "shard_rows": shard_rows,
-            "encoder": encoder, "index": str(index.folder.resolve())}
-    if out.exists():
-        if not (out / "targets.json").is_file():
-            raise ConfigError(f"{out} exists and is not a box-target folder (no targets.json); choose another --out")
-        have = json.loads((out / "targets.json").read_text())
-        differs = [k for k in want if k != "index" and have.get(k) != want[k]]
-        if differs:
-            raise ConfigError(f"{out} holds box targets with other {', '.join(differs)} "
-                             f"({ {k: have.get(k) for k in differs} } vs { {k: want[k] for k in differs} }); "
-                             f"remove it or choose another --out")
-        return
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    np.lib.format.open_memmap(tmp / "targets.npy", mode="w+", dtype=np.float16, shape=(rows, dim)).flush()
-    np.save(tmp / "done.npy", np.zeros(-(-rows // shard_rows), np.uint8))  # ceil: the last shard may be short
-    (tmp / "targets.json").write_text(json.dumps(want, indent=1) + "\n")
-    os.replace(tmp, out)
-
-
 class ShardWriter:
     """Writes a shard's rows into targets.npy, syncs them to disk, then marks the shard done: a killed run never
     leaves a shard marked done whose rows are not on disk. Ranks write disjoint bytes of the same two files."""
@@ -327,7 +303,7 @@ class ImageSettings:
 def main(argv=None):
     a = parse_settings(ImageSettings, argv)
     rank, world, device = distributed.setup(a.device)
-    distributed.set_threads(a.threads, verbose=rank == 0)
+    set_threads(a.threads, verbose=rank == 0)
     model = load_image_tower(a.weights, device)
     index = Index(a.index, "coco_boxes")
     images = Path(a.images or index.meta["images_folder"])

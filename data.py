@@ -1,8 +1,9 @@
 """Training data from several datasets with conflicting taxonomies, as batches of label-table rows.
 
-A source (SourceConfig) is one dataset on disk. Its class names map to label keys of label_sentences.yaml
-(labels.dataset_label_keys), the keys to rows of the label table, and a lookup table (LUT, raw id -> row, -1 ignore)
-turns each decoded label map into rows with one numpy index. From then on everything speaks table rows.
+A source (SourceConfig) is one dataset on disk, described in YAML (dataset_yaml.py). Its class names map to label
+keys of label_sentences.yaml or of its own YAML (labels.dataset_label_keys), the keys to rows of the label table, and
+a lookup table (LUT, raw id -> row, -1 ignore) turns each decoded label map into rows with one numpy index. From
+then on everything speaks table rows.
 
 MSeg's prepared layouts of the seven dense SSIW training sets are id PNGs with 255 = ignore: encoding "id",
 ignore [255], names = mseg-api's mseg/dataset_lists/<name>/<name>_names.txt, taxonomy = <name>. Their list
@@ -52,11 +53,11 @@ NOT_A_CLASS = -2  # LUT value of a raw id that is neither a class nor ignore: de
 @dataclass
 class SourceConfig:
     name: str                  # unique; shown in batches, logs and errors
-    root: str                  # relative paths below are joined to this
+    root: str                  # relative paths below are joined to this (a relative root: under --data_root)
     list: str = ""             # id/color: MSeg-style list, `image label` per line, relative to root (or images + labels)
     names: str = ""            # id: names file, line index = class id (or give class_names inline)
     class_names: list = field(default_factory=lambda: [])
-    taxonomy: str = ""         # dataset mapping in label_sentences.yaml ("" = name)
+    taxonomy: str = ""         # dataset mapping in label_sentences.yaml ("" = name; a YAML's own mapping: dataset_yaml)
     encoding: str = "id"       # the on-disk format: a key of readers.FORMATS (id | color | openimages | coco_boxes)
     ignore: list = field(default_factory=lambda: [255])  # id: raw ids that are ignored (CamVid 11, MSeg 255)
     colors: dict = field(default_factory=dict)  # color: {"R:G:B": class name}
@@ -75,12 +76,10 @@ class SourceConfig:
                                # background), predicted wherever a label of evaluate.py's --background wins
 
     @classmethod
-    def from_dict(cls, d: dict, data_root: str = "") -> SourceConfig:
-        """Build from a training config entry; unknown keys and wrongly typed values raise, naming source and key.
-        A relative root is taken as under data_root (train.py's and evaluate.py's --data_root) where one is given."""
+    def from_dict(cls, d: dict) -> SourceConfig:
+        """Build from a mapping of fields (dataset_yaml.py reads them from YAML and applies the data root); unknown keys
+        and wrongly typed values raise, naming source and key."""
         name = d.get("name", "?")
-        if data_root and isinstance(d.get("root"), str) and not Path(d["root"]).is_absolute():
-            d = {**d, "root": str(Path(data_root) / d["root"])}
         known = {f.name: f for f in fields(cls)}
         for key, value in d.items():
             if key not in known:

@@ -22,15 +22,15 @@ import torch.distributed as dist
 from PIL import Image
 
 import distributed
-from errors import run_main
-from evaluation import (EvalDataset, evaluate_images, load_dataset_config, metrics_from_confusion, seen_classes,
-                        split_miou)
-from errors import ConfigError
+from dataset_yaml import load_dataset_config
+from errors import ConfigError, run_main
+from evaluation import EvalDataset, evaluate_images, metrics_from_confusion, seen_classes, split_miou
 from inference import Protocol, background_labels, load_for_inference
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
 from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
+from runtime import choose_precision, set_threads
 from settings import one_of, parse_settings, print_settings, require
 
 
@@ -38,7 +38,7 @@ from settings import one_of, parse_settings, print_settings, require
 class EvalSettings(Protocol):      # + the inference protocol's settings (inference.Protocol)
     dataset: str = "camvid-11"     # a name in configs/eval/ (an MSeg set also without its class count: camvid =
                                    # camvid-11) or a path to a dataset YAML (data.SourceConfig fields)
-    data_root: str = "data"        # the YAML's relative root is a folder in here (README: where to put each dataset)
+    data_root: str = "data"        # the YAML's relative root is a folder in here (dataset_yaml.py; README)
     root: str = ""                 # dataset root; overrides the YAML's (MSeg sets leave it to you)
     list: str = ""                 # list file of "image label" lines; overrides the YAML's
     images: str = ""               # ... or an image folder (relative to root) whose images pair with the label
@@ -141,7 +141,7 @@ def main(argv=None):
     set_image_budget(s.max_pixels, s.max_aspect)
     rank, world, device = distributed.setup(s.device)  # torchrun: RANK set -> process group (gloo on CPU)
     master = rank == 0
-    distributed.set_threads(s.threads, verbose=master)
+    set_threads(s.threads, verbose=master)
     if master:
         print_settings(s)
 
@@ -156,7 +156,7 @@ def main(argv=None):
     model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, texts, s.embeddings,  # (N, D)
                                                        s.clip_weights, device)
     # recorded before the run: the checkout, the files and the command as they were when it started
-    precision, why = distributed.choose_precision(s.precision, device)  # what auto means here, recorded as run
+    precision, why = choose_precision(s.precision, device)  # what auto means here, recorded as run
     if master:
         print(why)
     prov = provenance("evaluate.py", sys.argv[1:] if argv is None else argv, device, precision,

@@ -1,8 +1,6 @@
-"""Evaluation shared by evaluate.py and the tools that evaluate: dataset configs (configs/eval/*.yaml), the samples
-of an evaluation set, the loop over them, and mIoU from a confusion matrix (DETR's engine.py, for our protocol).
-
-A dataset config is a data.SourceConfig in YAML, read by data.Source; `load_dataset_config` finds it by name, applies
---root / --list / --images / --labels, and says in one message what is missing and where the data comes from.
+"""Evaluation shared by evaluate.py and the tools that evaluate: the classes and samples of an evaluation set, the
+loop over them, and mIoU from a confusion matrix (DETR's engine.py, for our protocol). Dataset YAMLs
+(configs/eval/*.yaml) are read by dataset_yaml.py (load_dataset_config).
 """
 import math
 import time
@@ -13,15 +11,10 @@ import torch.distributed as dist
 
 import data
 import distributed
-from errors import ConfigError
+from dataset_yaml import dataset_labels
 from inference import infer
-from provenance import repo_relative
-from labels import IGNORE, dataset_label_keys, load_label_spec, with_own_labels
+from labels import dataset_label_keys
 from readers import FORMATS
-from settings import read_yaml
-
-REPO = Path(__file__).resolve().parent
-EVAL_CONFIGS = REPO / "configs" / "eval"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,114 +67,12 @@ def split_miou(iou, seen):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dataset configs
-
-def dataset_yaml(name_or_path):
-    """configs/eval/<name>.yaml, or an MSeg test set by its name without the class count (camvid -> camvid-11.yaml,
-    kitti -> kitti-19.yaml), or a YAML path as given."""
-    path = Path(name_or_path)
-    if path.suffix:
-        return path
-    path = EVAL_CONFIGS / f"{name_or_path}.yaml"
-    counted = [p for p in EVAL_CONFIGS.glob(f"{name_or_path}-*.yaml") if p.stem[len(name_or_path) + 1:].isdigit()]
-    if path.is_file() or len(counted) != 1:
-        return path
-    return counted[0]
-
-
-def yaml_header(path):
-    """The comment lines a dataset YAML opens with (what the dataset is, where it comes from), indented."""
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append("  " + line[1:].removeprefix(" "))
-    return "\n".join(lines)
-
-
-def _read_dataset_yaml(name_or_path, root="", list_path="", images="", labels="", data_root="data"):
-    """The YAML's SourceConfig fields with --root/--list/--images/--labels applied, its path, and the user's own
-    `sentences:` / `taxonomy:` mapping (None where it has none)."""
-    path = dataset_yaml(name_or_path)
-    if not path.is_file():
-        known = sorted(p.stem for p in EVAL_CONFIGS.glob("*.yaml"))
-        raise ConfigError(f"unknown dataset {name_or_path!r}: no {repo_relative(path)} (known: {', '.join(known)}; "
-                          f"or give a YAML path)")
-    d = read_yaml(path)
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping of data.SourceConfig fields")
-    sentences = d.pop("sentences", None)
-    own_taxonomy = d.pop("taxonomy") if isinstance(d.get("taxonomy"), dict) else None
-    d["root"] = str(Path(root).resolve()) if root else (str(Path(data_root, d["root"]).resolve()) if d.get("root") else "")
-    if list_path:  # --list or --images/--labels win over the YAML's pairs, whichever way it gives them
-        d.update(list=str(Path(list_path).resolve()), images="", labels="")
-    elif images or labels:
-        d.update(list="", images=images, labels=labels)
-    d["list"] = d.get("list") or ""
-    return d, path, sentences, own_taxonomy
-
-
-def _with_own_labels(cfg, spec, path, sentences, own_taxonomy):
-    """spec plus the dataset's own sentences and taxonomy, where it brings them (see load_dataset_config)."""
-    taxonomy = cfg.taxonomy or cfg.name
-    if sentences is not None or own_taxonomy is not None or (not cfg.taxonomy and taxonomy not in spec.datasets):
-        names = data.source_class_names(cfg)
-        ignored = {names[i]: IGNORE for i in FORMATS[cfg.encoding].ignore(cfg, len(names)) if i < len(names)}
-        spec = with_own_labels(spec, taxonomy, names, {**ignored, **(own_taxonomy or {})}, sentences, str(path))
-    return spec
-
-
-def same_dataset_here(path, data_root):
-    """(name, folder) of each other shipped YAML of the same dataset (the name before its first '-': camvid-11 and
-    camvid-segnet) whose data is in data_root: what a user who holds that copy (README.md's CamVid in data/camvid-11,
-    the SegNet layout) can evaluate on when the YAML asked for lacks its data."""
-    family = path.stem.split("-")[0]
-    found = []
-    for other in sorted(EVAL_CONFIGS.glob(f"{family}*.yaml")):
-        d = read_yaml(other) if other != path and other.stem.split("-")[0] == family else None
-        if isinstance(d, dict) and isinstance(d.get("root"), str) and Path(data_root, d["root"]).is_dir():
-            found.append((other.stem, Path(data_root, d["root"])))
-    return found
-
-
-def load_dataset_config(name_or_path, root="", list_path="", images="", labels="", spec=None, also_missing=(),
-                        data_root="data"):
-    """A dataset name (see dataset_yaml) or YAML path -> (data.SourceConfig, label spec). The YAML holds SourceConfig
-    fields (name, root, list | images + labels, names | class_names, taxonomy, encoding, ignore, colors); a relative
-    root in it is a folder of data_root (--data_root, default data/ of the working directory); --root/--list
-    (relative to the working directory) and --images/--labels (relative to the root) override the YAML's.
-
-    A user's dataset brings its own labels without editing label_sentences.yaml: `sentences:` {class name or label
-    key: sentence} and `taxonomy:` as a mapping {class name: label key | ignore} (classes it does not list are their
-    own keys); see labels.with_own_labels. The returned spec is `spec` (default: label_sentences.yaml) plus those.
-
-    Raises one short message for everything missing, `also_missing` (flags the caller found missing, e.g.
-    "--checkpoint CKPT") included: what to pass, and the YAML whose header says where the data comes from."""
-    d, path, sentences, own_taxonomy = _read_dataset_yaml(name_or_path, root, list_path, images, labels, data_root)
-    missing = []
-    if not d["root"] or not Path(d["root"]).is_dir():
-        missing.append("--root DIR" + (f" ({repo_relative(d['root'])} is not a folder)" if d["root"] else ""))
-    if not d.get("labels") and (not d["list"] or not Path(d["root"], d["list"]).is_file()):
-        missing.append("--list FILE" + (f" ({d['list']} is not a file)" if d["list"] else "")
-                       + " (or --images DIR --labels DIR)")
-    if missing or also_missing:
-        hint = f"{repo_relative(path)} says where the data comes from:\n{yaml_header(path)}" if missing else ""
-        here = "".join(f"; or --dataset={name}, which reads the copy in {folder}"
-                       for name, folder in same_dataset_here(path, data_root)) if missing else ""
-        raise ConfigError(f"evaluate.py --dataset={d.get('name', path.stem)} needs "
-                          + ", ".join([*also_missing, *missing]) + here, hint=hint)
-    cfg = data.SourceConfig.from_dict(d)
-    return cfg, _with_own_labels(cfg, spec or load_label_spec(), path, sentences, own_taxonomy)
-
+# Evaluated classes (dataset YAMLs are read by dataset_yaml.py)
 
 def dataset_classes(name_or_path, spec=None):
     """A dataset's evaluated classes without its data (export.py bakes them into a graph): (label keys, class
     names, label spec) as evaluated_classes gives them."""
-    d, path, sentences, own_taxonomy = _read_dataset_yaml(name_or_path)
-    if not d["list"] and not d.get("labels"):
-        d["list"] = "(not read)"  # SourceConfig insists on a data location; only the class names are read here
-    cfg = data.SourceConfig.from_dict(d)
-    spec = _with_own_labels(cfg, spec or load_label_spec(), path, sentences, own_taxonomy)
+    cfg, spec = dataset_labels(name_or_path, spec)
     keys, _, names = evaluated_classes(cfg, spec)
     return keys, names, spec
 

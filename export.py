@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoints import load_checkpoint
-from distributed import set_threads
+from runtime import set_threads
 from errors import ConfigError, run_main
 from evaluation import dataset_classes
 from inference import load_for_inference

@@ -8,11 +8,12 @@ object and a mapped file is shared page cache (see readers.py's docstring).
 """
 import json
 import mmap
+import os
 from pathlib import Path
 
 import numpy as np
 
-from errors import DataError
+from errors import ConfigError, DataError
 
 
 class StringTable:
@@ -166,6 +167,30 @@ class Index:
 #   done.npy      (shards,) uint8: 1 once the rows of shard s (rows s * shard_rows ...) are on disk
 #   targets.json  {index_build, rows, dim, shard_rows, encoder}
 BOX_TARGETS_FILES = ("targets.npy", "done.npy", "targets.json")
+
+
+def prepare_targets(out: Path, index: Index, dim: int, shard_rows: int, encoder: str) -> None:
+    """Create the target folder (rank 0; a temporary folder renamed into place), or check that the one there
+    belongs to this index, encoder and shard size, so resuming continues the same work."""
+    rows = index.meta["counts"]["boxes"]
+    want = {"index_build": index.meta["build"], "rows": rows, "dim": dim, "shard_rows": shard_rows,
+            "encoder": encoder, "index": str(index.folder.resolve())}
+    if out.exists():
+        if not (out / "targets.json").is_file():
+            raise ConfigError(f"{out} exists and is not a box-target folder (no targets.json); choose another --out")
+        have = json.loads((out / "targets.json").read_text())
+        differs = [k for k in want if k != "index" and have.get(k) != want[k]]
+        if differs:
+            raise ConfigError(f"{out} holds box targets with other {', '.join(differs)} "
+                             f"({ {k: have.get(k) for k in differs} } vs { {k: want[k] for k in differs} }); "
+                             f"remove it or choose another --out")
+        return
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    np.lib.format.open_memmap(tmp / "targets.npy", mode="w+", dtype=np.float16, shape=(rows, dim)).flush()
+    np.save(tmp / "done.npy", np.zeros(-(-rows // shard_rows), np.uint8))  # ceil: the last shard may be short
+    (tmp / "targets.json").write_text(json.dumps(want, indent=1) + "\n")
+    os.replace(tmp, out)
 
 
 def open_box_targets(folder, index: Index) -> np.ndarray:

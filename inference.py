@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import sentence_encoder
 import text_cache
 from checkpoints import check_width, load_checkpoint
-from distributed import choose_precision
+from runtime import choose_precision
 from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
 from labels import LabelTable, load_label_table, parse_labels
@@ -81,7 +81,7 @@ class Protocol:
 
 def resolve_precision(precision, device):
     """Protocol.precision on `device` -> "fp32" or "bf16", the precision the network then runs in: auto means what it
-    means in training (distributed.choose_precision)."""
+    means in training (runtime.choose_precision)."""
     return choose_precision(precision, device)[0]
 
 

@@ -4,6 +4,7 @@
     python label_table.py --out=T.pt --sentence_encoder=path/to/st_folder    # any sentence-transformers BERT folder
     python label_table.py --out=T.pt --clip_weights=ViT-B-32.pt [--mode=word] [--labels=bus,car] [--sentences=Y.yaml]
     python label_table.py --out=T.pt --clip_random_init                      # offline demo: MEANINGLESS embeddings
+    python label_table.py --out=T.pt --datasets=path/to/mine.yaml            # + a dataset YAML's own label sentences
 
 The table (labels.save_label_table) holds the label keys, the texts embedded, their embeddings (N, D) fp32
 L2-normalised, the encoder's id and the sha256 of its weights file, so that inference (inference.label_embeddings)
@@ -16,9 +17,10 @@ import torch
 
 import clip_text
 import text_cache
-from distributed import set_threads
+from dataset_yaml import dataset_labels
 from errors import ConfigError, run_main
 from labels import TEXT_MODES, LabelTable, label_texts, load_label_spec, parse_labels, save_label_table
+from runtime import set_threads
 from settings import one_of, parse_settings, print_settings, required
 
 
@@ -31,8 +33,10 @@ class LabelTableSettings:
     mode: str = "sentence"          # sentence: each label's sentence | word: its key, underscores as spaces
     labels: str = ""                # comma-separated label keys; "" = every label of the sentences file
     sentences: str = ""             # label sentences YAML in label_sentences.yaml's format; "" = the repo's
+    datasets: str = ""              # comma-separated dataset names or YAMLs whose own labels (dataset_yaml.py) join
+    data_root: str = "data"         # their relative roots are folders in here, as for train.py
     text_cache: str = ""            # text-embedding cache folder; "" = $SSIW_CACHE or ~/.cache/ssiw; "off" = none
-    threads: int = 0                # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
+    threads: int = 0                # torch's CPU threads; 0 = from the usable cores (runtime.set_threads)
 
     def validate(self):
         required(self, "out")
@@ -61,6 +65,8 @@ def main(argv=None):
     set_threads(s.threads)
     print_settings(s)
     spec = load_label_spec(s.sentences) if s.sentences else load_label_spec()
+    for name in filter(None, map(str.strip, s.datasets.split(","))):
+        spec = dataset_labels(name, spec, s.data_root)[1]  # a dataset YAML's own sentences: a training source may name it
     keys = parse_labels(s.labels, "--labels") or list(spec.sentences)
     texts = label_texts(spec, keys, mode=s.mode)  # an unknown key raises naming it
     if s.clip_random_init:

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import ConfigError, LabelKeyError, WeightsError, read_torch_file, save_torch_file
+from errors import ConfigError, LabelKeyError, WeightsError
 from settings import read_yaml
+from torch_files import read_torch_file, save_torch_file
 
 LABELS_YAML = Path(__file__).resolve().parent / "label_sentences.yaml"
 IGNORE = "ignore"
@@ -230,7 +231,7 @@ def _check_table(names: list[str], sentences: list[str], e: torch.Tensor, where:
 
 def save_label_table(path: str | Path, table: LabelTable) -> None:
     """torch.save {"names", "sentences", "embeddings" (N, D) fp32, "encoder", "weights_sha256"}, atomically
-    (errors.save_torch_file)."""
+    (torch_files.save_torch_file)."""
     path = Path(path)
     _check_table(table.names, table.sentences, table.embeddings, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import clip_bpe
 import clip_text
 from errors import ConfigError, WeightsError
 from onnx_export import write_graph
+from wordpiece import load_tokenizer
 
 TEXT_DIMS = {"input_ids": ["batch", "tokens"], "attention_mask": ["batch", "tokens"]}
 
@@ -49,9 +51,9 @@ def export_clip_text(weights, path, metadata=None):
     """CLIP's text tower at `weights` (what clip_text.load reads) -> an ONNX text graph at path, and CLIP's BPE
     vocabulary copied beside it. Returns the metadata written."""
     tower = clip_text.load(weights)
-    vocab = Path(path).parent / clip_text.BPE_PATH.name
-    if vocab.resolve() != clip_text.BPE_PATH.resolve():
-        shutil.copyfile(clip_text.BPE_PATH, vocab)
+    vocab = Path(path).parent / clip_bpe.BPE_PATH.name
+    if vocab.resolve() != clip_bpe.BPE_PATH.resolve():
+        shutil.copyfile(clip_bpe.BPE_PATH, vocab)
     meta = dict(metadata or {}, encoder=f"clip-text {Path(weights).name}", tokenizer="clip-bpe", vocab=vocab.name,
                 embed_dim=str(tower.config.embed_dim), context_length=str(tower.config.context_length))
     ids = clip_text.tokenize(["An image of a dog.", "a cat"])                # (2, 77)
@@ -73,7 +75,7 @@ class SentenceGraph(nn.Module):
         return F.normalize(self.model(input_ids, attention_mask), dim=-1)  # (B, D)
 
 
-# the tokenizer files sentence_encoder.load_tokenizer reads (tokenizer.json, else vocab.txt + tokenizer_config.json)
+# the tokenizer files wordpiece.load_tokenizer reads (tokenizer.json, else vocab.txt + tokenizer_config.json)
 WORDPIECE_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 
@@ -92,7 +94,7 @@ def export_sentence_encoder(folder, path, metadata=None):
     meta = dict(metadata or {}, encoder=model.encoder_id, tokenizer="wordpiece", vocab=vocab.name,
                 embed_dim=str(model.config.width), context_length=str(tok.max_length),
                 lowercase_first=str(tok.st_lower is not None))
-    ids, mask = tok.tokenize(["An image of a dog.", "a cat"])                # (2, T), the second row padded
+    ids, mask = model.tokenize(["An image of a dog.", "a cat"])              # (2, T), the second row padded
     dims = dict(TEXT_DIMS, embedding=["batch", model.config.width])
     write_graph(SentenceGraph(model), (ids, mask), dims, ["embedding"], path, metadata=meta)
     return meta
@@ -148,20 +150,18 @@ class TextGraph:
         self.context_length = int(meta["context_length"])
         self.encoder, self.embed_dim = meta["encoder"], int(meta["embed_dim"])
         if meta["tokenizer"] == "clip-bpe":
-            self.bpe = clip_text.Tokenizer(vocab)
+            self.bpe = clip_bpe.Tokenizer(vocab)
         else:
-            import sentence_encoder as se
-            self.wordpiece = se.load_tokenizer(vocab, self.context_length, meta["lowercase_first"] == "True")
+            self.wordpiece = load_tokenizer(vocab, self.context_length, meta["lowercase_first"] == "True")
 
     def tokenize(self, texts):
         """Texts -> (input_ids, attention_mask), (B, T) int64 numpy each, T the longest row. CLIP:
-        clip_text.tokenize with this graph's vocabulary, cut after the longest row's end-of-text token; BERT: the
-        folder's WordPiece tokenizer (sentence_encoder), rows over context_length cut as sentence-transformers cuts
+        clip_bpe.tokenize with this graph's vocabulary, cut after the longest row's end-of-text token; BERT: the
+        folder's WordPiece tokenizer (wordpiece.py), rows over context_length cut as sentence-transformers cuts
         them."""
         if not hasattr(self, "bpe"):
-            ids, mask = self.wordpiece.tokenize(list(texts))                  # (B, T) each
-            return ids.numpy(), mask.numpy()
-        ids = clip_text.tokenize(texts, self.context_length, tokenizer=self.bpe).numpy()  # (B, 77)
+            return self.wordpiece.tokenize(list(texts))                        # (B, T) each
+        ids = clip_bpe.tokenize(texts, self.context_length, tokenizer=self.bpe)  # (B, 77)
         eot = ids.argmax(-1)                                                   # (B,): eot is the largest id
         ids = ids[:, :eot.max() + 1]                                           # (B, T)
         return ids, (np.arange(ids.shape[1])[None] <= eot[:, None]).astype(np.int64)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distributed import choose_precision, pick_device, set_threads
+from runtime import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resize_short_side,
                        resolve_precision, unknown_id)

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from checkpoints import CHECKPOINT, read_checkpoint
+from errors import DivergedError, InputError, WeightsError
 from model import ModelConfig
-from errors import DivergedError, InputError, WeightsError, read_torch_file, save_torch_file
+from torch_files import read_torch_file, save_torch_file
 
 
 def nonfinite_tensors(obj, name: str = "") -> list[str]:

@@ -54,7 +54,7 @@ import torch
 from PIL import Image, ImageOps
 
 from checkpoints import check_width
-from distributed import pick_device, set_threads
+from runtime import pick_device, set_threads
 from errors import InputError, run_main
 from inference import (Protocol, background_labels, ids_from_scores, infer, label_embeddings, load_for_inference,
                        resolve_precision, short_side_size, unknown_id)
@@ -85,7 +85,7 @@ class ServeSettings(Protocol):     # + the inference protocol's settings (infere
     label_cache: int = 64          # label sets whose embeddings stay in memory
     warmup: str = "sky,road"       # labels segmented once at start on a grey image: a bad label source fails now
     device: str = "auto"
-    threads: int = 0               # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores (runtime.set_threads)
 
     def validate(self):
         super().validate()

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from errors import save_torch_file
+from torch_files import save_torch_file
 from provenance import sha256_file
 
 CACHE_ENV = "SSIW_CACHE"

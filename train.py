@@ -22,13 +22,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import distributed
 from checkpoints import load_imagenet_branch, load_pretrained
+from dataset_yaml import load_sources
 from errors import ConfigError, DivergedError, WeightsError, run_main
-from labels import LabelTable, imagenet_keys, load_label_spec, load_label_table
+from labels import LabelTable, imagenet_keys, load_label_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from run_dir import (claim_out_dir, find_resume, label_table_sha256, restore_checkpoint, save_checkpoint, set_aside,
                      set_aside_log)
+from runtime import choose_precision, set_threads
 from sampler import BalancedSampler
 from settings import FLOAT32_MAX, one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
@@ -37,8 +39,8 @@ from transforms import TrainTransform
 @dataclass
 class TrainSettings:
     # data: each source is a dict of data.SourceConfig fields (name, root, list, names, taxonomy, encoding, kind, ...)
-    sources: list = field(default_factory=list)  # one dict per source (a YAML list of mappings)
-    data_root: str = "data"        # a source's relative root is a folder in here (README: where to put each dataset)
+    sources: list = field(default_factory=list)  # one mapping per source, or {dataset: NAME, ...} (dataset_yaml.py)
+    data_root: str = "data"        # a source's relative root is a folder in here (dataset_yaml.py; README)
     label_table: str = ""          # table .pt from label_table.py, universal_cat2vec.npy, or "onehot" (ablation)
     crop_size: int = 640           # random crop (SegFormer 640, HRNet 713)
     short_side: int = 1080         # resize the shorter edge to this before random scaling
@@ -297,8 +299,8 @@ def main(argv=None):
     # ---- distributed / device -----------------------------------------------------------------------------------
     rank, world, device = distributed.setup(s.device)
     master = rank == 0
-    distributed.set_threads(s.threads, verbose=master)
-    precision, why = distributed.choose_precision(s.amp, device)
+    set_threads(s.threads, verbose=master)
+    precision, why = choose_precision(s.amp, device)
     if master:
         print("settings:")
         print_settings(s)
@@ -312,8 +314,7 @@ def main(argv=None):
     autocast, scaler = mixed_precision(precision, device)
 
     # ---- label table and data -------------------------------------------------------------------------------------
-    spec = load_label_spec()
-    sources = [data.SourceConfig.from_dict(d, s.data_root) for d in s.sources]
+    sources, spec = load_sources(s.sources, s.data_root)  # + the label keys and sentences the sources bring
     keys = data.source_label_keys(sources, spec)  # every label key the sources can name, in a stable order
     table = training_label_table(s, keys)
     label_emb = table.embeddings.to(device)  # (N, D), frozen: the text side is never trained

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the product is a flat set of scripts, not an installed package
@@ -61,3 +62,13 @@ def text_cache_in_tmp(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSIW_CACHE", str(tmp_path_factory.getbasetemp() / "ssiw_cache"))
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: on a shared 2-core machine, OpenMP threads that wait for a core another
+    process holds made a small network's forward and backward tens of times slower (an HRNet-W18 on 64x96: 42 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

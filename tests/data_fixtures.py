@@ -11,9 +11,11 @@ import torch
 import yaml
 from PIL import Image
 
+from dataset_yaml import source_fields
 from labels import LabelSpec, LabelTable, load_label_spec, save_label_table
 from tools.synthetic_data import write_split
 
+REPO = Path(__file__).resolve().parents[1]
 KEYS = ["sky", "road", "car", "person", "window"]
 SPEC = LabelSpec(
     sentences={k: f"An image of {k}." for k in KEYS},
@@ -168,15 +170,13 @@ CAMVID_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymb
 
 
 def readme_sources(data_root: Path, camvid_split: str = "train") -> list[dict]:
-    """The README's two real sources, as the CPU recipe's config lists them: CamVid's folders paired by stem (its
-    list files hold /SegNet/... paths), LabelMeFacade's own list (the image alone, its label in labels/)."""
-    facade_colors = {"0:0:0": "various", "128:0:0": "building", "128:0:128": "car", "128:128:0": "door",
-                     "128:128:128": "pavement", "128:64:0": "road", "0:128:128": "sky", "0:128:0": "vegetation",
-                     "0:0:128": "window"}
-    return [dict(name="camvid", root=str(data_root / "camvid-11"), images=camvid_split, labels=f"{camvid_split}annot",
-                 image_suffix=".png", class_names=CAMVID_NAMES, taxonomy="camvid-segnet", ignore=[11]),
-            dict(name="labelmefacade", root=str(data_root / "labelmefacade"), list="train.txt", label_folder="labels",
-                 encoding="color", colors=facade_colors, taxonomy="labelmefacade")]
+    """The README's two real sources as the CPU recipe's config names them (configs/eval's camvid-segnet and
+    labelmefacade, read by dataset_yaml.source_fields): CamVid's folders of `camvid_split` paired by stem (its list
+    files hold /SegNet/... paths), LabelMeFacade's own list (the image alone, its label in labels/)."""
+    entries = yaml.safe_load((REPO / "configs" / "cpu_camvid_facade_lite0.yaml").read_text())["sources"]
+    sources = [source_fields(entry, data_root)[0] for entry in entries]
+    sources[0].update(images=camvid_split, labels=f"{camvid_split}annot")
+    return sources
 
 
 def write_tiny_run(root: Path, **settings) -> dict:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite on a fresh machine (CPU only). Installs the test-only PyPI packages into the
-# current Python environment (a venv: nothing system-wide); SSIW_INSTALL_CHROMIUM=1 also installs Debian's chromium
-# with apt-get (system-wide, as root) for the browser test of serve.py's page, which skips without it.
+# Set up and run the whole test suite on a fresh machine (CPU only): both tiers, the tests marked slow (processes,
+# training, the real data) included; `python -m pytest -m "not slow" tests` is the edit loop (pytest.ini). Installs
+# the test-only PyPI packages into the current Python environment (a venv: nothing system-wide); nothing is installed
+# system-wide unless SSIW_INSTALL_CHROMIUM=1 asks for Debian's chromium (apt-get, as root) for the browser test of
+# serve.py's page, which skips without it.
 # Temporary files go to one folder of $TMPDIR (a passing test's are removed as it ends: pytest.ini), removed at the end
 # of a passing run; a failing run keeps its failed tests' files there and says where.
 set -euo pipefail
@@ -19,7 +21,7 @@ rc=0
 if [ -z "${SSIW_TEST_BF16:-}" ] && [ $# -eq 0 ]; then
   # first the tests whose path depends on the CPU's bf16 units, with those units reported the other way than this
   # CPU has them (tests/cpu_features): a green run must not depend on the machine CI lands on
-  other=$(python -c "from distributed import cpu_has_bf16; print(0 if cpu_has_bf16() else 1)")
+  other=$(python -c "from runtime import cpu_has_bf16; print(0 if cpu_has_bf16() else 1)")
   SSIW_TEST_BF16=$other python -m pytest -q tests/test_precision.py tests/test_evaluate.py tests/test_predict.py \
       tests/test_eval_tools.py
   rc=$?

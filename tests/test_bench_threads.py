@@ -2,6 +2,8 @@
 the figures themselves are not checked: this is not a timed test)."""
 import json
 
+import pytest
+
 from data_fixtures import write_tiny_run
 from tools.bench_threads import main, step_seconds
 
@@ -14,6 +16,7 @@ def test_step_seconds_from_the_cumulative_rates_of_the_log(tmp_path):
     assert [round(x, 9) for x in step_seconds(log, 2, 4)] == [1.5, 0.5]
 
 
+@pytest.mark.slow
 def test_smoke_one_setting_on_a_tiny_run(tmp_path, capsys):
     write_tiny_run(tmp_path)
     out = tmp_path / "bench.json"

@@ -210,6 +210,7 @@ def kill_tree(pid):
     os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_killed_torchrun_resumes_with_the_unfinished_shards_only(weights, tmp_path):
     """SIGKILL two ranks mid-run, rerun: the targets equal an uninterrupted one-process run, bit for bit."""
     index = write_box_index(tmp_path, n_images=40, boxes_per_image=(30, 0, 20, 12))
@@ -249,6 +250,7 @@ def test_unreadable_image_stops_the_run_or_gets_nan_rows(weights, tmp_path):
     assert np.isnan(targets[nan]).all() and np.isfinite(targets[~nan]).all()
 
 
+@pytest.mark.slow
 def test_an_out_folder_that_is_not_box_targets_is_one_error_line(weights, tmp_path):
     """python clip_image.py --out=<a folder of something else>: exit 2, one `error:` line naming the folder, and the
     folder untouched."""

@@ -1,6 +1,7 @@
 """clip_text.py: tokenizer parity with OpenAI's (fixture + live), text-tower parity with HF transformers on the same
 random weights in both public formats, trimming, loader errors, and the label-embedding CLI end to end."""
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
@@ -8,10 +9,12 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+import clip_bpe
 import clip_text
 from errors import ConfigError, WeightsError
 from make_tokenizer_fixture import FIXTURE, load_reference, random_texts, reference_tokenize
@@ -28,7 +31,7 @@ def test_vendored_vocabulary_checksum():
     digest = hashlib.sha256((REPO / "assets" / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).hexdigest()
     assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
     assert "MIT License" in (REPO / "assets" / "LICENSE-clip-bpe.txt").read_text()
-    tok = clip_text.get_tokenizer()
+    tok = clip_bpe.get_tokenizer()
     assert len(tok.encoder) == 49408 and (tok.sot, tok.eot) == (49406, 49407)
 
 
@@ -44,7 +47,7 @@ def test_tokenizer_matches_reference_fixture():
         expected = torch.zeros(1, ctx, dtype=torch.long)
         expected[0, :len(case["ids"])] = torch.tensor(case["ids"])
         assert torch.equal(clip_text.tokenize(text, ctx, truncate), expected), case["name"]
-        assert clip_text.decode(expected[0]) == case["decoded"], case["name"]
+        assert clip_bpe.decode(expected[0]) == case["decoded"], case["name"]
 
 
 def test_tokenizer_matches_reference_live():
@@ -56,8 +59,8 @@ def test_tokenizer_matches_reference_live():
     for i, text in enumerate(texts):
         ids = reference_tokenize(ref, text, truncate=True)
         assert ours[i, :len(ids)].tolist() == ids and not ours[i, len(ids):].any(), repr(text)
-        assert clip_text.get_tokenizer().encode(text) == ref.encode(text), repr(text)
-        assert clip_text.decode(ours[i]) == ref.decode(ids[1:-1]), repr(text)
+        assert clip_bpe.get_tokenizer().encode(text) == ref.encode(text), repr(text)
+        assert clip_bpe.decode(ours[i]) == ref.decode(ids[1:-1]), repr(text)
 
 
 def test_overflow_raises_naming_text_and_count():
@@ -72,11 +75,26 @@ def test_truncate_keeps_eot_last_and_batches_pad_with_zeros():
     assert ids[1, :4].tolist() == [49406, 320, 1929, 49407] and not ids[1, 4:].any()
 
 
+def test_tokenizers_import_and_run_without_torch(monkeypatch):
+    """clip_bpe.py and wordpiece.py need numpy, ftfy and regex only: a runtime without torch tokenizes with them."""
+    for name in ("clip_bpe", "wordpiece", "errors"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import torch` in any of them now raises ImportError
+    monkeypatch.setitem(sys.modules, "torch", None)
+    bpe, wp = importlib.import_module("clip_bpe"), importlib.import_module("wordpiece")
+    ids = bpe.tokenize(["a dog"])
+    assert ids.dtype == np.int64 and ids[0, :4].tolist() == [49406, 320, 1929, 49407]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "##s"])}
+    ids, mask = wp.WordPieceTokenizer(vocab).tokenize(["A dogs", "a"])
+    assert ids.tolist() == [[2, 5, 6, 7, 3], [2, 5, 3, 0, 0]] and mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+
+
 def test_decode_strips_padding_and_markers_but_keeps_inner_byte_zero():
     ids = clip_text.tokenize("hi !~ there")[0]
     assert ids[2] == 0  # "!" inside the word "!~" is byte token 0, the same id as padding
-    assert clip_text.decode(ids) == "hi !~ there "
-    assert clip_text.decode(ids.tolist()) == clip_text.decode(ids)
+    assert clip_bpe.decode(ids) == "hi !~ there "
+    assert clip_bpe.decode(ids.tolist()) == clip_bpe.decode(ids)
 
 
 # ------------------------------------------------------------------------------------------------ weights, models
@@ -317,6 +335,7 @@ def test_safetensors_reader_matches_library(tmp_path):
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_writes_label_table_from_torchscript_weights(weights, tmp_path):
     import labels
     spec = labels.load_label_spec()

@@ -271,6 +271,7 @@ def test_skip_bad_replaces_and_counts_across_workers(tmp_path):
 
 # ---- acceptance: CamVid + LabelMeFacade in one batch ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_merged_camvid_labelmefacade_batch(data_root):
     """A batch of 4 holds 2 of each source, with labels decoded to the right keys (checked against the raw files).
 
@@ -320,6 +321,7 @@ def test_merged_camvid_labelmefacade_batch(data_root):
     assert np.array_equal(batch["target"][b, :360, :480].numpy(), ds.sources[s].lut[raw])
 
 
+@pytest.mark.slow
 def test_whole_real_lists(data_root):
     spec = labels.load_label_spec()
     sources = [data.SourceConfig.from_dict(d) for d in readme_sources(data_root)]

@@ -107,6 +107,7 @@ def test_the_doc_names_the_readme_checkpoint_and_data():
                                                         "--checkpoint=runs/cpu_lite0/ckpt_00000800.pt"]
 
 
+@pytest.mark.slow
 def test_serve_commands_answer_the_docs_request(copy):
     root, env = copy
     blocks = doc_blocks("bash")
@@ -133,6 +134,7 @@ def test_serve_commands_answer_the_docs_request(copy):
             proc.wait(30)
 
 
+@pytest.mark.slow
 def test_the_other_commands_run_as_written(copy):
     root, env = copy
     ran = 0

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+import dataset_yaml
 import evaluation
 import evaluate as ev
 import provenance
@@ -19,7 +21,7 @@ from labels import label_texts, load_label_spec
 from errors import ConfigError, DataError, LabelKeyError
 from test_evaluate import write_checkpoint, write_table
 
-REPO = evaluation.REPO
+REPO = Path(__file__).resolve().parents[1]
 
 # The detectron2 layouts of the five benchmarks as CAT-Seg prepares and registers them (datasets/README.md,
 # datasets/prepare_*.py, cat_seg/data/datasets/register_*.py), paths relative to $DETECTRON2_DATASETS:
@@ -74,7 +76,7 @@ def user_yaml(root, name, **extra):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_benchmark_layouts_read_their_ids(tmp_path, name):
     written = write_layout(tmp_path, name)
-    cfg, spec = evaluation.load_dataset_config(str(user_yaml(tmp_path, name)))
+    cfg, spec = dataset_yaml.load_dataset_config(str(user_yaml(tmp_path, name)))
     dataset = evaluation.EvalDataset(cfg, spec)
     n, ignore = LAYOUTS[name][5], LAYOUTS[name][4]
     assert len(dataset) == 2 and len(dataset.keys) == n   # the image without a label (another split) is no sample
@@ -118,7 +120,7 @@ def test_folder_pairs_errors(tmp_path):
     write_layout(tmp_path, "voc-20")
     images, labels = LAYOUTS["voc-20"][:2]
     os.remove(tmp_path / images / "2008_000003.jpg")
-    cfg, spec = evaluation.load_dataset_config(str(user_yaml(tmp_path, "voc-20")))
+    cfg, spec = dataset_yaml.load_dataset_config(str(user_yaml(tmp_path, "voc-20")))
     with pytest.raises(DataError, match="2008_000003"):             # a label without its image is named
         evaluation.EvalDataset(cfg, spec)
     with pytest.raises(ConfigError, match="both 'images' and 'labels'"):
@@ -127,7 +129,7 @@ def test_folder_pairs_errors(tmp_path):
         SourceConfig.from_dict({"name": "x", "root": str(tmp_path), "list": "l.txt", "images": images,
                                 "labels": labels, "class_names": ["a"]})
     with pytest.raises(DataError, match="no label files ending in '.tif'"):
-        evaluation.EvalDataset(*evaluation.load_dataset_config(str(user_yaml(tmp_path, "voc-20", label_suffix=".tif"))))
+        evaluation.EvalDataset(*dataset_yaml.load_dataset_config(str(user_yaml(tmp_path, "voc-20", label_suffix=".tif"))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +167,7 @@ sentences:
     return path
 
 
+@pytest.mark.slow
 def test_user_dataset_yaml_end_to_end(tmp_path):
     yaml_path = write_user_set(tmp_path / "data")
     write_checkpoint(tmp_path / "ckpt.pt")
@@ -202,19 +205,20 @@ def test_user_labels_errors_name_the_classes(tmp_path):
     for change, message in cases:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**d, **change}))
         with pytest.raises(ConfigError, match=message):
-            evaluation.load_dataset_config(str(tmp_path / "bad.yaml"))
+            dataset_yaml.load_dataset_config(str(tmp_path / "bad.yaml"))
     # without sentences or a taxonomy of its own, a dataset label_sentences.yaml does not know: its classes are
     # their own keys, and those without a sentence are listed in one error
     d.pop("sentences"), d.pop("taxonomy")
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(ConfigError, match=r"3 class\(es\) have no sentence: 'tarmac' -> 'tarmac', 'heaven' -> "
                                          r"'heaven', 'solar panel' -> 'solar panel'\. Map each"):
-        evaluation.load_dataset_config(str(tmp_path / "bare.yaml"))   # sky is a key, unlabelled is ignored: not listed
+        dataset_yaml.load_dataset_config(str(tmp_path / "bare.yaml"))   # sky is a key, unlabelled is ignored: not listed
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**d, "taxonomy": "camvid-segnett"}))
     with pytest.raises(LabelKeyError, match="unknown dataset 'camvid-segnett'"):  # a named taxonomy must exist
-        evaluation.EvalDataset(*evaluation.load_dataset_config(str(tmp_path / "typo.yaml")))
+        evaluation.EvalDataset(*dataset_yaml.load_dataset_config(str(tmp_path / "typo.yaml")))
 
 
+@pytest.mark.slow
 def test_provenance_git_state_and_hashes(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -256,10 +260,10 @@ def test_benchmark_configs_read_their_layouts(tmp_path, name):
     """The shipped config of each benchmark, with only --root given, reads tiny files in that benchmark's layout."""
     images, labels, suffix, _, ignore, n = LAYOUTS[name]
     written = write_layout(tmp_path, name)
-    d = yaml.safe_load((evaluation.EVAL_CONFIGS / f"{name}.yaml").read_text())
+    d = yaml.safe_load((dataset_yaml.EVAL_CONFIGS / f"{name}.yaml").read_text())
     assert len(d["class_names"]) == n and d["ignore"] == [ignore]
     assert (d["images"], d["labels"], d["label_suffix"]) == (images, labels, suffix)
-    cfg, spec = evaluation.load_dataset_config(name, root=str(tmp_path))
+    cfg, spec = dataset_yaml.load_dataset_config(name, root=str(tmp_path))
     dataset = evaluation.EvalDataset(cfg, spec)
     assert len(dataset) == len(written) and len(dataset.keys) <= n
     label_texts(spec, dataset.keys)                               # every evaluated key has a sentence

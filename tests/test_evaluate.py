@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+import dataset_yaml
 import evaluation
 import overlays
 import evaluate as ev
@@ -196,6 +197,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_two_gloo_processes_equal_single_process(tmp_path):
     single = evaluation.evaluate_images(PatchModel(stride=4).eval(), ListSamples(), label_emb(), 10.0, PROTO)
     out = tmp_path / "conf.pt"
@@ -306,7 +308,7 @@ def test_evaluate_saves_raw_ids_of_300_classes(tmp_path, monkeypatch):
                                     f"ignore: [65535]\n")
     keys = [f"key{i}" for i in range(300)]
     spec = LabelSpec({k: f"An image of {k}." for k in keys}, {"wide": dict(zip(names, keys))})
-    monkeypatch.setattr(evaluation, "load_label_spec", lambda: spec)
+    monkeypatch.setattr(dataset_yaml, "load_label_spec", lambda: spec)
     write_checkpoint(tmp_path / "ckpt.pt")
     write_table(tmp_path / "table.pt", keys)
     ev.main([f"--dataset={root / 'wide.yaml'}", f"--checkpoint={tmp_path / 'ckpt.pt'}",
@@ -347,9 +349,10 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
 
 def shipped_dataset(name, data_root):
     """A shipped dataset YAML read from the README's data root."""
-    return evaluation.EvalDataset(*evaluation.load_dataset_config(name, data_root=str(data_root)))
+    return evaluation.EvalDataset(*dataset_yaml.load_dataset_config(name, data_root=str(data_root)))
 
 
+@pytest.mark.slow
 def test_shipped_dataset_yamls_read_the_downloaded_layouts(data_root):
     camvid = shipped_dataset("camvid-segnet", data_root)
     assert len(camvid) == 101 and camvid.class_names == CAMVID
@@ -378,13 +381,13 @@ def test_shipped_dataset_yamls_read_the_downloaded_layouts(data_root):
 @pytest.mark.parametrize("name", ["camvid-11", "kitti-19", "voc2012", "pascal-context-60", "scannet-20",
                                   "wilddash-19", "nyuv2-40"])
 def test_mseg_dataset_yamls_match_names_files_and_taxonomy(name, shared_dir):
-    d = yaml.safe_load((evaluation.EVAL_CONFIGS / f"{name}.yaml").read_text())
+    d = yaml.safe_load((dataset_yaml.EVAL_CONFIGS / f"{name}.yaml").read_text())
     assert set(d["class_names"]) <= set(load_label_spec().datasets[d["taxonomy"]])
     names_file = shared_dir / "data" / "mseg-lists" / "dataset_lists" / name / f"{name}_names.txt"
     if name != "nyuv2-40":  # MSeg's own names file: same classes, same order (line index = id)
         assert d["class_names"] == [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
     with pytest.raises(ConfigError, match="--root") as missing:
-        evaluation.load_dataset_config(name)
+        dataset_yaml.load_dataset_config(name)
     assert f"configs/eval/{name}.yaml says where the data comes from" in missing.value.hint
 
 
@@ -392,15 +395,15 @@ def test_mseg_camvid_without_data_names_the_segnet_copy_in_the_data_root(tmp_pat
     """A user holding README.md's CamVid (data/camvid-11, the SegNet layout) who asks for MSeg's camvid is told which
     --dataset reads what they have; without that folder the message does not mention it."""
     with pytest.raises(ConfigError) as without:
-        evaluation.load_dataset_config("camvid", data_root=str(tmp_path))
+        dataset_yaml.load_dataset_config("camvid", data_root=str(tmp_path))
     assert "camvid-segnet" not in str(without.value)
     (tmp_path / "camvid-11").mkdir()
     with pytest.raises(ConfigError, match="--root DIR") as held:
-        evaluation.load_dataset_config("camvid", data_root=str(tmp_path))
+        dataset_yaml.load_dataset_config("camvid", data_root=str(tmp_path))
     assert str(held.value).endswith(f"; or --dataset=camvid-segnet, which reads the copy in {tmp_path / 'camvid-11'}")
     assert "mseg_download_camvid.sh" in held.value.hint  # MSeg's instructions stay, above the error line
     with pytest.raises(ConfigError) as kitti:
-        evaluation.load_dataset_config("kitti", data_root=str(tmp_path))
+        dataset_yaml.load_dataset_config("kitti", data_root=str(tmp_path))
     assert "camvid-segnet" not in str(kitti.value)
 
 
@@ -409,6 +412,7 @@ def test_window_batch_auto_is_one_window_on_a_cpu_and_four_on_a_gpu():
     assert inf.window_batch(3, "cpu") == 3 and inf.window_batch(3, torch.device("cuda")) == 3
 
 
+@pytest.mark.slow
 def test_labelmefacade_own_lists_name_the_image_alone(tmp_path, data_root):
     """The repository's own train.txt/test.txt hold `images/X.jpg` alone: the label is labels/X.png. The same images
     with `image label` pairs per line (a copy's lists) give the same samples."""

@@ -90,6 +90,7 @@ def test_onnx_matches_torch_at_any_size(exported, h, w):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)        # L2-normalised per pixel
 
 
+@pytest.mark.slow
 def test_onnx_matches_torch_on_real_images(exported, data_root):
     for path in sorted((data_root / "camvid-11" / "val").glob("*.png"))[:2]:
         image = eval_image(decode_rgb(open_image(path), path))[None]       # (1, 3, 360, 480)

@@ -30,8 +30,9 @@ from PIL import Image
 from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
 import readers
+from errors import ConfigError, DataError, DivergedError, WeightsError, run_main
 from inference import Protocol
-from errors import ConfigError, DataError, DivergedError, WeightsError, read_torchscript, run_main
+from torch_files import read_torchscript
 from labels import LabelTable, save_label_table
 from sampler import BalancedSampler
 
@@ -489,6 +490,7 @@ def outcomes(request, world):
         return dict(zip(map(str, selected), pool.map(lambda case: run_case(case, world), selected)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_case(case, outcomes, world):
     done = outcomes[str(case)]
@@ -534,6 +536,7 @@ def read_until(proc, prefix):
     raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {prefix!r}: {''.join(lines)[-3000:]}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_workers_finishes_the_step_and_checkpoints(world):
     """kill -- -PGID (what batch schedulers do) reaches the DataLoader workers too; they must not die of it."""
     out = world / "sigterm_group"
@@ -547,6 +550,7 @@ def test_sigterm_to_the_process_group_with_workers_finishes_the_step_and_checkpo
     assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["step"] >= 2
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_out_dir_is_refused_and_deletes_nothing(world):
     out = world / "two_runs"
     first = start_train(world, out, "--save_every=1", "--keep_last=100")
@@ -566,6 +570,7 @@ def test_a_second_run_in_the_same_out_dir_is_refused_and_deletes_nothing(world):
     assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved log lines
 
 
+@pytest.mark.slow
 def test_skips_of_every_rank_are_counted_under_torchrun(world, tmp_path):
     """A bad file only rank 1 draws: the log lines, log.jsonl and the end of the run count it (the epoch is not
     finished: 2 of its 3 global batches)."""
@@ -790,6 +795,7 @@ def test_box_targets_resume_into_a_folder_whose_done_npy_is_a_pickle_names_folde
         clip_image.main(args)
 
 
+@pytest.mark.slow
 def test_under_torchrun_the_failure_summary_ends_with_the_rank_error_line(world, tmp_path):
     """torchrun prints its report after the rank exits; the rank's one line must be its last word there."""
     data = tmp_path / "data"
@@ -810,6 +816,7 @@ def test_under_torchrun_the_failure_summary_ends_with_the_rank_error_line(world,
 
 # Flags and the settings file
 
+@pytest.mark.slow
 def test_flag_before_config_file_still_wins(world, tmp_path):
     """`train.py --max_steps=2 config.yaml` (whose max_steps is 3): the flag wins wherever it stands, the printed
     settings show it, and the run stops at step 2."""
@@ -833,6 +840,7 @@ def last_error(done):
     return done.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_resuming_onto_other_label_embeddings_is_refused_unless_meant(world, tmp_path):
     """Same keys, other embeddings and encoder: the model would silently learn other targets."""
     shutil.copytree(world / "good", tmp_path / "out")
@@ -866,6 +874,7 @@ def poison(path, *where):
     torch.save(ckpt, path)
 
 
+@pytest.mark.slow
 def test_resuming_from_a_non_finite_state_names_it_and_the_newest_finite_checkpoint(world, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(world / "good", out)
@@ -885,6 +894,7 @@ def test_resuming_from_a_non_finite_state_names_it_and_the_newest_finite_checkpo
     assert sorted(p.name for p in out.glob("ckpt_*")) == [f"ckpt_{s:08d}.pt" for s in range(1, GOOD_STEPS + 1)]
 
 
+@pytest.mark.slow
 def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_resumed_or_overwritten(world, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(world / "good", out)

@@ -137,6 +137,7 @@ def test_imagenet_vocabulary_has_1000_rows_in_logit_order(shared_dir):
     assert names["339"] == "sorrel" and names["404"] == "airliner"
 
 
+@pytest.mark.slow
 def test_imagenet_sentences_sit_near_the_everyday_word():
     """With the real sentence encoder: each ImageNet class's sentence is nearest to the everyday word a user types
     (the issue's examples and the big families), among everyday labels' sentences."""

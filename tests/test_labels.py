@@ -96,6 +96,7 @@ def test_mseg_universal_order(spec, shared_dir):
     assert keys == PAPER_LABELS[:194]  # the paper's list starts with the universal classes, in MSeg order
 
 
+@pytest.mark.slow
 def test_other_datasets_map_fully(spec, data_root):
     assert dataset_label_keys(spec, "camvid-segnet", CAMVID_NAMES) == [
         "sky", "building", "pole", "road", "sidewalk_pavement", "vegetation", "traffic_sign", "fence", "car", "person",

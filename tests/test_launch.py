@@ -148,6 +148,7 @@ def probe(nproc, script, args, log_dir, device):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs: the GPU form of this check"))])
+@pytest.mark.slow
 def test_every_collective_of_training_and_evaluation_gets_a_tensor_on_the_run_device(setup, tmp_path, device):
     """2-process training and evaluation: every tensor handed to a collective is on the device the run computes on
     (on a GPU machine: CUDA, what NCCL serves), and the process group has a backend for it. On CPU every tensor is a
@@ -195,6 +196,7 @@ def two_nodes(setup):
     return out
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_equal_one_process_over_the_same_global_batches(one_rank, two_nodes):
     # after 3 steps, as test_train's 2-process test; float summation-order noise grows over more SGD steps
     close_weights(final(two_nodes, 3)["model"], final(one_rank, 3)["model"])
@@ -211,6 +213,7 @@ def worker_pid(launcher, rank, timeout=60):
     raise AssertionError(f"no worker of rank {rank} under launcher {launcher}")
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_sigkill_resumes_and_ends_bit_identical(setup, two_nodes):
     out, log = setup / "elastic", setup / "elastic.log"
     # torch 2.13's c10d rendezvous hands the restarted workers the store of the first attempt, stale keys included:
@@ -226,6 +229,7 @@ def test_elastic_restart_after_sigkill_resumes_and_ends_bit_identical(setup, two
     same_weights(final(out)["model"], final(two_nodes)["model"])  # the same 2-rank run, uninterrupted
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_large_batch(setup, monkeypatch):
     """1 process x 4 micro-batches of 1 and x 2 of 2 == one batch of 4 (the same images per step: test_sampler), on a
     model without batch statistics: its one BatchNorm (the SegFormer decoder's fuse layer) becomes an identity. With
@@ -257,6 +261,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(setup, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. The design card's command lines, verbatim
 
+@pytest.mark.slow
 def test_the_design_cards_command_lines_as_written(setup, tmp_path):
     """`torchrun --nproc_per_node=8 train.py config.yaml` and `python evaluate.py --dataset camvid`, run as written
     from a working directory holding config.yaml (tiny settings) and the two scripts (links to the repository's).

@@ -41,7 +41,7 @@ def test_parameter_counts_match_published():
 
 
 @pytest.mark.parametrize("backbone", ["mit_b0", "hrnet_w18"])
-def test_output_shapes_and_modes(backbone):
+def test_output_shapes_and_modes(backbone, one_thread):
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, embed_dim=24, aux_head=True, box_head=True, box_dim=16))
     x = torch.randn(2, 3, 64, 96)

@@ -141,6 +141,7 @@ def check_landed(model, src, report, fmt, dropped_re, new_prefixes):
     assert report["loaded"] == len(seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("listing", list(CASES))
 def test_every_tensor_lands(listing, shared_dir, tmp_path):
     backbone, container, fmt, dropped_re, new_prefixes = CASES[listing]
@@ -153,6 +154,7 @@ def test_every_tensor_lands(listing, shared_dir, tmp_path):
     check_landed(model, src, report, fmt, dropped_re, new_prefixes)
 
 
+@pytest.mark.slow
 def test_ssiw_temperature_and_criterion(shared_dir, tmp_path):
     """segformer_7data.pth may also hold criterion.0.logit_scale (taken) and criterion.0.criterion.weight (dropped)."""
     rows = read_listing(shared_dir / "fixtures" / "checkpoint-keys" / "ssiw_segformer_7data.keys.tsv")

@@ -159,6 +159,7 @@ def mini(shared_dir, tmp_path_factory):
     return root, dense_ids
 
 
+@pytest.mark.slow
 def test_the_miniature_holds_every_source_in_its_real_layout(mini):
     root, dense_ids = mini
     for name, (_, classes, pattern) in MSEG_LISTS.items():
@@ -181,6 +182,7 @@ def test_the_miniature_holds_every_source_in_its_real_layout(mini):
     assert table["embeddings"].shape[1] == 512
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["ssiw_segformer_b5", "ssiw_hrnet_w48"])
 def test_shipped_config_trains_on_all_nine_sources_and_evaluates(mini, config):
     root, dense_ids = mini

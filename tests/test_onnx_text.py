@@ -16,6 +16,7 @@ except ImportError as e:  # tests/run.sh installs both from requirements-dev.txt
     pytest.skip(f"text-graph tests need onnx and onnxruntime (pip install -r requirements-dev.txt): {e}",
                 allow_module_level=True)
 
+import clip_bpe
 import clip_text
 import export as ex
 import onnx_text
@@ -43,6 +44,7 @@ def clip_graph(tmp_path_factory):
     return root / "out" / "text.onnx", openai
 
 
+@pytest.mark.slow
 def test_clip_graph_matches_openai_encode_text(clip_graph, sentences):
     path, openai = clip_graph
     got = onnx_text.embed_texts(path, sentences)                           # (N, EMBED)
@@ -67,7 +69,7 @@ def test_clip_graph_io_and_metadata(clip_graph):
     meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["encoder"] == "clip-text ViT-tiny.pt" and meta["tokenizer"] == "clip-bpe"
     assert meta["embed_dim"] == str(EMBED) and meta["context_length"] == "77"
-    assert (path.parent / meta["vocab"]).read_bytes() == clip_text.BPE_PATH.read_bytes()
+    assert (path.parent / meta["vocab"]).read_bytes() == clip_bpe.BPE_PATH.read_bytes()
 
 
 def test_clip_graph_batch_and_padding_do_not_matter(clip_graph):
@@ -130,6 +132,7 @@ def sentence_graph(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.slow
 def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
     import sentence_encoder as se
     path, model = sentence_graph

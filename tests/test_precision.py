@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dataset_yaml
 import evaluation
 from checkpoints import load_checkpoint
-from distributed import choose_precision
+from runtime import choose_precision
 from errors import ConfigError
 from evaluate import EvalSettings
 from inference import Protocol, in_precision, infer, label_embeddings, resolve_precision
@@ -65,6 +66,7 @@ if os.environ.get("FAKE_BF16_UNITS") in ("0", "1"):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("units", ["1", "0"])
 def test_torchrun_workers_train_in_what_auto_means_on_their_cpu(setup, tmp_path, units):
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -130,7 +132,7 @@ def test_compare_precision_runs_and_matches_evaluate(tmp_path):
                             f"--out={tmp_path / 'c.json'}"])
     result = json.loads((tmp_path / "c.json").read_text())
     # each precision's mIoU is evaluate.py's with --precision set to it
-    cfg, spec = evaluation.load_dataset_config(str(yaml_path))
+    cfg, spec = dataset_yaml.load_dataset_config(str(yaml_path))
     dataset = evaluation.EvalDataset(cfg, spec)
     model, _ = load_checkpoint(tmp_path / "ckpt.pt", "cpu")
     label_emb = label_embeddings(dataset.keys, [], str(tmp_path / "table.pt"))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -66,6 +67,7 @@ def clone_here(url, dest, data_root):
     dest.symlink_to(data_root / "labelmefacade")
 
 
+@pytest.mark.slow
 def test_readme_quickstart_runs_as_written(tmp_path, data_root):
     commands = quickstart_commands()
     programs = [c[1] if c[0] == "python" and len(c) > 1 else c[0] for c in commands]

@@ -74,11 +74,12 @@ def real():
     return ours, st, texts, se.encode_sentences(ours, texts), ref
 
 
+@pytest.mark.slow
 def test_token_ids_match_oracle(real):
     ours, st, sentences, _, _ = real
     texts = sentences + hard_strings(1000)
     assert len(texts) >= 2000
-    ids, mask = ours.tokenizer.tokenize(texts)
+    ids, mask = ours.tokenize(texts)
     ref_ids, ref_mask = oracle_ids(st, texts)
     assert ids.shape == ref_ids.shape and ids.shape[1] == st.max_seq_length == 256  # the long texts were cut
     bad = [(t, ours.tokenizer.encode(t)[:20]) for t, a, b in zip(texts, ids, ref_ids) if not torch.equal(a, b)]
@@ -86,6 +87,7 @@ def test_token_ids_match_oracle(real):
     assert torch.equal(mask, ref_mask)
 
 
+@pytest.mark.slow
 def test_embeddings_match_oracle_on_all_label_sentences(real):
     ours, _, texts, emb, ref = real
     assert emb.shape == (len(texts), 384) and emb.dtype == torch.float32 and len(texts) > 1000
@@ -94,14 +96,15 @@ def test_embeddings_match_oracle_on_all_label_sentences(real):
     assert cos_distance.max() < 1e-5, (cos_distance.max(), texts[int(cos_distance.argmax())])
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_an_embedding(real):
     ours, _, texts, emb, _ = real
     picks = [texts[i] for i in (0, 1, 7, 100, 500)] + ["", "a dog", "word " * 300]  # lengths 2 ... 256 tokens
-    ids, mask = ours.tokenizer.tokenize(picks)
+    ids, mask = ours.tokenize(picks)
     assert (mask.sum(1) < ids.shape[1]).sum() >= 5  # most rows are padded
     with torch.no_grad():
         batched = ours(ids, mask)
-        alone = torch.cat([ours(*ours.tokenizer.tokenize(t)) for t in picks])
+        alone = torch.cat([ours(*ours.tokenize(t)) for t in picks])
     assert torch.allclose(batched, alone, atol=2e-6)
     assert torch.allclose(emb[:2], batched[:2], atol=2e-6)  # encode_sentences' length-sorted batches agree too
 
@@ -173,7 +176,7 @@ def test_tiny_folder_matches_oracle(tmp_path, pooling, normalize):
     folder = write_folder(tmp_path / "tiny", pooling, normalize)
     st = oracle(folder)
     ours = se.load(folder)
-    ids, mask = ours.tokenizer.tokenize(TINY_TEXTS)
+    ids, mask = ours.tokenize(TINY_TEXTS)
     ref_ids, ref_mask = oracle_ids(st, TINY_TEXTS)
     assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask) and ids.shape[1] == 16  # truncated at 16
     ref = st.encode(TINY_TEXTS, convert_to_tensor=True, batch_size=4).float()
@@ -218,8 +221,8 @@ def test_where_weights_come_from(tmp_path, monkeypatch):
 def test_pytorch_model_bin_loads_as_safetensors(tmp_path):
     from safetensors.torch import load_file
     folder = write_folder(tmp_path / "tiny")
-    expected = se.load(folder)(*se.load(folder).tokenizer.tokenize(TINY_TEXTS))
+    expected = se.load(folder)(*se.load(folder).tokenize(TINY_TEXTS))
     torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
     model = se.load(folder)
-    assert torch.equal(model(*model.tokenizer.tokenize(TINY_TEXTS)), expected)
+    assert torch.equal(model(*model.tokenize(TINY_TEXTS)), expected)

@@ -415,6 +415,7 @@ def test_settings_are_checked():
         serve.main(["--checkpoint=x.pt", "--warmup=,"])
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(tmp_path, data_root):
     """The page as a user meets it: pick a CamVid photo, type labels, get the overlay and legend, move the slider."""
     from chromium import Chromium, find_chromium
@@ -461,6 +462,7 @@ def test_page_in_headless_chromium(tmp_path, data_root):
         thread.join(10)
 
 
+@pytest.mark.slow
 def test_load_test_smoke(tmp_path):
     from tools import bench_serve
     out = tmp_path / "bench.json"

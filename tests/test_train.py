@@ -17,6 +17,7 @@ import train
 from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
 from labels import load_label_spec
+from losses import compute_losses
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -62,6 +63,7 @@ def uninterrupted(setup):
     return final(out)
 
 
+@pytest.mark.slow
 def test_checkpoint_is_self_describing(uninterrupted):
     ckpt = uninterrupted
     assert ckpt["step"] == STEPS and ckpt["model_args"]["backbone"] == "mit_b0"
@@ -74,6 +76,7 @@ def test_checkpoint_is_self_describing(uninterrupted):
     assert ckpt["taxonomies"] == {"a": "camvid-segnet", "b": "camvid-segnet"}
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted(setup, uninterrupted):
     out = setup / "killed"
     proc = run(setup, out, background=True)
@@ -88,6 +91,7 @@ def test_kill9_then_resume_equals_uninterrupted(setup, uninterrupted):
         assert torch.equal(resumed["model"][key], value), key
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(setup, uninterrupted):
     out = setup / "terminated"
     proc = run(setup, out, background=True)
@@ -104,6 +108,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(setup, uninterrupt
         assert torch.equal(resumed["model"][key], value), key
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_over_the_same_global_batches(setup):
     # SGD: Adam's division by sqrt(v) would magnify float summation-order noise in near-zero gradients
     one = setup / "one"
@@ -120,11 +125,26 @@ def test_two_process_ddp_equals_one_process_over_the_same_global_batches(setup):
     assert moved > 100  # the runs trained: equality is not two untouched initialisations
 
 
-def test_bf16_autocast_runs_on_cpu(setup):
+@pytest.mark.slow
+def test_bf16_autocast_runs_on_cpu(setup, monkeypatch, capsys):
+    """--amp=bf16 on a CPU: the network's output reaches the losses in bf16 at every step (autocast ran), the losses
+    are fp32, the run says and records bf16, and the fp32 weights it saves are finite."""
+    seen = []
+
+    def recording(out, batch, label_emb, scale, weights, **options):
+        terms = compute_losses(out, batch, label_emb, scale, weights, **options)
+        seen.append((out["emb"].dtype, terms["loss"].dtype))
+        return terms
+
+    monkeypatch.setattr(train, "compute_losses", recording)
     out = setup / "bf16"
-    log = run(setup, out, "--amp=bf16", "--max_steps=2")
-    assert "step 2/2" in log
-    assert all(torch.isfinite(v).all() for v in final(out, 2)["model"].values() if v.is_floating_point())
+    train.main([str(setup / "config.yaml"), f"--out_dir={out}", "--amp=bf16", "--max_steps=2", "--threads=1"])
+    assert seen == [(torch.bfloat16, torch.float32)] * 2
+    assert "precision: bf16 (as set; cpu" in capsys.readouterr().out
+    ckpt = final(out, 2)
+    assert ckpt["precision"] == "bf16"
+    assert all(torch.isfinite(v).all() and v.dtype != torch.bfloat16 for v in ckpt["model"].values()
+               if v.is_floating_point())
 
 
 def test_half_written_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
@@ -149,6 +169,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_terms_and_sources(setup, monkeypatch):
     def nan_losses(out, batch, label_emb, scale, weights, **options):
         nan = out["emb"].sum() * float("nan")
@@ -159,6 +180,7 @@ def test_non_finite_loss_stops_with_step_terms_and_sources(setup, monkeypatch):
         train.main([str(setup / "config.yaml"), f"--out_dir={setup / 'nan'}"])
 
 
+@pytest.mark.slow
 def test_loss_settings_reach_the_losses(setup, monkeypatch):
     class Seen(Exception):
         pass
@@ -197,6 +219,7 @@ def test_param_groups_split_heads_and_exempt_norms_biases_and_temperature():
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
+@pytest.mark.slow
 def test_log_lines_carry_time_and_the_run_ends_with_a_summary(setup, tmp_path):
     out = tmp_path / "summary"
     before = time.time()

@@ -21,6 +21,7 @@ def real_dataset(data_root, transform):
     return data.MultiSourceDataset(sources, spec, labels.LabelTable(keys, keys, torch.eye(len(keys)), "t"), transform)
 
 
+@pytest.mark.slow
 def test_label_values_are_a_subset_plus_ignore(data_root):
     ds = real_dataset(data_root, TrainTransform())  # the paper's settings, every augmentation on by its chance
     for s, i, draw in [(0, 5, 0), (0, 300, 1), (1, 7, 2), (1, 99, 3)]:
@@ -33,6 +34,7 @@ def test_label_values_are_a_subset_plus_ignore(data_root):
         assert set(sample["target"].unique().tolist()) <= raw_rows | {-1}
 
 
+@pytest.mark.slow
 def test_plan_is_reproducible_per_seed_epoch_draw(data_root):
     ds = real_dataset(data_root, TrainTransform())
     a, b = ds[(1, 3, 2, 17)], ds[(1, 3, 2, 17)]
@@ -43,6 +45,7 @@ def test_plan_is_reproducible_per_seed_epoch_draw(data_root):
     assert not torch.equal(a["image"], ds[(1, 3, 2, 17)]["image"])
 
 
+@pytest.mark.slow
 def test_same_sample_in_a_worker_process(data_root):
     ds = real_dataset(data_root, TrainTransform(crop_size=128, short_side=256))
     sampler = BalancedSampler(ds.source_sizes, batch_size=2, batches_per_epoch=2)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distributed import set_threads
 from errors import run_main
 from model import ModelConfig, build_model, label_logits
+from runtime import set_threads
 from settings import parse_settings
 
 
@@ -33,7 +33,7 @@ class BenchSettings:
     pairs: int = 12  # timed rounds per phase, each calling every backbone once (after one warm-up round)
     embed_dim: int = 384  # the CPU recipe's MiniLM table width
     labels: int = 0  # > 0: inference scores this many labels (model.label_logits), as evaluate.py does
-    threads: int = 0  # torch.set_num_threads; 0 = from the usable cores (distributed.set_threads)
+    threads: int = 0  # torch.set_num_threads; 0 = from the usable cores (runtime.set_threads)
 
 
 def main(argv=None):

@@ -17,25 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 import data
 import labels
+from dataset_yaml import load_sources
 from errors import run_main
 from sampler import BalancedSampler
-from settings import parse_settings, require
+from settings import parse_settings, read_yaml, require
 from transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def config_sources(config: Path) -> list[data.SourceConfig]:
-    """The `sources` of a training config; relative roots are taken from the repository root, as train.py run from
-    there takes them."""
-    sources = []
-    for d in yaml.safe_load(config.read_text())["sources"]:
-        sources.append(data.SourceConfig.from_dict({**d, "root": str(REPO / d["root"])}))
-    return sources
+def config_sources(config: Path):
+    """The `sources` of a training config and the label spec with their own labels, read as train.py run from the
+    repository root reads them (relative roots under its data_root, default data/)."""
+    d = read_yaml(config)
+    return load_sources(d["sources"], REPO / d.get("data_root", "data"))
 
 
 def rate(fn, n: int) -> float:
@@ -67,8 +65,7 @@ def main(argv=None):
         raise FileNotFoundError(f"--config={args.config}: no such file (a training config with `sources`)")
 
     torch.set_num_threads(1)  # as inside a DataLoader worker
-    spec = labels.load_label_spec()
-    sources = config_sources(Path(args.config))
+    sources, spec = config_sources(Path(args.config))
     keys = data.source_label_keys(sources, spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "bench (rows only)")
     transform = TrainTransform(short_side=args.short_side, crop_size=args.crop)

@@ -36,12 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distributed import set_threads
 from errors import run_main
-from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
+from dataset_yaml import load_dataset_config
+from evaluation import EvalDataset, confusion_matrix, metrics_from_confusion
 from inference import Protocol, infer, load_for_inference, resize_short_side, whole_image_scores
 from labels import label_texts
 from model import ModelConfig, build_model
+from runtime import set_threads
 import clip_text
 from labels import load_label_spec
 from onnx_export import OpenVocabSegmenter, Segmenter, export

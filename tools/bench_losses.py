@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from distributed import set_threads
 from errors import run_main
 from losses import RESIZE_MODES, loss_dense, source_nll
+from runtime import set_threads
 from settings import one_of, parse_settings, require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ class LossBenchSettings:
     repeats: int = 3               # timed runs per variant (the median is reported)
     device: str = "cpu"            # cpu | cuda
     variants: list = field(default_factory=lambda: list(RESIZE_MODES))  # losses.RESIZE_MODES to measure
-    threads: int = 0               # torch's CPU threads; 0 = from the usable cores (distributed.set_threads)
+    threads: int = 0               # torch's CPU threads; 0 = from the usable cores (runtime.set_threads)
     child: str = ""                # internal: run this one variant in this process, print JSON
 
     def validate(self):

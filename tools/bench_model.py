@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distributed import set_threads
 from errors import run_main
 from model import ModelConfig, build_model
+from runtime import set_threads
 from settings import parse_settings
 
 
@@ -35,7 +35,7 @@ class BenchConfig:
     amp: bool = False  # bf16 autocast (CPU and CUDA)
     hf: bool = True  # also measure HF SegformerForSemanticSegmentation (MiT backbones, when installed)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    threads: int = 0  # torch.set_num_threads on CPU; 0 = from the usable cores (distributed.set_threads)
+    threads: int = 0  # torch.set_num_threads on CPU; 0 = from the usable cores (runtime.set_threads)
 
 
 class PeakRSS:

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distributed import set_threads
 from errors import run_main
 from evaluation import evaluate_images
 from inference import Protocol, infer, short_side_size, window_starts
 from model import ModelConfig, build_model
 from provenance import provenance
+from runtime import set_threads
 from settings import parse_settings
 
 MSEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]

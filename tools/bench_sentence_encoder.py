@@ -66,7 +66,7 @@ def main():
     st = SentenceTransformer(str(se.wheel_folder()), device="cpu", local_files_only=True)
     t2 = time.perf_counter()
 
-    ids, mask = ours.tokenizer.tokenize(texts)
+    ids, mask = ours.tokenize(texts)
     ref = st.preprocess(texts)
     same_ids = torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
     n_tokens = int(mask.sum())

@@ -1,4 +1,4 @@
-"""Training speed at the automatic thread count (distributed.set_threads) against fixed counts, on an idle machine and
+"""Training speed at the automatic thread count (runtime.set_threads) against fixed counts, on an idle machine and
 beside one busy process: does the default pick well?
 
     python -m tools.synthetic_data --out data/synthetic                # the demo's data and label table (made here
@@ -24,8 +24,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distributed import usable_cores
+from dataset_yaml import source_fields
 from errors import DataError, run_main
+from runtime import usable_cores
 from settings import parse_settings, read_yaml, require, required
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +83,8 @@ def train_once(s, config: Path, threads: int, busy: bool, images_per_step: int) 
 
 def make_demo_inputs(config: dict) -> None:
     """The demo's synthetic data and random label table, as demo.sh makes them, where they are missing."""
-    data_root = REPO / config.get("data_root", "data")  # train.py's default: relative roots are under data/
-    sources = [data_root / src["root"] / src["list"] for src in config["sources"]]
+    data_root = REPO / config.get("data_root", "data")  # as train.py run from the repository root reads it
+    sources = [Path(d["root"], d["list"]) for d, _ in (source_fields(e, data_root) for e in config["sources"])]
     if all(p.is_file() for p in sources) and (REPO / config["label_table"]).is_file():
         return
     for cmd in DEMO_INPUTS:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+import clip_bpe
 import clip_text
 from errors import InputError, run_main
 from settings import parse_settings, require
@@ -60,8 +61,8 @@ def main(argv=None):
             result[i, :len(ids)] = torch.tensor(ids)
         return result
 
-    clip_text.get_tokenizer.cache_clear()  # a fresh tokenizer: empty per-word cache, like the fresh reference;
-    clip_text.get_tokenizer()  # built (vocabulary read) before timing, as the reference is
+    clip_bpe.get_tokenizer.cache_clear()  # a fresh tokenizer: empty per-word cache, like the fresh reference;
+    clip_bpe.get_tokenizer()  # built (vocabulary read) before timing, as the reference is
     ours, ours_cold, ours_warm = timed(lambda b: clip_text.tokenize(b, truncate=True), texts, args.repeats)
     theirs, ref_cold, ref_warm = timed(reference, texts, args.repeats)
     assert torch.equal(ours, theirs), "token ids differ from the reference"

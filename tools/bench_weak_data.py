@@ -225,8 +225,7 @@ def build_indexes(data: Path, dim: int) -> dict:
 
     import numpy as np
 
-    from clip_image import prepare_targets
-    from index_format import Index
+    from index_format import Index, prepare_targets
     oi, o365 = data / "openimages_v6", data / "objects365"
     out = {"o365": run_index_command(["coco_boxes", "--json", str(o365 / "zhiyuan_objv2_train.json"), "--images",
                                       str(o365 / "train"), "--out", str(o365 / "index_train"), "--overwrite"]),

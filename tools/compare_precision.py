@@ -6,7 +6,7 @@ differs, the mIoU of each, and the speed of each.
 
 Per image both precisions run evaluate.py's protocol (inference.infer; only the network in bf16 autocast), the
 order flipping from image to image; the seconds of each are summed. On a CPU without bf16 units (see
-inference.cpu_has_bf16, printed) oneDNN emulates bf16, so the speed there says nothing about a CPU with them.
+runtime.cpu_has_bf16, printed) oneDNN emulates bf16, so the speed there says nothing about a CPU with them.
 """
 import json
 import sys
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from distributed import cpu_has_bf16, set_threads
 from errors import run_main
-from evaluation import EvalDataset, confusion_matrix, load_dataset_config, metrics_from_confusion
+from dataset_yaml import load_dataset_config
+from evaluation import EvalDataset, confusion_matrix, metrics_from_confusion
 from inference import Protocol, infer, load_for_inference
 from labels import label_texts
 from provenance import provenance, repo_relative
+from runtime import cpu_has_bf16, set_threads
 from settings import parse_settings
 
 

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from distributed import pick_device, set_threads
 from errors import ConfigError, run_main
-from evaluation import EvalDataset, load_dataset_config
+from dataset_yaml import load_dataset_config
+from evaluation import EvalDataset
 from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
                        unknown_id)
 from labels import label_texts_for, parse_labels
 from provenance import provenance, repo_relative
+from runtime import pick_device, set_threads
 from settings import parse_settings
 
 
