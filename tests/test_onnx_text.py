@@ -107,7 +107,7 @@ def test_a_graphs_vocabulary_must_sit_in_its_folder(clip_graph, tmp_path, where)
     # the metadata names a file the tokenizer reads: it must not reach out of the graph's folder
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "vocab.txt.gz").write_bytes(clip_text.BPE_PATH.read_bytes())
+    (outside / "vocab.txt.gz").write_bytes(clip_bpe.BPE_PATH.read_bytes())
     graph = onnx.load(str(clip_graph[0]))
     for prop in graph.metadata_props:
         if prop.key == "vocab":
