@@ -60,10 +60,11 @@ class AuxHead(nn.Module):
         return self.pred(F.relu(self.bn(self.conv(x))))
 
 
-# A label counts as seen by the cosine of its embedding with the nearest training label's: 1 for a training label
-# itself, under about 0.8 for other concepts (MiniLM sentences: "horse" vs the street labels 0.2-0.5); between the two
-# its ensemble weight moves linearly from the unseen to the seen value.
-SEEN_COSINE = (0.8, 0.95)
+# A label counts as seen by the cosine of its embedding with the nearest training label's, ramping linearly from
+# unseen at 0.62 to seen at 0.8. MiniLM sentences, against the CPU recipe's 15 training labels: objects neither
+# dataset names sit at 0.38-0.6 (sheep, cow, cat, bird, horse, dog, boat, airplane), stuff near a trained class in
+# between (ground 0.65, tree 0.68, grass 0.72, wall 0.73: partly the trained branch's), the training labels at 1.
+SEEN_COSINE = (0.62, 0.8)
 IMAGENET_CLASSES = 1000
 
 
