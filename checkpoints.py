@@ -13,6 +13,7 @@ import torch
 from errors import ConfigError, WeightsError
 from efficientnet import WHEEL_FILES, efficientnet_imagenet_path, remap_efficientnet_key
 from hrnet import remap_hrnet_key
+from labels import LabelTable
 from model import ModelConfig, SegModel, build_model
 from segformer import remap_head_key, remap_mit_key
 from torch_files import read_torch_file
@@ -258,8 +259,8 @@ def load_checkpoint(path, device):
         table, keys = ckpt.get("label_table"), ckpt.get("trained_keys")
         if not table or not keys:
             raise WeightsError(f"{path}: has an ImageNet branch but no label_table/trained_keys to tell seen labels")
-        rows = [table["names"].index(k) for k in keys]
-        model.imagenet.seen_emb = torch.as_tensor(table["embeddings"])[rows].float()  # (K, D)
+        trained = LabelTable(**table)
+        model.imagenet.seen_emb = trained.embeddings[trained.rows(keys)]  # (K, D)
     return model.to(device).eval(), ckpt
 
 
