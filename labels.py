@@ -4,6 +4,8 @@ The label table is the one contract between text and vision: names (label keys),
 embeddings [N, D] (L2-normalised, fp32) and the encoder's name. Training and evaluation read a table, never a text
 model, so any encoder (CLIP, a precomputed file, the authors' universal_cat2vec.npy) plugs in.
 """
+import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,10 +137,14 @@ def with_own_labels(spec: LabelSpec, dataset: str, class_names: list[str], taxon
                      mseg_universal=spec.mseg_universal)
 
 
-def label_list_problem(labels: list[str]) -> str:
-    """Why a list of labels given by a user cannot be used ("" where it can): a blank label (label i gets id i, so
-    dropping it would shift the ids after it), or one that is not valid Unicode (a lone surrogate, from JSON's
-    "\\ud800" or a command line's undecodable bytes, which no file, hash or PNG legend can hold)."""
+MAX_LABELS = 65535  # ids of 16-bit PNGs (overlays.id_png_dtype), the unknown id kept free
+
+
+def label_list_problem(labels: list[str], max_labels: int = MAX_LABELS, limit: str = "") -> str:
+    """Why a list of labels given by a user cannot be used ("" where it can): the one rule for a flag's and a
+    request's label lists. A blank label (label i gets id i, so dropping it would shift the ids after it), one that is
+    not valid Unicode (a lone surrogate, from JSON's "\\ud800" or a command line's undecodable bytes, which no file,
+    hash or PNG legend can hold), more than max_labels (`limit` says whose limit that is), or one asked twice."""
     for i, label in enumerate(labels, 1):
         if not label.strip():
             return (f"label {i} of {len(labels)} is blank (label i gets id i: a blank label would shift the ids after "
@@ -147,12 +153,17 @@ def label_list_problem(labels: list[str]) -> str:
             label.encode("utf-8")
         except UnicodeEncodeError:
             return f"label {i} of {len(labels)} is not valid Unicode ({label!r:.80})"
+    if len(labels) > max_labels:
+        return f"{len(labels)} labels, more than {limit or f'{max_labels} (the ids of a 16-bit PNG)'}"
+    repeated = sorted(label for label, n in Counter(x.strip() for x in labels).items() if n > 1)
+    if repeated:
+        return f"{repeated} asked more than once"
     return ""
 
 
 def parse_labels(text: str, flag: str) -> list[str]:
-    """A comma-separated label list (a flag's value) -> the labels, stripped; ConfigError naming the flag where one
-    is blank or not valid Unicode (label_list_problem). "" -> []."""
+    """A comma-separated label list (a flag's value) -> the labels, stripped; ConfigError naming the flag where
+    label_list_problem finds one. "" -> []."""
     if not text.strip():
         return []
     labels = text.split(",")
@@ -227,6 +238,63 @@ def _check_table(names: list[str], sentences: list[str], e: torch.Tensor, where:
         i = int(bad.nonzero()[0])
         raise WeightsError(f"{where}: embeddings must be L2-normalised rows; row {i} ({names[i]!r}) has norm "
                            f"{norms[i].item():.4f} ({int(bad.sum())} rows off by > 1e-3)")
+
+
+def label_table_sha256(table: dict) -> str:
+    """sha256 of a label table's content, not of its file: its names (JSON) and its embeddings' shape and float32
+    bytes. The same table saved as .pt or loaded from .npy has one hash; other embeddings under the same names, or
+    another order, another. table: a dict with "names" and "embeddings" (N, D), e.g. asdict(LabelTable)."""
+    emb = table["embeddings"].detach().float().cpu().contiguous()  # (N, D)
+    h = hashlib.sha256(json.dumps(table["names"]).encode())
+    h.update(str(tuple(emb.shape)).encode())
+    h.update(emb.numpy().tobytes())
+    return h.hexdigest()
+
+
+def onehot_table(keys: list[str], dim: int) -> LabelTable:
+    """The ablation's labels: orthonormal one-hot vectors instead of sentence embeddings (needs len(keys) <= dim)."""
+    if len(keys) > dim:
+        raise ConfigError(f"label_table=onehot needs at most embed_dim={dim} labels, the sources use {len(keys)}")
+    return LabelTable(names=list(keys), sentences=list(keys), embeddings=torch.eye(len(keys), dim), encoder="onehot")
+
+
+TEXT_FAMILIES = ("sentence", "clip-text")  # encoder ids begin with their family (LabelTable.encoder)
+
+
+def encoder_family(encoder: str) -> str:
+    """"sentence" or "clip-text" for tables made by those encoders; "" for others (.npy, onehot, test tables)."""
+    first = str(encoder).split(" ", 1)[0]
+    return first if first in TEXT_FAMILIES else ""
+
+
+def check_same_encoder(trained: LabelTable | None, encoder: str, width: int | None, given: str) -> None:
+    """Raise WeightsError where label embeddings from `encoder` (`width`-d, None = not known yet) cannot stand for the
+    rows of the table a checkpoint was trained with: another encoder family (a CLIP table for a model trained on
+    sentence-encoder rows, or the reverse) or another width. `given` names the setting that gave them."""
+    if trained is None:
+        return
+    trained_width = trained.embeddings.shape[1]
+    a, b = encoder_family(trained.encoder), encoder_family(encoder)
+    if (a and b and a != b) or (width is not None and width != trained_width):
+        raise WeightsError(f"{given} gives {encoder} embeddings ({width or '?'}-d), but the checkpoint was trained on "
+                           f"{trained.encoder} embeddings ({trained_width}-d); embed the labels with the checkpoint's "
+                           f"encoder (no --clip_weights/--embeddings: its own, where installed)")
+
+
+def warn_other_weights(trained: LabelTable | None, encoder: str, sha: str, given: str) -> None:
+    """One `warning:` line where the embeddings come from other weights than the checkpoint's table's, within the same
+    family and width (CLIP ViT-B/16 for ViT-B/32, or the same weights in another file format: the hashes cannot tell
+    those apart): their sha256s differ, or where either is unknown (label_table.py --clip_random_init's table has no
+    weights file, older tables no hash) their encoder ids do."""
+    if trained is None:
+        return
+    other = sha != trained.weights_sha256 if sha and trained.weights_sha256 else encoder != trained.encoder
+    if other:
+        def named(enc, h):
+            return f"{enc} (weights sha256 {h[:16] + '...' if h else 'unknown'})"
+        print(f"warning: {given}: {named(encoder, sha)} is not the encoder of the checkpoint's table, "
+              f"{named(trained.encoder, trained.weights_sha256)}: other weights, or the same in another file? The "
+              f"model was trained against that table's rows")
 
 
 def save_label_table(path: str | Path, table: LabelTable) -> None:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from runtime import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
-from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resize_short_side,
-                       resolve_precision, unknown_id)
+from inference import (Protocol, background_labels, ids_from_scores, infer, resize_short_side, resolve_precision,
+                       unknown_id)
+from label_source import LabelSource
 from labels import label_texts_for, parse_labels
 from overlays import save_prediction
 from readers import MAX_ASPECT, MAX_PIXELS, decode_rgb, open_image, set_image_budget
@@ -42,14 +43,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
-class PredictSettings(Protocol):   # + the inference protocol's settings (inference.Protocol)
+class PredictSettings(Protocol, LabelSource):  # + the protocol's and the label source's settings
     images: str = ""               # a folder, an image, or comma-separated images
     labels: str = ""               # comma-separated labels, e.g. "deer,grass,sky" (label i -> id i)
     sentences: str = ""            # YAML {label: sentence}; wins over label_sentences.yaml
-    checkpoint: str = ""           # from train.py
-    embeddings: str = ""           # label table with a row per label ...
-    clip_weights: str = ""         # ... or CLIP weights to embed the label texts now
-    mode: str = "sentence"         # sentence | word
     unknown_below: float = -1.0    # cosine similarity under which a pixel is unknown (unknown_id); -1 = never
     background: str = ""           # more labels whose winning pixels are unknown (unknown_id): "default"
                                    # (DEFAULT_BACKGROUND) or comma-separated labels; "" = none
@@ -65,10 +62,10 @@ class PredictSettings(Protocol):   # + the inference protocol's settings (infere
 
     def validate(self):
         """The protocol's settings and these in range (parse_settings calls this)."""
-        super().validate()
+        Protocol.validate(self)
+        LabelSource.validate(self)
         require(self, "unknown_below", lambda v: -1 <= v <= 1, "must be in [-1, 1] (a cosine similarity; -1 = off)")
         require(self, "emb_dims", lambda v: v >= 0, "must be >= 0")
-        one_of(self, "mode", ("sentence", "word"))
         one_of(self, "emb_dtype", ("float16", "float32"))
 
 
@@ -167,19 +164,18 @@ def main(argv=None):
     print(why)
     paths = list_images(s.images)
     labels = parse_labels(s.labels, "--labels")  # a blank one refused: label i gets id i
-    if not labels or len(set(labels)) != len(labels) or len(labels) > 65535:
-        raise ConfigError(f"--labels={s.labels!r}: give 1..65535 distinct comma-separated labels")
+    if not labels:
+        raise ConfigError("--labels: give the labels to segment into, comma-separated (label i gets id i)")
     background = background_labels(s.background, labels)
     texts = label_texts_for(labels + background, s.sentences, s.mode)
-    model, ckpt, label_emb, scale = load_for_inference(s.checkpoint, labels + background, texts,  # (N + B, D)
-                                                       s.embeddings, s.clip_weights, device)
+    model, ckpt, label_emb, scale = s.load(labels + background, texts, device)  # label_emb (N + B, D)
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "labels.json").write_text(json.dumps(
         {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
          "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
          "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
-         "labels_from": s.embeddings or f"{s.clip_weights or 'the checkpoint (its encoder or table)'} ({s.mode})",
+         "labels_from": s.described(),
          "precision": precision}, indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, scale, s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)

@@ -9,8 +9,6 @@ Rebuilding a model from a checkpoint for evaluation is checkpoints.load_checkpoi
 """
 import atexit
 import fcntl
-import hashlib
-import json
 import os
 import socket
 import time
@@ -21,6 +19,7 @@ import torch
 
 from checkpoints import CHECKPOINT, read_checkpoint
 from errors import DivergedError, InputError, WeightsError
+from labels import label_table_sha256
 from model import ModelConfig
 from torch_files import read_torch_file, save_torch_file
 
@@ -87,17 +86,6 @@ def find_resume(resume, out_dir):
 
 
 RESUME_KEYS = ("model", "optimizer", "scaler", "step", "sampler", "model_args", "label_table")
-
-
-def label_table_sha256(table: dict) -> str:
-    """sha256 of a label table's content, not of its file: its names (JSON) and its embeddings' shape and float32
-    bytes. The same table saved as .pt or loaded from .npy has one hash; other embeddings under the same names, or
-    another order, another. table: a dict with "names" and "embeddings" (N, D), e.g. asdict(LabelTable)."""
-    emb = table["embeddings"].detach().float().cpu().contiguous()  # (N, D)
-    h = hashlib.sha256(json.dumps(table["names"]).encode())
-    h.update(str(tuple(emb.shape)).encode())
-    h.update(emb.numpy().tobytes())
-    return h.hexdigest()
 
 
 def newest_finite_before(path) -> str:

@@ -56,22 +56,18 @@ from PIL import Image, ImageOps
 from checkpoints import check_width
 from runtime import pick_device, set_threads
 from errors import InputError, run_main
-from inference import (Protocol, background_labels, ids_from_scores, infer, label_embeddings, load_for_inference,
-                       resolve_precision, short_side_size, unknown_id)
-from labels import TEXT_MODES, label_list_problem, label_texts_for, load_label_spec, parse_labels
+from inference import Protocol, background_labels, ids_from_scores, infer, resolve_precision, short_side_size, unknown_id
+from label_source import LabelSource, label_embeddings
+from labels import label_list_problem, label_texts_for, load_label_spec, parse_labels
 from overlays import label_colour, overlay_with_legend
 from readers import MAX_ASPECT, ImageBudget, decode_rgb, read_header
 from serve_page import PAGE
-from settings import one_of, parse_settings, print_settings, require
+from settings import parse_settings, print_settings, require
 from transforms import eval_image
 
 
 @dataclass
-class ServeSettings(Protocol):     # + the inference protocol's settings (inference.Protocol)
-    checkpoint: str = ""           # from train.py
-    embeddings: str = ""           # label table with a row per label asked for ...
-    clip_weights: str = ""         # ... or CLIP weights to embed the label texts on request
-    mode: str = "sentence"         # sentence | word
+class ServeSettings(Protocol, LabelSource):  # + the protocol's and the label source's settings
     host: str = "127.0.0.1"        # loopback: this machine only (the server has no authentication)
     port: int = 8000               # 0 = any free port (printed)
     max_labels: int = 256          # labels (with background) in one request
@@ -88,14 +84,14 @@ class ServeSettings(Protocol):     # + the inference protocol's settings (infere
     threads: int = 0               # torch's CPU threads; 0 = from the usable cores (runtime.set_threads)
 
     def validate(self):
-        super().validate()
+        Protocol.validate(self)
+        LabelSource.validate(self)
         require(self, "max_body max_pixels max_waiting max_aspect", lambda v: v >= 1, "must be >= 1")
         require(self, "timeout", lambda v: v > 0, "must be > 0")
         require(self, "max_labels", lambda v: 1 <= v <= 65535, "must be in 1..65535 (16-bit id PNGs)")
         require(self, "label_cache", lambda v: v >= 0, "must be >= 0")
         require(self, "port", lambda v: 0 <= v <= 65535, "must be in 0..65535")
         require(self, "warmup", lambda v: parse_labels(v, "--warmup"), "must name at least one label")
-        one_of(self, "mode", TEXT_MODES)
 
 
 class HttpError(Exception):
@@ -122,16 +118,10 @@ def label_list(body, field, max_labels):
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         required = "required, " if field == "labels" else ""
         raise HttpError(400, f"{field}: {required}a list of strings or one comma-separated string")
-    problem = label_list_problem(labels)
+    problem = label_list_problem(labels, max_labels, f"this server takes (max_labels={max_labels})")
     if problem:
         raise HttpError(400, f"{field}: {problem}")
-    labels = [x.strip() for x in labels]
-    if len(labels) > max_labels:
-        raise HttpError(400, f"{field}: {len(labels)} labels, more than this server takes (max_labels={max_labels})")
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise HttpError(400, f"{field}: {dup} asked more than once")
-    return labels
+    return [x.strip() for x in labels]
 
 
 def parse_request(body, max_labels):
@@ -202,8 +192,7 @@ class Segmenter:
         self.cache = OrderedDict()  # (keys, texts) -> (N, D) embeddings, least recently used first
         warm = parse_labels(s.warmup, "--warmup")
         texts = label_texts_for(warm, {}, s.mode, self.spec)
-        self.model, self.ckpt, emb, self.scale = load_for_inference(s.checkpoint, warm, texts, s.embeddings,
-                                                                    s.clip_weights, device)
+        self.model, self.ckpt, emb, self.scale = s.load(warm, texts, device)
         self.remember((tuple(warm), tuple(texts)), emb)
         grey = io.BytesIO()
         Image.new("RGB", (64, 48), (128, 128, 128)).save(grey, format="PNG")
@@ -217,7 +206,7 @@ class Segmenter:
                 self.cache.popitem(last=False)
 
     def embeddings_for(self, keys, texts):
-        """(N, D) label embeddings of keys/texts, from the cache or inference.label_embeddings (under self.lock)."""
+        """(N, D) label embeddings of keys/texts, from the cache or label_source.label_embeddings (under self.lock)."""
         key = (tuple(keys), tuple(texts))
         if key in self.cache:
             self.cache.move_to_end(key)
@@ -300,7 +289,7 @@ class Segmenter:
     def health(self):
         s = self.s
         return {"status": "ok", "checkpoint": s.checkpoint, "backbone": self.ckpt["model_args"].get("backbone"),
-                "labels_from": s.embeddings or s.clip_weights or "the checkpoint's training table",
+                "labels_from": s.described(),
                 "device": str(self.device), "precision": resolve_precision(s.precision, self.device),
                 "base_size": s.base_size, "served": self.served, "waiting": self.waiting,
                 "limits": {"max_labels": s.max_labels, "max_body": s.max_body, "max_pixels": s.max_pixels,

@@ -1,6 +1,6 @@
 """Label texts embedded by a named text encoder, through an on-disk cache keyed by (encoder id, weights sha256, text).
 
-predict.py, evaluate.py, export.py and serve.py embed their label texts at every start (inference.label_embeddings);
+predict.py, evaluate.py, export.py and serve.py embed their label texts at every start (label_source.label_embeddings);
 the texts rarely change, so their rows are kept on disk and the encoder's weights (90 MB for all-MiniLM-L6-v2, 250 MB
 for CLIP ViT-B/32) are not even read when every text is cached: a warm start costs one sha256 of the weights file.
 

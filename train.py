@@ -24,12 +24,11 @@ import distributed
 from checkpoints import load_imagenet_branch, load_pretrained
 from dataset_yaml import load_sources
 from errors import ConfigError, DivergedError, WeightsError, run_main
-from labels import LabelTable, imagenet_keys, load_label_table
+from labels import imagenet_keys, label_table_sha256, load_label_table, onehot_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
-from run_dir import (claim_out_dir, find_resume, label_table_sha256, restore_checkpoint, save_checkpoint, set_aside,
-                     set_aside_log)
+from run_dir import claim_out_dir, find_resume, restore_checkpoint, save_checkpoint, set_aside, set_aside_log
 from runtime import choose_precision, set_threads
 from sampler import BalancedSampler
 from settings import FLOAT32_MAX, one_of, parse_settings, print_settings, require
@@ -141,13 +140,6 @@ def param_groups(model, s):
                            "weight_decay": s.weight_decay if decay else 0.0}
         groups[key]["params"].append(p)
     return list(groups.values())
-
-
-def onehot_table(keys, dim):
-    """The ablation's labels: orthonormal one-hot vectors instead of sentence embeddings (needs len(keys) <= dim)."""
-    if len(keys) > dim:
-        raise ConfigError(f"label_table=onehot needs at most embed_dim={dim} labels, the sources use {len(keys)}")
-    return LabelTable(names=list(keys), sentences=list(keys), embeddings=torch.eye(len(keys), dim), encoder="onehot")
 
 
 def sum_over_ranks(counts, device):

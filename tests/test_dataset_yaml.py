@@ -14,7 +14,7 @@ import train
 from data_fixtures import write_id_dataset
 from dataset_yaml import EVAL_CONFIGS, load_sources, source_fields, under_data_root
 from errors import ConfigError
-from labels import LABELS_YAML, load_label_spec, load_label_table
+from labels import LABELS_YAML, load_label_spec, load_label_table, onehot_table
 
 NEW_KEY, NEW_SENTENCE = "scrap_heap", "An image of a scrap heap, a pile of discarded metal."
 
@@ -70,7 +70,7 @@ def test_a_dataset_added_for_training_with_one_yaml(new_dataset, tmp_path):
     assert NEW_KEY not in load_label_spec().sentences and spec.sentences[NEW_KEY] == NEW_SENTENCE
     keys = data.source_label_keys(sources, spec)
     assert keys == ["sky", "road", "car", NEW_KEY] and sources[0].weight == 2.0
-    table = train.onehot_table(keys, 8)
+    table = onehot_table(keys, 8)
     target = data.MultiSourceDataset(sources, spec, table)[0]["target"]  # (H, W) table rows, -1 = ignore (255)
     assert torch.equal(target, torch.from_numpy(np.where(labels[0] == 255, -1, labels[0].astype(np.int64))))
     # its label table: label_table.py embeds the YAML's own sentence beside label_sentences.yaml's

@@ -22,6 +22,7 @@ import overlays
 import evaluate as ev
 from errors import ConfigError, LabelKeyError
 import inference as inf
+from label_source import label_embeddings
 from transforms import eval_image
 from labels import LabelSpec, LabelTable, label_texts, load_label_spec, save_label_table
 from model import ModelConfig, build_model, similarity
@@ -333,18 +334,18 @@ def test_label_embeddings_from_clip_weights_sentence_and_word(tmp_path):
     keys = ["sky", "sidewalk_pavement"]
     sentences, words = label_texts(spec, keys, "sentence"), label_texts(spec, keys, "word")
     assert words == ["sky", "sidewalk pavement"] and sentences[0].startswith("An image of")
-    got = inf.label_embeddings(keys, sentences, clip_weights=str(tmp_path / "clip.pt"))
+    got = label_embeddings(keys, sentences, clip_weights=str(tmp_path / "clip.pt"))
     torch.testing.assert_close(got, clip_text.encode_sentences(tower.eval(), sentences))
-    got_words = inf.label_embeddings(keys, words, clip_weights=str(tmp_path / "clip.pt"))
+    got_words = label_embeddings(keys, words, clip_weights=str(tmp_path / "clip.pt"))
     torch.testing.assert_close(got_words, clip_text.encode_sentences(tower, words))
     assert not torch.allclose(got, got_words)
     with pytest.raises(ConfigError, match="--embeddings"):
-        inf.label_embeddings(keys, sentences)
+        label_embeddings(keys, sentences)
     # without --embeddings / --clip_weights: the rows of the table the checkpoint was trained with, by key
     emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     trained = {"names": ["road", "sky", "sidewalk_pavement"], "sentences": ["", "", ""], "embeddings": emb,
                "encoder": "test"}
-    torch.testing.assert_close(inf.label_embeddings(keys, sentences, trained_table=trained), emb[[1, 2]])
+    torch.testing.assert_close(label_embeddings(keys, sentences, trained_table=trained), emb[[1, 2]])
 
 
 def shipped_dataset(name, data_root):

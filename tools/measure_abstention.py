@@ -24,8 +24,8 @@ import torch
 from errors import ConfigError, run_main
 from dataset_yaml import load_dataset_config
 from evaluation import EvalDataset
-from inference import (Protocol, background_labels, ids_from_scores, infer, load_for_inference, resolve_precision,
-                       unknown_id)
+from inference import Protocol, background_labels, ids_from_scores, infer, resolve_precision, unknown_id
+from label_source import load_for_inference
 from labels import label_texts_for, parse_labels
 from provenance import provenance, repo_relative
 from runtime import pick_device, set_threads
