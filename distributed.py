@@ -95,6 +95,14 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(counts, device):
+    """Integer counts summed over ranks, as a list: every rank must call it."""
+    n = torch.tensor(counts, dtype=torch.int64, device=device)  # on the device: NCCL reduces CUDA only
+    if is_distributed():
+        dist.all_reduce(n)
+    return n.tolist()
+
+
 def teardown():
     """End the process group (if any) without hanging at exit. Call it after dropping the DDP model.
 

@@ -1,5 +1,6 @@
 """A training run's out_dir: one run writes in it (lock, and never over an earlier run's checkpoints by accident),
-its checkpoints (atomic save, pruning, the state check, resume lookup and restore) and its log.
+its checkpoints (atomic save, pruning, the state check, resume lookup and restore) and its log (`Progress`: the log
+lines and log.jsonl).
 
     claim_out_dir("runs/x", resume="", overwrite=False)              # rank 0, before anything is written
     step = restore_checkpoint(find_resume("auto", "runs/x"), model, optimizer, scaler, sampler, meta)
@@ -9,13 +10,17 @@ Rebuilding a model from a checkpoint for evaluation is checkpoints.load_checkpoi
 """
 import atexit
 import fcntl
+import json
 import os
 import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
+
+import distributed
 
 from checkpoints import CHECKPOINT, read_checkpoint
 from errors import DivergedError, InputError, WeightsError
@@ -219,3 +224,61 @@ def _release_locks():
         f.seek(0)
         f.truncate()
         f.close()
+
+
+class Progress:
+    """What the log lines report: the mean loss terms, images per second, images per source since the last line,
+    skipped samples. Every rank counts its own; log() reduces them (every rank must call it), rank 0 prints the line
+    and appends it to out_dir/log.jsonl."""
+
+    def __init__(self, s, sources, world, device, master, step):
+        self.s, self.sources, self.world, self.device = s, sources, world, device
+        if master and step == 0:  # a new run: its own log.jsonl, not appended to an earlier run's
+            kept = set_aside_log(s.out_dir)
+            if kept:
+                print(kept)
+        self.file = open(Path(s.out_dir) / "log.jsonl", "a") if master else None
+        self.start, self.first_step, self.seen = time.time(), step, 0
+        self.drawn = np.zeros(len(sources), np.int64)  # this rank's images per source since the last log line
+
+    def count(self, batch):
+        """One micro-batch of this rank drawn."""
+        self.seen += len(batch["source"]) * self.world
+        np.add.at(self.drawn, [source for source, _ in batch["key"]], 1)  # key: (source index, sample)
+
+    def log(self, step, lr, terms, scale, skipped):
+        s = self.s
+        logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
+        *per_source, n_skipped = distributed.sum_over_ranks([*self.drawn.tolist(), skipped], self.device)  # one collective
+        self.drawn[:] = 0
+        if not self.file:
+            return
+        now = time.time()
+        rate = self.seen / (now - self.start)
+        record = {"step": step, "time": round(now, 3), "elapsed_s": round(now - self.start, 3),  # unix time; this run's
+                  "lr": lr, "images_per_s": rate, "scale": scale,
+                  **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)},  # + 0.0: no "-0.0" terms
+                  "sources": {src.name: n for src, n in zip(self.sources, per_source)}}  # images since last line
+        if s.skip_bad:
+            record["skipped"] = n_skipped
+        eta = (s.max_steps - step) * s.batch_size * self.world * s.accum_steps / max(rate, 1e-9)
+        losses = " ".join(f"{k} {record[k]:.4f}" for k in sorted(terms))
+        print(f"step {step}/{s.max_steps} | {losses} | lr {lr:.2e} | {rate:.1f} img/s | "
+              f"eta {eta / 60:.1f} min" + (f" | skipped {n_skipped}" if s.skip_bad else ""), flush=True)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self, step, last_checkpoint, skipped):
+        """The end of the run: with skip_bad, the samples all ranks skipped (every rank must call it); the summary
+        line (rank 0; none if it trained no step); the end of log.jsonl."""
+        if self.s.skip_bad:
+            n_skipped = distributed.sum_over_ranks([skipped], self.device)[0]
+            if self.file:
+                print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
+        if not self.file:
+            return
+        self.file.close()
+        seconds = time.time() - self.start
+        if step > self.first_step:
+            print(f"trained steps {self.first_step + 1}..{step} ({step - self.first_step} steps, {self.seen} images) "
+                  f"in {seconds / 60:.1f} min, {self.seen / seconds:.1f} images/s; last checkpoint {last_checkpoint}")

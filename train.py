@@ -6,17 +6,14 @@
 
 Reads top to bottom: settings -> distributed/device -> label table -> data -> model -> optimizer -> resume -> loop.
 """
-import json
 import random
 import signal
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -28,7 +25,7 @@ from labels import imagenet_keys, label_table_sha256, load_label_table, onehot_t
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
-from run_dir import claim_out_dir, find_resume, restore_checkpoint, save_checkpoint, set_aside, set_aside_log
+from run_dir import Progress, claim_out_dir, find_resume, restore_checkpoint, save_checkpoint, set_aside
 from runtime import choose_precision, set_threads
 from sampler import BalancedSampler
 from settings import FLOAT32_MAX, one_of, parse_settings, print_settings, require
@@ -142,14 +139,6 @@ def param_groups(model, s):
     return list(groups.values())
 
 
-def sum_over_ranks(counts, device):
-    """Integer counts summed over ranks, as a list: every rank must call it."""
-    n = torch.tensor(counts, dtype=torch.int64, device=device)  # on the device: NCCL reduces CUDA only
-    if distributed.is_distributed():
-        dist.all_reduce(n)
-    return n.tolist()
-
-
 def training_label_table(s, keys):
     """The label table the run trains against: one-hot rows for "onehot", else the file, as wide as embed_dim."""
     table = onehot_table(keys, s.embed_dim) if s.label_table == "onehot" else load_label_table(s.label_table)
@@ -189,64 +178,6 @@ class StopSignal:
     def agreed(self, device) -> bool:
         """Whether any rank was signalled: every rank must call it, and all stop at the same step."""
         return distributed.any_rank(self.signal is not None, device)
-
-
-class Progress:
-    """What the log lines report: the mean loss terms, images per second, images per source since the last line,
-    skipped samples. Every rank counts its own; log() reduces them (every rank must call it), rank 0 prints the line
-    and appends it to out_dir/log.jsonl."""
-
-    def __init__(self, s, sources, world, device, master, step):
-        self.s, self.sources, self.world, self.device = s, sources, world, device
-        if master and step == 0:  # a new run: its own log.jsonl, not appended to an earlier run's
-            kept = set_aside_log(s.out_dir)
-            if kept:
-                print(kept)
-        self.file = open(Path(s.out_dir) / "log.jsonl", "a") if master else None
-        self.start, self.first_step, self.seen = time.time(), step, 0
-        self.drawn = np.zeros(len(sources), np.int64)  # this rank's images per source since the last log line
-
-    def count(self, batch):
-        """One micro-batch of this rank drawn."""
-        self.seen += len(batch["source"]) * self.world
-        np.add.at(self.drawn, [source for source, _ in batch["key"]], 1)  # key: (source index, sample)
-
-    def log(self, step, lr, terms, scale, skipped):
-        s = self.s
-        logged = distributed.all_reduce_mean(torch.stack([terms[k].detach().float() for k in sorted(terms)]))
-        *per_source, n_skipped = sum_over_ranks([*self.drawn.tolist(), skipped], self.device)  # one collective
-        self.drawn[:] = 0
-        if not self.file:
-            return
-        now = time.time()
-        rate = self.seen / (now - self.start)
-        record = {"step": step, "time": round(now, 3), "elapsed_s": round(now - self.start, 3),  # unix time; this run's
-                  "lr": lr, "images_per_s": rate, "scale": scale,
-                  **{k: float(v) + 0.0 for k, v in zip(sorted(terms), logged)},  # + 0.0: no "-0.0" terms
-                  "sources": {src.name: n for src, n in zip(self.sources, per_source)}}  # images since last line
-        if s.skip_bad:
-            record["skipped"] = n_skipped
-        eta = (s.max_steps - step) * s.batch_size * self.world * s.accum_steps / max(rate, 1e-9)
-        losses = " ".join(f"{k} {record[k]:.4f}" for k in sorted(terms))
-        print(f"step {step}/{s.max_steps} | {losses} | lr {lr:.2e} | {rate:.1f} img/s | "
-              f"eta {eta / 60:.1f} min" + (f" | skipped {n_skipped}" if s.skip_bad else ""), flush=True)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self, step, last_checkpoint, skipped):
-        """The end of the run: with skip_bad, the samples all ranks skipped (every rank must call it); the summary
-        line (rank 0; none if it trained no step); the end of log.jsonl."""
-        if self.s.skip_bad:
-            n_skipped = sum_over_ranks([skipped], self.device)[0]
-            if self.file:
-                print(f"skipped {n_skipped} bad samples in this run (all ranks; messages of the first ones above)")
-        if not self.file:
-            return
-        self.file.close()
-        seconds = time.time() - self.start
-        if step > self.first_step:
-            print(f"trained steps {self.first_step + 1}..{step} ({step - self.first_step} steps, {self.seen} images) "
-                  f"in {seconds / 60:.1f} min, {self.seen / seconds:.1f} images/s; last checkpoint {last_checkpoint}")
 
 
 def stop_diverged(step, terms, batch, out_dir):
