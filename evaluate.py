@@ -29,7 +29,7 @@ from inference import Protocol, background_labels, load_for_inference
 from labels import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
-from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
+from images import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from runtime import choose_precision, set_threads
 from settings import one_of, parse_settings, print_settings, require
 
@@ -173,7 +173,7 @@ def main(argv=None):
         folder.mkdir(parents=True, exist_ok=True)
         ids = class_ids[pred].numpy()
         Image.fromarray(ids.astype(id_png_dtype(max(class_ids.max().item(), 0)))).save(folder / f"{stem}.png")
-        photo = Image.fromarray(to_uint8(image)).resize(target.shape[::-1], Image.BILINEAR)  # the evaluated size
+        photo = Image.fromarray(to_uint8(image.cpu().numpy())).resize(target.shape[::-1], Image.BILINEAR)  # the evaluated size
         side_by_side(photo, pred.numpy(), target.numpy(), dataset.class_names).save(folder / f"{stem}_overlay.png")
     start = time.time()
     conf = evaluate_images(model, dataset, label_emb, scale, s, rank, world, s.print_every,

@@ -46,7 +46,7 @@ from evaluation import dataset_classes
 from inference import load_for_inference
 from labels import label_texts, label_texts_for, parse_labels
 from onnx_export import OpenVocabSegmenter, Segmenter, export, import_onnx
-from onnx_text import export_text_encoder
+from onnx_text_export import export_text_encoder
 from settings import one_of, parse_settings, print_settings, require
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 

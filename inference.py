@@ -25,6 +25,7 @@ from checkpoints import check_width, load_checkpoint
 from runtime import choose_precision
 from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
+from images import WHOLE_IMAGE_MULTIPLE, short_side_size
 from labels import LabelTable, load_label_table, parse_labels
 from model import label_logits, upsample_logits
 from overlays import id_png_dtype
@@ -53,7 +54,7 @@ class Protocol:
     def work_size(self, w, h):
         """(W, H, how): the largest image the protocol makes of a w x h one (the short side resized for the largest
         scale, then padded to the crop, or to a multiple of 32 for the whole image), and the settings that set it;
-        readers.open_image checks it against the pixel budget before decoding the image."""
+        images.open_image checks it against the pixel budget before decoding the image."""
         s = max(self.scales)
         hs, ws = short_side_size(h, w, round(s * (self.base_size or min(w, h))))
         if self.sliding:
@@ -97,14 +98,6 @@ def in_precision(model, precision, device, branch="on"):
             logits, cos = label_logits(model, x, label_emb, scale, branch)
         return (logits.float(), cos.float()) if bf16 else (logits, cos)
     return run
-
-
-WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels
-
-
-def short_side_size(h, w, short):
-    """(h, w) resized so that min == short, aspect kept, rounded as MSeg rounds it."""
-    return (round(short / w * h), short) if h > w else (short, round(short / h * w))
 
 
 def resize_short_side(x, short):

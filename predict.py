@@ -34,7 +34,7 @@ from inference import (Protocol, background_labels, ids_from_scores, infer, load
                        resolve_precision, unknown_id)
 from labels import label_texts_for, parse_labels
 from overlays import save_prediction
-from readers import MAX_ASPECT, MAX_PIXELS, decode_rgb, open_image, set_image_budget
+from images import MAX_ASPECT, MAX_PIXELS, decode_rgb, open_image, set_image_budget
 from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image
 

@@ -60,7 +60,7 @@ from inference import (Protocol, background_labels, ids_from_scores, infer, labe
                        resolve_precision, short_side_size, unknown_id)
 from labels import TEXT_MODES, label_list_problem, label_texts_for, load_label_spec, parse_labels
 from overlays import label_colour, overlay_with_legend
-from readers import MAX_ASPECT, ImageBudget, decode_rgb, read_header
+from images import MAX_ASPECT, ImageBudget, decode_rgb, read_header
 from serve_page import PAGE
 from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image

@@ -27,7 +27,7 @@ from errors import ConfigError, DivergedError, WeightsError, run_main
 from labels import LabelTable, imagenet_keys, load_label_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
-from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
+from images import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from run_dir import (claim_out_dir, find_resume, label_table_sha256, restore_checkpoint, save_checkpoint, set_aside,
                      set_aside_log)
 from runtime import choose_precision, set_threads

@@ -46,7 +46,8 @@ from runtime import set_threads
 import clip_text
 from labels import load_label_spec
 from onnx_export import OpenVocabSegmenter, Segmenter, export
-from onnx_text import TextGraph, export_clip_text
+from onnx_text import TextGraph
+from onnx_text_export import export_clip_text
 from provenance import provenance
 from settings import parse_settings
 
