@@ -26,9 +26,9 @@ from runtime import choose_precision
 from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
 from images import WHOLE_IMAGE_MULTIPLE, short_side_size
-from labels import LabelTable, load_label_table, parse_labels
+from labels import LabelTable, load_label_table
 from model import label_logits, upsample_logits
-from overlays import id_png_dtype
+from score_rules import DEFAULT_BACKGROUND, background_labels, ids_from_scores, unknown_id  # noqa: F401 (callers' names)
 from settings import one_of, require
 
 
@@ -319,7 +319,8 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", 
         check_same_encoder(trained, enc.encoder, None, f"--clip_weights={clip_weights}")
         warn_other_weights(trained, enc.encoder, enc.weights_sha256, f"--clip_weights={clip_weights}")
     if enc is not None:
-        emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D)
+        emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D) numpy
+        emb = torch.from_numpy(emb)
         if clip_weights:  # the width now (the weights' sha256 was compared above, before reading them)
             check_same_encoder(trained, enc.encoder, emb.shape[1], f"--clip_weights={clip_weights}")
         print(f"label embeddings: {len(texts)} texts embedded with {enc.encoder} ({hits} from the text cache)")
@@ -352,44 +353,3 @@ def load_for_inference(checkpoint, keys, texts, embeddings="", clip_weights="", 
     label_emb = label_embeddings(keys, texts, embeddings, clip_weights, device, ckpt.get("label_table"))  # (N, D)
     check_width(ckpt, label_emb, "the label embeddings")
     return model, ckpt, label_emb, float(model.scale().detach())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# From scores to ids: unknown pixels and the background vocabulary
-
-# The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
-# thing nobody asked about can go to one of them (and become unknown) instead of to the nearest asked label; SAN's
-# augment_vocabulary does this with all 171 COCO-Stuff names. Ours is small: the classes covering the most pixels
-# of everyday scenes: ADE20K-150's first 22 classes (its class order is by pixel share) that our keys name, less the
-# furniture and fittings among them (bed, windowpane, cabinet, door, table, curtain, chair; plant is in vegetation).
-# Labels that are asked for are left out of it.
-DEFAULT_BACKGROUND = ["wall", "building", "sky", "floor", "vegetation", "ceiling", "road", "grass",
-                      "sidewalk_pavement", "person", "ground", "mountain_hill", "water", "car"]
-def unknown_id(n_labels):
-    """The id of unknown pixels: 255 while ids 0..n-1 leave it free in a byte, else 65535 (16-bit PNGs)."""
-    if not 1 <= n_labels <= 65535:
-        raise ValueError(f"{n_labels} labels: give 1..65535")
-    return 255 if n_labels <= 255 else 65535
-
-
-def ids_from_scores(prob, cos=None, unknown_below=-1.0, asked=None):
-    """prob, cos: (N, H, W) -> (H, W) ids, uint8 or uint16 (see unknown_id); pixels whose winning label's cosine is
-    under the threshold -> unknown. The cosine is that of the argmax label, so 'unknown' means 'even the best label
-    fits badly'. With `asked` = n < N, rows n.. are the background vocabulary: pixels they win are unknown too. The
-    unknown id follows the number of asked labels (the background is never written as an id)."""
-    n = asked if asked is not None else prob.shape[0]
-    unknown = unknown_id(n)
-    pred = prob.argmax(0)                                                # (H, W)
-    if cos is not None and unknown_below > -1:
-        best = cos.gather(0, pred[None])[0]                              # (H, W)
-        pred = torch.where(best < unknown_below, torch.full_like(pred, unknown), pred)
-    if asked is not None:
-        pred = torch.where((pred >= asked) & (pred != unknown), torch.full_like(pred, unknown), pred)
-    return pred.cpu().numpy().astype(id_png_dtype(unknown))
-
-
-def background_labels(background, labels):
-    """--background -> the background vocabulary: DEFAULT_BACKGROUND for "default", else the comma-separated labels;
-    labels that are asked for are left out (asking for a label must not make it unknown)."""
-    extra = DEFAULT_BACKGROUND if background == "default" else parse_labels(background, "--background")
-    return [b for b in dict.fromkeys(extra) if b not in labels]

@@ -75,7 +75,8 @@ def main(argv=None):
     else:
         enc = (text_cache.clip_text_encoder(s.clip_weights) if s.clip_weights
                else text_cache.sentence_text_encoder(s.sentence_encoder))
-        emb, hits = text_cache.embed_texts(enc, texts, s.text_cache)  # (N, D)
+        emb, hits = text_cache.embed_texts(enc, texts, s.text_cache)  # (N, D) numpy
+        emb = torch.from_numpy(emb)
         encoder, sha = enc.encoder, enc.weights_sha256
     save_label_table(s.out, LabelTable(names=keys, sentences=texts, embeddings=emb, encoder=encoder,
                                        weights_sha256=sha))

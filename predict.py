@@ -148,7 +148,8 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
         rgb = decode_rgb(open_image(path, proto.work_size), path)       # PIL RGB; the budget checked first
         image = eval_image(rgb)                                     # (3, H, W) normalised
         prob, cos = infer(model, image, label_emb, scale, proto, with_cos=unknown_below > -1)  # (N, H, W) each
-        ids = ids_from_scores(prob, cos, unknown_below, len(labels))     # (H, W) uint8 or uint16
+        ids = ids_from_scores(prob.cpu().numpy(), cos if cos is None else cos.cpu().numpy(),  # (H, W) uint8 or
+                              unknown_below, len(labels))                                  # uint16
         save_prediction(out_dir, path.stem, np.asarray(rgb), ids, labels, unknown_id(len(labels)))
         if export_emb:
             export_npz(out_dir / f"{path.stem}.npz", ids, pixel_embeddings(model, image, proto), emb_dims, emb_dtype)

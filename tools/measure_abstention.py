@@ -105,6 +105,7 @@ def main(argv=None):
         class_pixels += torch.bincount(target[target >= 0], minlength=n)
         for v, emb in vocabularies.items():
             prob, cos = infer(model, image, emb, scale, s, out_size=target.shape, with_cos=True)  # (N, H, W) each
+            prob, cos = prob.cpu().numpy(), cos.cpu().numpy()
             for t in s.thresholds:
                 ids = torch.from_numpy(ids_from_scores(prob, cos, t, len(asked_keys))).long()
                 for k, pixels in count(ids, target, asked_class).items():
