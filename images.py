@@ -14,6 +14,7 @@ from errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels
 
 # The pixel budget of one image, checked by open_image from the header before anything is decoded (set_image_budget;
@@ -165,3 +166,27 @@ def resize_bilinear(x: np.ndarray, size) -> np.ndarray:
     c0, c1, b0, b1 = linear_taps(x.shape[-1], w)
     rows = x[:, :, c0] * b0 + x[:, :, c1] * b1                            # (C, H, w)
     return rows[:, r0] * a0[:, None] + rows[:, r1] * a1[:, None]          # (C, h, w)
+
+
+def list_images(spec):
+    """A folder (its image files, sorted), one image, or comma-separated images -> [Path]."""
+    path = Path(spec)
+    if spec and path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise FileNotFoundError(f"--images={spec!r}: " + (f"no such file(s) {missing}" if missing else "no images"))
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ConfigError(f"--images: several images are named {dup}; their outputs would overwrite each other")
+    return paths
+
+
+def whole_image_work(base_size):
+    """The work_size function open_image checks the budget with, for a whole-image pass at base_size (as
+    inference.Protocol.work_size says for --sliding=false at one scale): (w, h) -> (W, H, how)."""
+    return lambda w, h: (*whole_image_size(w, h, base_size),
+                         f"base_size={base_size}, padded to a multiple of {WHOLE_IMAGE_MULTIPLE}")

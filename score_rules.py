@@ -47,3 +47,13 @@ def background_labels(background, labels):
     labels that are asked for are left out (asking for a label must not make it unknown)."""
     extra = DEFAULT_BACKGROUND if background == "default" else parse_labels(background, "--background")
     return [b for b in dict.fromkeys(extra) if b not in labels]
+
+
+def share_line(ids, labels):
+    """Every label's share of the pixels, largest first, the labels that won none included, and unknown where it
+    won any: 'building 30.6%, road 28.4%, ..., fence 0.0%'."""
+    counts = np.bincount(ids.ravel(), minlength=unknown_id(len(labels)) + 1)  # ids: 0..N-1 or unknown_id
+    order = sorted(range(len(labels)), key=lambda i: -counts[i])              # stable: ties keep the asked order
+    parts = [f"{labels[i]} {100 * counts[i] / ids.size:.1f}%" for i in order]
+    unknown = ids.size - counts[:len(labels)].sum()
+    return ", ".join(parts + ([f"unknown {100 * unknown / ids.size:.1f}%"] if unknown else []))
