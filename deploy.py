@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 # the runner, the server and every module they import (tests/test_deploy.py runs them from a folder of these alone)
 DEPLOY_CODE = ("run_onnx.py", "serve_onnx.py", "onnx_segment.py", "onnx_text.py", "text_cache.py", "wordpiece.py",
                "clip_bpe.py", "images.py", "overlays.py", "score_rules.py", "label_spec.py", "label_sentences.yaml",
-               "serve_http.py", "serve_page.py", "settings.py", "errors.py")
+               "serve_http.py", "serve_segmenter.py", "serve_page.py", "settings.py", "errors.py")
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "pillow", "ftfy", "regex", "pyyaml")
 TEXT_KINDS = {"sentence": "sentence", "clip-text": "clip"}  # encoder family -> export.py --text_encoder
 

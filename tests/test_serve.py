@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import serve
+import serve_http
 from errors import ConfigError
 from inference import unknown_id
 from test_evaluate import write_tiny_run
@@ -29,7 +30,7 @@ def start_server(folder, **settings):
     s = serve.ServeSettings(**{"checkpoint": str(ckpt), "embeddings": str(table), "base_size": 64, "crop_size": 64,
                                "precision": "fp32", "device": "cpu", "port": 0, **settings})
     s.validate()
-    server = serve.make_server(serve.Segmenter(s, torch.device("cpu")), "127.0.0.1", 0)
+    server = serve_http.make_server(serve.TorchSegmenter(s, torch.device("cpu")), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server, thread
@@ -356,7 +357,7 @@ def test_forty_clients_at_once_get_200_or_503_never_a_reset(server):
     # the burst arrives while the server is not accepting (as while its accept loop waits for the GIL): the kernel
     # queues the connections up to the listen backlog and drops the others; then the server answers each admitted
     # request 200 and the rest 503 at once (max_waiting), never a reset or a connection that cannot be made
-    burst = serve.make_server(server.segmenter, "127.0.0.1", 0)
+    burst = serve_http.make_server(server.segmenter, "127.0.0.1", 0)
     body = json.dumps({"image": photo_b64(), "labels": LABELS}).encode()
     request = (b"POST /api/segment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
@@ -403,9 +404,9 @@ def test_forty_clients_at_once_get_200_or_503_never_a_reset(server):
 
 def test_a_non_loopback_address_gets_a_warning():
     for host in ("0.0.0.0", "::", "192.168.1.7", "10.0.0.1"):
-        assert serve.exposure_warning(host, 8000).startswith("warning: serving on ")
+        assert serve_http.exposure_warning(host, 8000).startswith("warning: serving on ")
     for host in ("127.0.0.1", "::1", "127.0.0.2"):
-        assert serve.exposure_warning(host, 8000) == ""
+        assert serve_http.exposure_warning(host, 8000) == ""
 
 
 def test_settings_are_checked():
