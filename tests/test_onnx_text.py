@@ -1,8 +1,12 @@
 """onnx_text.py / export.py --text_encoder: the text graphs, run by onnxruntime with the tokenizer beside them,
 against independent torch encoders on every label sentence of label_sentences.yaml; their inputs, outputs and
 metadata; the errors a user can fix."""
+import json
+import os
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +149,29 @@ def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
     assert copied == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
     ids, mask = text.tokenize(["a dog", "An image of a sidewalk beside a road."])
     assert mask[0].sum() < mask[1].sum() == ids.shape[1]                   # the short row is padded, masked out
+
+
+@pytest.mark.slow
+def test_sentence_graph_without_torch_matches_sentence_transformers(sentence_graph, sentences, tmp_path):
+    """The torch-free path (a process where `import torch` fails: onnx_text, wordpiece and onnxruntime alone) against
+    the sentence-transformers package itself on every label sentence: cosine within 1e-5."""
+    st = pytest.importorskip("sentence_transformers")
+    import sentence_encoder as se
+    path, _ = sentence_graph
+    (tmp_path / "texts.json").write_text(json.dumps(sentences))
+    code = ("import json, sys\nimport numpy as np\nimport onnx_text\n"
+            "np.save(sys.argv[3], onnx_text.embed_texts(sys.argv[1], json.loads(open(sys.argv[2]).read())))\n"
+            "assert 'torch' not in sys.modules")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root / "tests" / "no_torch"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "texts.json"), str(tmp_path / "e.npy")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(tmp_path / "e.npy")                                      # (N, 384)
+    model = st.SentenceTransformer(str(se.resolve_folder("")), device="cpu")
+    want = model.encode(sentences, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)  # (N, 384)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert got.shape == want.shape == (len(sentences), 384) and len(sentences) > 1000
+    assert cos.min() >= 1 - 1e-5, f"lowest cosine {cos.min()}"
+    print(f"cosine with sentence-transformers over {len(sentences)} sentences: lowest {cos.min():.8f}, largest "
+          f"difference {np.abs(got - want).max():.2e}")

@@ -419,16 +419,27 @@ def test_settings_are_checked():
 @pytest.mark.slow
 def test_page_in_headless_chromium(tmp_path, data_root):
     """The page as a user meets it: pick a CamVid photo, type labels, get the overlay and legend, move the slider."""
+    server, thread = start_server(tmp_path / "run", base_size=240, crop_size=240)
+    try:
+        check_page("http://%s:%d/" % server.server_address[:2], data_root / "camvid-11" / "val" / "0016E5_07959.png",
+                   tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def check_page(url, photo, tmp_path):
+    """The page at url (a server at base_size 240) in headless Chromium, driven as a user would with `photo` (a
+    480x360 CamVid image); skips where no Chromium is installed. tests/test_deploy.py runs it on serve_onnx.py."""
     from chromium import Chromium, find_chromium
     binary = find_chromium()
     if binary is None:
         pytest.skip("no chromium on PATH (SSIW_INSTALL_CHROMIUM=1 bash tests/run.sh installs Debian's `chromium`)")
-    photo = data_root / "camvid-11" / "val" / "0016E5_07959.png"
-    server, thread = start_server(tmp_path / "run", base_size=240, crop_size=240)
     browser = None
     try:
         browser = Chromium(binary, str(tmp_path / "chromium"))
-        browser.send("Page.navigate", {"url": "http://%s:%d/" % server.server_address[:2]})
+        browser.send("Page.navigate", {"url": url})
         browser.wait_for("document.readyState === 'complete' && !!document.getElementById('file')", timeout=30)
         browser.evaluate("const t = document.getElementById('labels'); t.value = ''; t.focus(); true")
         browser.send("Input.insertText", {"text": "sky, road, car\nbuilding: An image of houses and walls."})
@@ -458,9 +469,6 @@ def test_page_in_headless_chromium(tmp_path, data_root):
     finally:
         if browser is not None:
             browser.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 @pytest.mark.slow
