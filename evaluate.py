@@ -173,7 +173,8 @@ def main(argv=None):
         folder.mkdir(parents=True, exist_ok=True)
         ids = class_ids[pred].numpy()
         Image.fromarray(ids.astype(id_png_dtype(max(class_ids.max().item(), 0)))).save(folder / f"{stem}.png")
-        photo = Image.fromarray(to_uint8(image.cpu().numpy())).resize(target.shape[::-1], Image.BILINEAR)  # the evaluated size
+        photo = Image.fromarray(to_uint8(image.cpu().numpy()))
+        photo = photo.resize(target.shape[::-1], Image.BILINEAR)  # the evaluated size
         side_by_side(photo, pred.numpy(), target.numpy(), dataset.class_names).save(folder / f"{stem}_overlay.png")
     start = time.time()
     conf = evaluate_images(model, dataset, label_emb, scale, s, rank, world, s.print_every,

@@ -1,5 +1,6 @@
-"""Inference shared by evaluate.py, predict.py, export.py and serve.py: MSeg's test protocol, a checkpoint with its
-label embeddings, and the rules that turn scores into ids (unknown below a threshold, a background vocabulary).
+"""Inference shared by evaluate.py, predict.py, export.py and serve.py: MSeg's test protocol and a checkpoint with its
+label embeddings. The rules that turn scores into ids (unknown below a threshold, a background vocabulary) are
+score_rules.py's, in numpy, shared with the deployment without torch (run_onnx.py, serve_onnx.py).
 
 The protocol follows mseg-semantic `tool/inference_task.py` (which SSIW's test code copies):
   1. resize the image so its shorter side is round(scale * base_size) (bilinear, aspect kept);
@@ -28,7 +29,8 @@ from errors import ConfigError, WeightsError
 from images import WHOLE_IMAGE_MULTIPLE, short_side_size
 from labels import LabelTable, load_label_table
 from model import label_logits, upsample_logits
-from score_rules import DEFAULT_BACKGROUND, background_labels, ids_from_scores, unknown_id  # noqa: F401 (callers' names)
+# the ids rules are score_rules.py's (numpy, for the deployment without torch too); imported here for their callers
+from score_rules import DEFAULT_BACKGROUND, background_labels, ids_from_scores, unknown_id  # noqa: F401
 from settings import one_of, require
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from images import MAX_ASPECT, ImageBudget, decode_rgb, normalized, quarter_turned, read_header, short_side_size, upright
+from images import (MAX_ASPECT, ImageBudget, decode_rgb, normalized, quarter_turned, read_header, short_side_size,
+                    upright)
 from label_spec import TEXT_MODES, label_texts_for, load_label_spec, parse_labels
 from overlays import label_colour, overlay_with_legend
 from score_rules import background_labels, ids_from_scores, unknown_id

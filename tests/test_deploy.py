@@ -106,8 +106,8 @@ def test_runner_without_torch_equals_predict(deployment, tmp_path):
     deploy = copy_of(deployment, tmp_path)
     for extra in ([], ["--unknown_below=0.0", "--background=grass"]):
         out = tmp_path / f"onnx{len(extra)}"
-        run = torch_free(["run_onnx.py", f"--images={deployment['images']}", f"--labels={LABELS}", f"--base_size={BASE}",
-                          f"--out_dir={out}", "--threads=1", *extra], deploy, tmp_path)
+        run = torch_free(["run_onnx.py", f"--images={deployment['images']}", f"--labels={LABELS}",
+                          f"--base_size={BASE}", f"--out_dir={out}", "--threads=1", *extra], deploy, tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         pr.main([f"--images={deployment['images']}", f"--labels={LABELS}", f"--checkpoint={deployment['ckpt']}",
                  f"--clip_weights={deployment['clip']}", f"--base_size={BASE}", "--sliding=false", "--precision=fp32",
