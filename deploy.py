@@ -42,8 +42,9 @@ def pinned_requirements():
 
 README = """# A deployment without torch
 
-Segments photos with any labels on onnxruntime, numpy and Pillow: {encoder} embeds the labels (text.onnx), the
-model of {checkpoint} (step {step}) labels the pixels (image.onnx). Written by `{command}`.
+Segments photos with any labels on onnxruntime, numpy and Pillow: {encoder} embeds the labels (text.onnx),
+the model of {checkpoint} (step {step}) labels the pixels (image.onnx).
+Written by `{command}`.
 
 ```bash
 pip install -r requirements.txt

@@ -4,8 +4,8 @@ writes (labels.json, <stem>.png ids, <stem>_overlay.png; see predict.py), with t
 --background as there.
 
     python run_onnx.py --images=photos/ --labels="deer,grass,sky"              # in the deployment folder
-    python run_onnx.py --images=a.jpg --labels=road,car,sky --image_graph=DIR/image.onnx --text_graph=DIR/text.onnx \
-        --base_size=360 --unknown_below=0.2 --background=default
+    python run_onnx.py --images=a.jpg --labels=road,car,sky --image_graph=DIR/image.onnx --text_graph=DIR/text.onnx
+    python run_onnx.py --images=a.jpg --labels=road,car,sky --base_size=360 --unknown_below=0.2 --background=default
 
 The protocol is predict.py's with --sliding=false --scales=[1.0] --flip=false --precision=fp32 (the whole photo at
 one scale): the photo's short side resized to base_size, the graph, its probabilities and cosines resized to the

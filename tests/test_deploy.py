@@ -193,11 +193,12 @@ def test_server_without_torch_answers_as_serve_py(deployment, tmp_path):
 
 @pytest.mark.slow
 def test_page_on_the_torch_free_server_in_headless_chromium(deployment, tmp_path, data_root):
-    from test_serve import check_page
+    from test_serve import check_page, chromium_or_skip
+    binary = chromium_or_skip()
     deploy = copy_of(deployment, tmp_path)
     proc, url = start_torch_free_server(deploy, tmp_path, "--base_size=240")
     try:
-        check_page(url, data_root / "camvid-11" / "val" / "0016E5_07959.png", tmp_path)
+        check_page(binary, url, data_root / "camvid-11" / "val" / "0016E5_07959.png", tmp_path)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -419,23 +419,30 @@ def test_settings_are_checked():
 @pytest.mark.slow
 def test_page_in_headless_chromium(tmp_path, data_root):
     """The page as a user meets it: pick a CamVid photo, type labels, get the overlay and legend, move the slider."""
+    binary = chromium_or_skip()
     server, thread = start_server(tmp_path / "run", base_size=240, crop_size=240)
     try:
-        check_page("http://%s:%d/" % server.server_address[:2], data_root / "camvid-11" / "val" / "0016E5_07959.png",
-                   tmp_path)
+        check_page(binary, "http://%s:%d/" % server.server_address[:2],
+                   data_root / "camvid-11" / "val" / "0016E5_07959.png", tmp_path)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
 
 
-def check_page(url, photo, tmp_path):
-    """The page at url (a server at base_size 240) in headless Chromium, driven as a user would with `photo` (a
-    480x360 CamVid image); skips where no Chromium is installed. tests/test_deploy.py runs it on serve_onnx.py."""
-    from chromium import Chromium, find_chromium
+def chromium_or_skip():
+    """The Chromium binary, or the test skips saying how to install one."""
+    from chromium import find_chromium
     binary = find_chromium()
     if binary is None:
         pytest.skip("no chromium on PATH (SSIW_INSTALL_CHROMIUM=1 bash tests/run.sh installs Debian's `chromium`)")
+    return binary
+
+
+def check_page(binary, url, photo, tmp_path):
+    """The page at url (a server at base_size 240) in headless Chromium (binary), driven as a user would with `photo`
+    (a 480x360 CamVid image). tests/test_deploy.py runs it on serve_onnx.py too."""
+    from chromium import Chromium
     browser = None
     try:
         browser = Chromium(binary, str(tmp_path / "chromium"))
