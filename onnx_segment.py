@@ -12,7 +12,7 @@ import numpy as np
 
 from errors import ConfigError, WeightsError
 from images import IMAGENET_MEAN, IMAGENET_STD, resize_bilinear, short_side_size, whole_image_work
-from onnx_text import TextGraph, import_onnxruntime
+from onnx_text import TextGraph, open_session
 from text_cache import TextEncoder, embed_texts, file_sha256
 
 
@@ -28,14 +28,8 @@ class OnnxSegmenter:
     def __init__(self, image_graph, text_graph, threads=0, cache=""):
         """threads: onnxruntime's intra-op threads (0 = its default); cache: the text cache's folder (text_cache.py;
         "" = $SSIW_CACHE or ~/.cache/ssiw, "off")."""
-        ort = import_onnxruntime()
         path = Path(image_graph)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own classes for a missing or broken file
-            raise WeightsError(f"{path}: not an ONNX graph onnxruntime can run ({e})") from None
+        self.session = open_session(path, threads)
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if "label_emb" not in inputs or not {"prob", "cos"} <= set(outputs):

@@ -35,19 +35,25 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def open_session(path, threads=0):
+    """An onnxruntime session of the graph at path on the CPU, `threads` intra-op threads (0 = its default); a file
+    it cannot run raises WeightsError naming it."""
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own classes for a missing or broken file
+        raise WeightsError(f"{path}: not an ONNX graph onnxruntime can run ({e})") from None
+
+
 class TextGraph:
     """A text graph written by export.py --text_encoder, run by onnxruntime with the tokenizer beside it."""
 
     def __init__(self, path, threads=0):
         """path: the .onnx file; threads: onnxruntime's intra-op threads (0 = its default)."""
-        ort = import_onnxruntime()
         path = Path(path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own classes for a missing or broken file
-            raise WeightsError(f"{path}: not an ONNX graph onnxruntime can run ({e})") from None
+        self.session = open_session(path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("tokenizer") not in ("clip-bpe", "wordpiece"):
             raise WeightsError(f"{path}: metadata tokenizer={meta.get('tokenizer')!r}; expected a text graph "
