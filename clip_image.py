@@ -32,7 +32,7 @@ import distributed
 from clip_text import WHERE_TO_GET, Transformer, drop_by_prefix, pop_hf_layers, read_clip_state_dict
 from errors import DataError, WeightsError, run_main
 from index_format import Index, prepare_targets
-from readers import decode_rgb, open_image
+from images import decode_rgb, open_image
 from runtime import set_threads
 from settings import parse_settings, require, required
 

@@ -41,8 +41,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from errors import ConfigError, DataError, LabelKeyError
-from labels import dataset_label_keys
-from readers import FORMATS, decode_rgb, open_image
+from images import decode_rgb, open_image
+from label_spec import dataset_label_keys
+from readers import FORMATS
 from sampler import BalancedSampler
 from transforms import TrainTransform, draft_size, eval_image
 
@@ -168,7 +169,7 @@ class Source:
     def load(self, i: int, transform: TrainTransform | None, rng: np.random.Generator | None = None,
              work_size=None) -> dict:
         """Sample i: decode, map labels to rows, augment (when `transform`, drawing from `rng`). Bad files raise
-        DataError, and so does an image over the pixel budget (readers.open_image; `work_size`: the size a model
+        DataError, and so does an image over the pixel budget (images.open_image; `work_size`: the size a model
         processes it at, for evaluation; training processes crops)."""
         if transform is not None and rng is None:
             raise ValueError("Source.load: a transform needs an rng (np.random.Generator) to draw its augmentation")

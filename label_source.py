@@ -9,6 +9,7 @@ encoder family and width) are labels.py's, beside LabelTable. docs/labels.md tel
 """
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 import sentence_encoder
@@ -16,7 +17,8 @@ import text_cache
 from checkpoints import check_width, load_checkpoint
 from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
-from labels import TEXT_MODES, LabelTable, check_same_encoder, encoder_family, load_label_table, warn_other_weights
+from label_spec import TEXT_MODES
+from labels import check_same_encoder, encoder_family, LabelTable, load_label_table, warn_other_weights
 from settings import one_of
 
 
@@ -77,7 +79,8 @@ def label_embeddings(keys, texts, embeddings="", clip_weights="", device="cpu", 
         check_same_encoder(trained, enc.encoder, None, f"--clip_weights={clip_weights}")
         warn_other_weights(trained, enc.encoder, enc.weights_sha256, f"--clip_weights={clip_weights}")
     if enc is not None:
-        emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D)
+        emb, hits = text_cache.embed_texts(enc, texts, cache)             # (N, D) numpy
+        emb = torch.from_numpy(emb)
         if clip_weights:  # the width now (the weights' sha256 was compared above, before reading them)
             check_same_encoder(trained, enc.encoder, emb.shape[1], f"--clip_weights={clip_weights}")
         print(f"label embeddings: {len(texts)} texts embedded with {enc.encoder} ({hits} from the text cache)")

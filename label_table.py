@@ -19,7 +19,8 @@ import clip_text
 import text_cache
 from dataset_yaml import dataset_labels
 from errors import ConfigError, run_main
-from labels import TEXT_MODES, LabelTable, label_texts, load_label_spec, parse_labels, save_label_table
+from label_spec import TEXT_MODES, label_texts, load_label_spec, parse_labels
+from labels import LabelTable, save_label_table
 from runtime import set_threads
 from settings import one_of, parse_settings, print_settings, required
 
@@ -75,7 +76,8 @@ def main(argv=None):
     else:
         enc = (text_cache.clip_text_encoder(s.clip_weights) if s.clip_weights
                else text_cache.sentence_text_encoder(s.sentence_encoder))
-        emb, hits = text_cache.embed_texts(enc, texts, s.text_cache)  # (N, D)
+        emb, hits = text_cache.embed_texts(enc, texts, s.text_cache)  # (N, D) numpy
+        emb = torch.from_numpy(emb)
         encoder, sha = enc.encoder, enc.weights_sha256
     save_label_table(s.out, LabelTable(names=keys, sentences=texts, embeddings=emb, encoder=encoder,
                                        weights_sha256=sha))

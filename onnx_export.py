@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import ConfigError
-from inference import WHOLE_IMAGE_MULTIPLE
+from images import WHOLE_IMAGE_MULTIPLE
 from model import upsample_logits
 
 OPSET = 17  # Resize with dynamic sizes, Pad with dynamic pads, LayerNormalization; onnxruntime >= 1.14 runs it
@@ -33,12 +33,14 @@ def label_logits(emb, label_emb, scale):
     return (scale * dot / norm).reshape(b, -1, h, w)                      # (1, N, h, w)
 
 
-def segment(model, image, label_emb, scale, with_emb, valid=None):
+def segment(model, image, label_emb, scale, with_emb, valid=None, with_scores=False):
     """evaluate.py's whole-image protocol at one scale without flip (inference.whole_image_scores), then the argmax.
 
     image (1, 3, H, W) normalised; label_emb (N, D) L2-normalised; valid (N,) bool or None: rows that are labels
     (the others are padding and get PADDED_LOGIT). Returns ids (1, H, W) int64, score (1, H, W) float32 [, emb
-    (1, D, H'/4, W'/4) L2-normalised].
+    (1, D, H'/4, W'/4) L2-normalised] [, prob and cos (1, N, H, W) float32: with_scores, the softmax probabilities
+    and the cosines whole_image_scores(..., with_cos=True) returns, which a runtime resizes to the photo's size
+    before its argmax and unknown threshold, as inference.infer does (run_onnx.py)].
     """
     h, w = image.shape[-2:]  # traced as tensors by the exporter, so the padding below follows the input's size
     m = WHOLE_IMAGE_MULTIPLE
@@ -49,18 +51,22 @@ def segment(model, image, label_emb, scale, with_emb, valid=None):
     emb = model(x)                                                         # (1, D, H'/4, W'/4)
     if model.imagenet is None:
         logits = label_logits(emb, label_emb, scale)                       # (1, N, H'/4, W'/4)
+        cos = logits / scale if with_scores else None                      # (1, N, H'/4, W'/4)
     else:  # the ensemble with the frozen ImageNet branch, as inference.infer computes it
-        logits, _ = model.combine(emb, x, label_emb, scale, valid=valid)  # (1, N, H'/4, W'/4)
+        logits, cos = model.combine(emb, x, label_emb, scale, valid=valid)  # (1, N, H'/4, W'/4) each
     if valid is not None:
         logits = torch.where(valid[:, None, None], logits, PADDED_LOGIT)   # (1, N, H'/4, W'/4)
     logits = upsample_logits(logits, x.shape[-2:])[:, :, top:top + h, left:left + w]  # (1, N, H, W)
     # the softmax's largest probability is exp(0) / sum(exp(logits - best)): no N-channel division (onnxruntime's
     # Softmax over axis 1 also transposes twice); its argmax is the logits' (softmax is increasing)
     best, ids = logits.max(1)                                              # (1, H, W) each
-    score = 1 / (logits - best[:, None]).exp().sum(1)                      # (1, H, W)
-    if with_emb:
-        return ids, score, F.normalize(emb, dim=1)
-    return ids, score
+    e = (logits - best[:, None]).exp()                                     # (1, N, H, W)
+    score = 1 / e.sum(1)                                                   # (1, H, W)
+    out = (ids, score) + ((F.normalize(emb, dim=1),) if with_emb else ())
+    if with_scores:  # the softmax is e / sum(e) = e * score, the same numbers as torch's softmax
+        cos = upsample_logits(cos, x.shape[-2:])[:, :, top:top + h, left:left + w]  # (1, N, H, W)
+        out += (e * score[:, None], cos)
+    return out
 
 
 class Segmenter(nn.Module):
@@ -68,6 +74,8 @@ class Segmenter(nn.Module):
 
     image (1, 3, H, W) normalised -> ids (1, H, W) int64, score (1, H, W) float32 [, emb (1, D, H'/4, W'/4)].
     """
+
+    with_scores = False  # prob and cos: OpenVocabSegmenter's option, for the torch-free runtimes
 
     def __init__(self, model, label_emb, scale, with_emb=False):
         super().__init__()
@@ -107,17 +115,18 @@ class LabelCountCheck(nn.Module):
 class OpenVocabSegmenter(nn.Module):
     """A model with its temperature baked in; the label embeddings are an input, L2-normalised in the graph.
 
-    image (1, 3, H, W), label_emb (K, D) -> ids (1, H, W) int64 in 0..K-1, score, [emb] as Segmenter's. With
+    image (1, 3, H, W), label_emb (K, D) -> ids (1, H, W) int64 in 0..K-1, score, [emb] as Segmenter's, [prob, cos]
+    (1, K, H, W) with with_scores (segment's; what run_onnx.py and serve_onnx.py read). With
     max_labels = M > 0: label_emb (M, D) static and label_count (1,) int64 in 1..M (else the graph fails:
     LabelCountCheck); rows label_count.. are padding and never win (PADDED_LOGIT), so the outputs are those of the
     first label_count rows alone.
     """
 
-    def __init__(self, model, scale, with_emb=False, max_labels=0):
+    def __init__(self, model, scale, with_emb=False, max_labels=0, with_scores=False):
         super().__init__()
         self.model = model
         self.register_buffer("scale", torch.tensor(float(scale)))
-        self.with_emb, self.max_labels = with_emb, max_labels
+        self.with_emb, self.max_labels, self.with_scores = with_emb, max_labels, with_scores
         self.embed_dim = model.config.embed_dim
         if max_labels:  # the attribute's name is the node's in a runtime's error message
             self.label_count_outside_1_to_max_labels = LabelCountCheck(max_labels)
@@ -129,7 +138,7 @@ class OpenVocabSegmenter(nn.Module):
         if self.max_labels:
             label_count = self.label_count_outside_1_to_max_labels(label_count)  # (1,), or the graph fails
             valid = torch.arange(self.max_labels) < label_count             # (M,) bool
-        return segment(self.model, image, label_emb, self.scale, self.with_emb, valid)
+        return segment(self.model, image, label_emb, self.scale, self.with_emb, valid, self.with_scores)
 
     def graph_io(self):
         image = torch.zeros(1, 3, 64, 96)
@@ -194,7 +203,12 @@ def export(segmenter, path, opset=OPSET, metadata=None):
     for an OpenVocabSegmenter without max_labels); metadata {key: str} goes into the file."""
     inputs, dims = segmenter.graph_io()
     dims.update({"ids": [1, "height", "width"], "score": [1, "height", "width"]})
+    outputs = ["ids", "score"]
     if segmenter.with_emb:
         dims["emb"] = [1, segmenter.model.config.embed_dim, "emb_height", "emb_width"]
-    write_graph(segmenter, inputs, dims, ["ids", "score"] + (["emb"] if segmenter.with_emb else []), path, opset,
-                metadata)
+        outputs.append("emb")
+    if segmenter.with_scores:
+        for name in ("prob", "cos"):
+            dims[name] = [1, segmenter.max_labels or "labels", "height", "width"]
+            outputs.append(name)
+    write_graph(segmenter, inputs, dims, outputs, path, opset, metadata)

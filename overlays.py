@@ -12,20 +12,19 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from transforms import IMAGENET_MEAN, IMAGENET_STD
+from images import IMAGENET_MEAN, IMAGENET_STD
 
 UNKNOWN_COLOUR = (0, 0, 0)
 LEGEND_ROW, LEGEND_CELL = 14, 140  # pixels per legend line and per legend entry
 
 
 def to_uint8(x):
-    """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8 RGB, for pictures."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (((x.cpu() * std + mean) * 255).round().clamp(0, 255)).byte().permute(1, 2, 0).numpy()
+    """(3, H, W) ImageNet-normalised (numpy, or a CPU tensor) -> (H, W, 3) uint8 RGB, for pictures."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    return np.clip(np.round((np.asarray(x, np.float32) * std + mean) * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 # Cityscapes' colours for the labels street scenes share, so overlays look as the field's figures do; any other label

@@ -30,17 +30,15 @@ import torch.nn.functional as F
 
 from runtime import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
-from inference import (Protocol, background_labels, ids_from_scores, infer, resize_short_side, resolve_precision,
-                       unknown_id)
+from inference import infer, Protocol, resize_short_side, resolve_precision
+from score_rules import background_labels, ids_from_scores, unknown_id
 from label_source import LabelSource
-from labels import label_texts_for, parse_labels
+from label_spec import label_texts_for, parse_labels
 from overlays import save_prediction
-from readers import MAX_ASPECT, MAX_PIXELS, decode_rgb, open_image, set_image_budget
+from score_rules import share_line
+from images import MAX_ASPECT, MAX_PIXELS, decode_rgb, list_images, open_image, set_image_budget
 from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
 
 @dataclass
 class PredictSettings(Protocol, LabelSource):  # + the protocol's and the label source's settings
@@ -67,23 +65,6 @@ class PredictSettings(Protocol, LabelSource):  # + the protocol's and the label 
         require(self, "unknown_below", lambda v: -1 <= v <= 1, "must be in [-1, 1] (a cosine similarity; -1 = off)")
         require(self, "emb_dims", lambda v: v >= 0, "must be >= 0")
         one_of(self, "emb_dtype", ("float16", "float32"))
-
-
-def list_images(spec):
-    """A folder (its image files, sorted), one image, or comma-separated images -> [Path]."""
-    path = Path(spec)
-    if spec and path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
-        raise FileNotFoundError(f"--images={spec!r}: " + (f"no such file(s) {missing}" if missing else "no images"))
-    stems = [p.stem for p in paths]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise ConfigError(f"--images: several images are named {dup}; their outputs would overwrite each other")
-    return paths
 
 
 @torch.no_grad()
@@ -124,16 +105,6 @@ def export_npz(path, ids, emb, k, dtype):
     np.savez_compressed(path, **out)
 
 
-def share_line(ids, labels):
-    """Every label's share of the pixels, largest first, the labels that won none included, and unknown where it
-    won any: 'building 30.6%, road 28.4%, ..., fence 0.0%'."""
-    counts = np.bincount(ids.ravel(), minlength=unknown_id(len(labels)) + 1)  # ids: 0..N-1 or unknown_id
-    order = sorted(range(len(labels)), key=lambda i: -counts[i])              # stable: ties keep the asked order
-    parts = [f"{labels[i]} {100 * counts[i] / ids.size:.1f}%" for i in order]
-    unknown = ids.size - counts[:len(labels)].sum()
-    return ", ".join(parts + ([f"unknown {100 * unknown / ids.size:.1f}%"] if unknown else []))
-
-
 def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unknown_below=-1.0, export_emb=False,
                    emb_dims=0, emb_dtype="float16"):
     """Segment each image into `labels` and write the files listed in the module docstring. Returns {stem: ids}.
@@ -145,7 +116,8 @@ def predict_images(model, paths, labels, label_emb, scale, proto, out_dir, unkno
         rgb = decode_rgb(open_image(path, proto.work_size), path)       # PIL RGB; the budget checked first
         image = eval_image(rgb)                                     # (3, H, W) normalised
         prob, cos = infer(model, image, label_emb, scale, proto, with_cos=unknown_below > -1)  # (N, H, W) each
-        ids = ids_from_scores(prob, cos, unknown_below, len(labels))     # (H, W) uint8 or uint16
+        ids = ids_from_scores(prob.cpu().numpy(), cos if cos is None else cos.cpu().numpy(),  # (H, W) uint8 or
+                              unknown_below, len(labels))                                  # uint16
         save_prediction(out_dir, path.stem, np.asarray(rgb), ids, labels, unknown_id(len(labels)))
         if export_emb:
             export_npz(out_dir / f"{path.stem}.npz", ids, pixel_embeddings(model, image, proto), emb_dims, emb_dtype)

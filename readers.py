@@ -24,68 +24,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from errors import ConfigError, DataError
+from images import open_image
 from index_format import Index, StringTable, map_npy, open_box_targets, read_index_meta
-
-# The pixel budget of one image, checked by open_image from the header before anything is decoded (set_image_budget;
-# train.py, evaluate.py and predict.py pass their max_pixels and max_aspect settings). predict.py holds ~64 bytes a
-# pixel plus 4 per label at its peak (decoded RGB, float copies, full-size score maps and overlay; measured on a 25 MP
-# JPEG: 2.04 GB RSS with 2 labels, 2.63 GB with 8), so 100 MP with the 16 labels of --background=default is ~13 GB,
-# which fits a 24 GB machine, while a 400 MP "PNG bomb" of 1 MB on disk ran to the OOM killer at 22 GB. Camera photos
-# stay far below (6000x4000 is 24 MP). The same budget bounds the size the model processes an image at (the short
-# side resized to base_size, then padded), which a small image of an extreme shape can blow up: a 93-byte 3000x1 PNG
-# at base_size 720 is 2,160,000x720. max_aspect refuses such shapes outright (panoramas are 2:1 to ~10:1). A
-# module-level value (as PIL's own limit is) rather than an argument: every reader opens images through open_image,
-# several calls deep, in DataLoader workers forked from the script that set it.
-MAX_PIXELS = 100_000_000
-MAX_ASPECT = 20.0  # the longer side over the shorter
-Image.MAX_IMAGE_PIXELS = None  # PIL only warns below twice its limit and raises no DataError: open_image checks
-
-
-def megapixels(n: int) -> str:
-    return f"{n / 1e6:.{1 if n >= 100_000 else 2}f} MP"
-
-
-@dataclass(frozen=True)
-class ImageBudget:
-    """What one image may ask for, checked from its header before a byte of it is decoded."""
-    max_pixels: int = MAX_PIXELS   # of the image, and of the size the model processes it at
-    max_aspect: float = MAX_ASPECT
-
-    def problem(self, w: int, h: int, work: tuple[int, int, str] | None = None) -> str:
-        """Why a w x h image is refused ("" where it is not). work: (W, H, how) the size the model would process it
-        at and the settings that make it so (inference.Protocol.work_size), or None where no model sees it whole."""
-        if w * h > self.max_pixels:
-            return (f"{w}x{h} = {w * h / 1e6:.0f} MP is over max_pixels={self.max_pixels} "
-                    f"({self.max_pixels / 1e6:.0f} MP), the pixel budget of one image; refused before decoding it "
-                    f"(raise max_pixels if the machine has the memory)")
-        processed = f"{work[0]}x{work[1]} = {megapixels(work[0] * work[1])} ({work[2]})" if work else ""
-        if max(w, h) > self.max_aspect * min(w, h):
-            seen = f"; the model would process it at {processed}" if work else ""
-            ratio = f"{max(w, h) / min(w, h):.1f}".removesuffix(".0")
-            return f"{w}x{h} has an aspect ratio of {ratio}:1, over max_aspect={self.max_aspect:g}{seen}; refused " \
-                   f"before decoding it"
-        if work and work[0] * work[1] > self.max_pixels:
-            return (f"{w}x{h} is processed at {processed}, over max_pixels={self.max_pixels} "
-                    f"({megapixels(self.max_pixels)}), the pixel budget of one image; refused before decoding it "
-                    f"(lower base_size, or raise max_pixels if the machine has the memory)")
-        return ""
-
-
-BUDGET = ImageBudget()
-
-
-def set_image_budget(max_pixels: int, max_aspect: float) -> None:
-    """The budget open_image enforces from now on (a script's max_pixels and max_aspect settings)."""
-    global BUDGET
-    if not (isinstance(max_pixels, int) and max_pixels >= 1):
-        raise ConfigError(f"max_pixels={max_pixels!r} must be >= 1")
-    if not (isinstance(max_aspect, (int, float)) and max_aspect >= 1):
-        raise ConfigError(f"max_aspect={max_aspect!r} must be >= 1")
-    BUDGET = ImageBudget(max_pixels, float(max_aspect))
-
 
 def read_list(list_path: Path, label_folder: str = "", label_suffix: str = ".png") -> tuple[StringTable, StringTable]:
     """MSeg-style list -> (image paths, label paths) as written in the list (relative to the dataset root).
@@ -149,44 +92,6 @@ def read_names(path: Path) -> list[str]:
     if not lines:
         raise DataError(f"{path}: no class names")
     return [name.strip() for name in lines]
-
-
-def read_header(path) -> Image.Image:
-    """Image.open: the header only, nothing decoded; a missing or unreadable file raises DataError naming it."""
-    try:
-        return Image.open(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnidentifiedImageError:  # its message names the file object (`<_io.BytesIO object at 0x...>` for bytes)
-        raise DataError(f"{path}: unreadable image (not a format Pillow reads: JPEG, PNG, WebP, BMP, TIFF, ...)") \
-            from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
-
-
-def open_image(path: Path, work_size=None) -> Image.Image:
-    """Open (header only; pixels are decoded later, after `draft`). An image over the process's budget (BUDGET: more
-    than max_pixels pixels, or an aspect ratio over max_aspect, or, with work_size, processed at more than
-    max_pixels) raises DataError here, from its header's size, before a byte of it is decoded.
-    work_size: (w, h) -> (W, H, how), the size a model processes a w x h image at (inference.Protocol.work_size)."""
-    im = read_header(path)
-    w, h = im.size
-    problem = BUDGET.problem(w, h, work_size(w, h) if work_size else None)
-    if problem:
-        im.close()
-        raise DataError(f"{path}: {problem}")
-    return im
-
-
-def decode_rgb(im: Image.Image, path: Path, draft_size=None) -> Image.Image:
-    """Decode to RGB. `draft_size` (w, h) lets JPEG decode at 1/2, 1/4 or 1/8 scale while staying >= that size,
-    which is most of the decode time saved on large photos. Truncated/corrupt files raise DataError."""
-    try:
-        if draft_size is not None and im.format == "JPEG":
-            im.draft("RGB", (max(1, int(draft_size[0])), max(1, int(draft_size[1]))))
-        return im.convert("RGB")  # forces the full decode, so truncation surfaces here
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable or truncated image ({e})") from None
 
 
 def read_id_label(path: Path) -> np.ndarray:

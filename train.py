@@ -21,10 +21,11 @@ import distributed
 from checkpoints import load_imagenet_branch, load_pretrained
 from dataset_yaml import load_sources
 from errors import ConfigError, DivergedError, WeightsError, run_main
-from labels import imagenet_keys, label_table_sha256, load_label_table, onehot_table
+from label_spec import imagenet_keys
+from labels import label_table_sha256, load_label_table, onehot_table
 from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
-from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
+from images import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from run_dir import Progress, claim_out_dir, find_resume, restore_checkpoint, save_checkpoint, set_aside
 from runtime import choose_precision, set_threads
 from sampler import BalancedSampler

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from images import IMAGENET_MEAN, IMAGENET_STD, normalized
+
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -131,9 +131,8 @@ def color_jitter(img: Image.Image, brightness: float, contrast: float, saturatio
 
 
 def eval_image(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) normalised float, no augmentation."""
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    return normalize(x)
+    """RGB PIL image -> (3, H, W) normalised float, no augmentation: images.normalized, as a tensor."""
+    return torch.from_numpy(normalized(image))
 
 
 def draft_size(plan: dict) -> tuple[int, int]:

@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 from dataset_yaml import source_fields
-from labels import LabelSpec, LabelTable, load_label_spec, save_label_table
+from label_spec import LabelSpec, load_label_spec
+from labels import LabelTable, save_label_table
 from tools.synthetic_data import write_split
 
 REPO = Path(__file__).resolve().parents[1]

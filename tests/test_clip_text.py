@@ -337,7 +337,7 @@ def test_safetensors_reader_matches_library(tmp_path):
 
 @pytest.mark.slow
 def test_cli_writes_label_table_from_torchscript_weights(weights, tmp_path):
-    import labels
+    import label_spec as labels
     spec = labels.load_label_spec()
     keys = list(spec.sentences)[:3]
     for mode in ("sentence", "word"):

@@ -14,7 +14,8 @@ import train
 from data_fixtures import write_id_dataset
 from dataset_yaml import EVAL_CONFIGS, load_sources, source_fields, under_data_root
 from errors import ConfigError
-from labels import LABELS_YAML, load_label_spec, load_label_table, onehot_table
+from label_spec import LABELS_YAML, load_label_spec
+from labels import load_label_table, onehot_table
 
 NEW_KEY, NEW_SENTENCE = "scrap_heap", "An image of a scrap heap, a pile of discarded metal."
 

@@ -25,7 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "deployment.md"
 STEP = 1
 # blocks that record how a measurement was made on another checkout: not a user's command
-NOT_RUN = {"# /tmp/before": "needs a checkout whose onnx_export.Segmenter has the first head"}
+NOT_RUN = {"# /tmp/before": "needs a checkout whose onnx_export.Segmenter has the first head",
+           "# parity on CamVid val": "101 photos through both; tests/test_deploy.py checks the same on small photos",
+           "# the torch-free install": "needs PyPI",
+           "cd deploy && python serve_onnx.py": "a server; tests/test_deploy.py starts serve_onnx.py and asks it"}
 SHRINK = {"tools.bench_serve": ["--requests=4", "--clients=2", "--rounds=2"],
           "tools.bench_export": ["--rounds=1", "--calls=1", "--max_images=2"]}
 

@@ -17,7 +17,7 @@ import evaluation
 import evaluate as ev
 import provenance
 from data import SourceConfig
-from labels import label_texts, load_label_spec
+from label_spec import label_texts, load_label_spec
 from errors import ConfigError, DataError, LabelKeyError
 from test_evaluate import write_checkpoint, write_table
 

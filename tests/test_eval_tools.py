@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inference import unknown_id
+from score_rules import unknown_id
 from test_evaluate import write_tiny_run
 from tools import bench_protocol, measure_abstention
 

@@ -21,7 +21,7 @@ from errors import ConfigError
 from inference import Protocol, infer, whole_image_scores
 from labels import LabelTable, save_label_table
 from model import ModelConfig, build_model
-from readers import decode_rgb, open_image
+from images import decode_rgb, open_image
 from test_evaluate import write_tiny_run
 from tools import bench_export
 from transforms import eval_image

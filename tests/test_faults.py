@@ -29,7 +29,7 @@ from PIL import Image
 
 from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
-import readers
+import images
 from errors import ConfigError, DataError, DivergedError, WeightsError, run_main
 from inference import Protocol
 from torch_files import read_torchscript
@@ -378,7 +378,7 @@ CASES = [
     Case("evaluate/predict", "evaluate_scales_empty", [*EVAL, "--checkpoint=" + CKPT, "--scales=[]"],
          r"scales=\[\] must be a non-empty list"),
     Case("evaluate/predict", "predict_labels_empty", [*PREDICT, "--labels=", "--checkpoint=" + CKPT],
-         r"--labels='': give 1\.\.65535 distinct"),
+         r"--labels: give the labels to segment into"),
     Case("evaluate/predict", "predict_image_over_max_pixels",
          [*PREDICT[:1], "--images={case}/bomb.png", *PREDICT[2:], "--checkpoint=" + CKPT], r"bomb\.png: " + BOMB_CULPRIT,
          prepare=lambda world, case: (case / "bomb.png").write_bytes(BOMB)),
@@ -648,19 +648,19 @@ def test_open_image_refuses_an_image_over_max_pixels_from_its_header(tmp_path):
     (tmp_path / "bomb.png").write_bytes(BOMB)
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "small.png")
     with pytest.raises(DataError, match=r"bomb\.png: " + BOMB_CULPRIT):
-        readers.open_image(tmp_path / "bomb.png")
+        images.open_image(tmp_path / "bomb.png")
     try:
-        readers.set_image_budget(64 * 48, 20)
-        assert readers.open_image(tmp_path / "small.png").size == (64, 48)
-        readers.set_image_budget(64 * 48 - 1, 20)
+        images.set_image_budget(64 * 48, 20)
+        assert images.open_image(tmp_path / "small.png").size == (64, 48)
+        images.set_image_budget(64 * 48 - 1, 20)
         with pytest.raises(DataError, match=r"small\.png: 64x48 = 0 MP is over max_pixels=3071 \(0 MP\)"):
-            readers.open_image(tmp_path / "small.png")
+            images.open_image(tmp_path / "small.png")
         with pytest.raises(ConfigError, match=r"max_pixels=0 must be >= 1"):
-            readers.set_image_budget(0, 20)
+            images.set_image_budget(0, 20)
         with pytest.raises(ConfigError, match=r"max_aspect=0\.5 must be >= 1"):
-            readers.set_image_budget(100, 0.5)
+            images.set_image_budget(100, 0.5)
     finally:
-        readers.set_image_budget(100_000_000, 20)
+        images.set_image_budget(100_000_000, 20)
 
 
 @pytest.mark.parametrize("w, h", [(3000, 1), (100_000, 1), (1, 100_000)])
@@ -672,7 +672,7 @@ def test_an_extreme_aspect_ratio_is_refused_from_the_header_in_under_a_second(tm
     with pytest.raises(DataError, match=rf"thin\.png: {w}x{h} has an aspect ratio of {max(w, h)}:1, over "
                                         rf"max_aspect=20; the model would process it at \d+x\d+ = [\d.]+ MP "
                                         rf"\(base_size=720, padded to crop_size=640\); refused before decoding it"):
-        readers.open_image(tmp_path / "thin.png", work)
+        images.open_image(tmp_path / "thin.png", work)
     assert time.perf_counter() - t0 < 1
 
 
@@ -683,11 +683,11 @@ def test_the_size_the_model_processes_has_the_pixel_budget_too(tmp_path):
                                         r"\(base_size=720, scale 1\.5, padded to a multiple of 32\), over "
                                         r"max_pixels=10000000 \(10\.0 MP\)"):
         try:
-            readers.set_image_budget(10_000_000, 20)
-            readers.open_image(tmp_path / "strip.png", proto.work_size)
+            images.set_image_budget(10_000_000, 20)
+            images.open_image(tmp_path / "strip.png", proto.work_size)
         finally:
-            readers.set_image_budget(100_000_000, 20)
-    assert readers.open_image(tmp_path / "strip.png", proto.work_size).size == (400, 20)
+            images.set_image_budget(100_000_000, 20)
+    assert images.open_image(tmp_path / "strip.png", proto.work_size).size == (400, 20)
 
 
 class Block(torch.nn.Module):

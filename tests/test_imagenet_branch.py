@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from checkpoints import load_checkpoint, load_imagenet_branch, load_pretrained
 from efficientnet import EfficientNetLite, efficientnet_imagenet_path, remap_efficientnet_key
 from errors import ConfigError, WeightsError
-from labels import IMAGENET, imagenet_keys, load_label_spec
+from label_spec import IMAGENET, imagenet_keys, load_label_spec
 from model import SEEN_COSINE, ModelConfig, build_model, label_logits
 from test_model_loading import read_listing, synthesise
 
@@ -240,15 +240,20 @@ def test_open_vocab_graph_computes_the_ensemble(tmp_path):
     labels = F.normalize(torch.randn(3, 16), dim=1)
     model.imagenet.seen_emb = labels[:1].clone()
     path = tmp_path / "ov.onnx"
-    onnx_export.export(onnx_export.OpenVocabSegmenter(model, 14.0, max_labels=5), path)
+    onnx_export.export(onnx_export.OpenVocabSegmenter(model, 14.0, max_labels=5, with_scores=True), path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     image = torch.randn(1, 3, 70, 100)
     padded = torch.cat([labels, torch.zeros(2, 16)])
-    ids, score = session.run(None, {"image": image.numpy(), "label_emb": padded.numpy(),
-                                    "label_count": np.array([3], dtype=np.int64)})
+    ids, score, prob_onnx, cos_onnx = session.run(None, {"image": image.numpy(), "label_emb": padded.numpy(),
+                                                         "label_count": np.array([3], dtype=np.int64)})
     with torch.no_grad():
-        prob = whole_image_scores(model, image, labels, 14.0, flip=False)  # (3, H, W)
+        prob, cos = whole_image_scores(model, image, labels, 14.0, flip=False, with_cos=True).chunk(2)  # (3, H, W)
     assert_same_labels(ids, score, prob)
+    # the deployment's outputs (export.py --deploy_dir): the protocol's probabilities and the ensemble's cosines
+    assert prob_onnx.shape == cos_onnx.shape == (1, 5, 70, 100)
+    assert np.abs(prob_onnx[0, :3] - prob.numpy()).max() <= 1e-4
+    assert np.abs(cos_onnx[0, :3] - cos.numpy()).max() <= 1e-4
+    assert (prob_onnx[0, 3:] == 0).all()                                  # padding rows: no probability
 
 
 # --- training ------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import predict
 import sentence_encoder as se
 import text_cache
 from errors import ConfigError, WeightsError
-from labels import LabelTable, label_texts, load_label_spec, load_label_table, save_label_table
+from label_spec import label_texts, load_label_spec
+from labels import LabelTable, load_label_table, save_label_table
 from test_evaluate import write_checkpoint
 
 WHEEL_ID = f"sentence {se.WHEEL_MODEL}"
@@ -37,7 +38,7 @@ def fake_encoder(sha="a" * 64, dim=8, loads=None):
         def embed(texts):
             seeds = [int(hashlib.md5(t.encode()).hexdigest()[:8], 16) for t in texts]
             rows = [torch.randn(dim, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-            return F.normalize(torch.stack(rows), dim=1)              # (M, dim)
+            return F.normalize(torch.stack(rows), dim=1).numpy()      # (M, dim)
         return embed
     return text_cache.TextEncoder("fake encoder", sha, load)
 
@@ -102,11 +103,11 @@ def test_warm_cache_is_bit_identical_and_reads_no_weights(tmp_path):
     assert hits == 0 and len(loads) == 1 and cold.shape == (3, 8)
     warm, hits = text_cache.embed_texts(enc, texts, tmp_path)
     assert hits == 3 and len(loads) == 1                               # every text cached: no weights read
-    assert torch.equal(warm, cold)
+    assert np.array_equal(warm, cold) and warm.dtype == np.float32
     more, hits = text_cache.embed_texts(enc, texts + ["An image of a zebra."], tmp_path)
-    assert hits == 3 and len(loads) == 2 and torch.equal(more[:3], cold)
+    assert hits == 3 and len(loads) == 2 and np.array_equal(more[:3], cold)
     uncached, _ = text_cache.embed_texts(enc, texts, "off")
-    assert torch.equal(uncached, cold)
+    assert np.array_equal(uncached, cold)
 
 
 def test_the_cache_keeps_the_most_recently_used_rows_up_to_its_bound(tmp_path, monkeypatch):
@@ -119,7 +120,7 @@ def test_the_cache_keeps_the_most_recently_used_rows_up_to_its_bound(tmp_path, m
     kept = text_cache.read_cache(text_cache.cache_file(enc, tmp_path), enc)
     assert list(kept) == ["c", "a", "d", "e"]                          # least recently used first
     again, hits = text_cache.embed_texts(enc, ["a", "c"], tmp_path)
-    assert hits == 2 and torch.equal(again, first[[0, 2]])
+    assert hits == 2 and np.array_equal(again, first[[0, 2]])
     rows, hits = text_cache.embed_texts(enc, [f"t{i}" for i in range(6)], tmp_path)  # more than the bound at once
     assert hits == 0 and rows.shape == (6, 8)
     assert list(text_cache.read_cache(text_cache.cache_file(enc, tmp_path), enc)) == ["t2", "t3", "t4", "t5"]
@@ -134,15 +135,17 @@ def test_a_damaged_cache_file_warns_once_and_is_rebuilt(tmp_path, capsys, damage
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:100])
     else:
-        obj = torch.load(path, weights_only=True)
+        with np.load(path) as z:
+            obj = {key: z[key] for key in z.files}
         emb = obj["embeddings"]
-        obj["embeddings"] = {"nan": emb.clone().fill_(float("nan")), "not_unit": emb * 2, "float64": emb.double(),
+        obj["embeddings"] = {"nan": np.full_like(emb, np.nan), "not_unit": emb * 2, "float64": emb.astype(np.float64),
                              "wrong_rows": emb[:1]}[damage]
-        torch.save(obj, path)
+        with open(path, "wb") as out:
+            np.savez(out, **obj)
     capsys.readouterr()
     again, hits = text_cache.embed_texts(enc, texts, tmp_path)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: text cache")]
-    assert len(lines) == 1 and hits == 0 and torch.equal(again, cold)
+    assert len(lines) == 1 and hits == 0 and np.array_equal(again, cold)
     _, hits = text_cache.embed_texts(enc, texts, tmp_path)             # rewritten: valid again
     assert hits == 2
 
@@ -157,8 +160,8 @@ def test_a_cache_of_other_weights_is_not_used(tmp_path, capsys):
     b.load = fake_encoder(loads=loads).load
     _, hits = text_cache.embed_texts(b, texts, tmp_path)
     assert hits == 0 and len(loads) == 1 and "not by 'fake encoder' with bbbb" in capsys.readouterr().out
-    saved = torch.load(text_cache.cache_file(b, tmp_path), weights_only=True)
-    assert saved["weights_sha256"] == "b" * 64
+    with np.load(text_cache.cache_file(b, tmp_path)) as saved:
+        assert saved["weights_sha256"] == "b" * 64
 
 
 def test_file_sha256_is_remembered_until_the_file_changes(tmp_path):

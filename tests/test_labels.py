@@ -10,8 +10,8 @@ import yaml
 
 from data_fixtures import CAMVID_NAMES
 from errors import ConfigError, LabelKeyError, WeightsError
-from labels import (IGNORE, LabelSpec, LabelTable, dataset_label_keys, label_texts, load_label_spec,
-                    load_label_table, save_label_table)
+from label_spec import IGNORE, dataset_label_keys, label_texts, LabelSpec, load_label_spec
+from labels import LabelTable, load_label_table, save_label_table
 
 # The paper's 238 training labels (issue 2), as snake_case keys: the MSeg universal classes, then the
 # OpenImages / Objects365 extras from chopsticks to calculator.
@@ -365,18 +365,19 @@ def test_cat2vec_npy(tmp_path, spec):
 
 
 def test_one_rule_for_a_label_list():
-    """A flag's list (parse_labels) and a request's (serve.label_list) are judged by label_list_problem alone: the
-    same list gets the same reason, ConfigError naming the flag for one, a 400 naming the field for the other."""
-    import serve
-    from labels import label_list_problem, parse_labels
+    """A flag's list (parse_labels) and a request's (serve_http.label_list, both servers') are judged by
+    label_list_problem alone: the same list gets the same reason, ConfigError naming the flag for one, a 400 naming the
+    field for the other."""
+    import serve_http
+    from label_spec import label_list_problem, parse_labels
     assert parse_labels(" sky, road ", "--labels") == ["sky", "road"]
     for labels, reason in [(["sky", " "], "label 2 of 2 is blank"), (["sky", "road", " sky"], "['sky'] asked more "
                            "than once"), (["a\ud800"], "not valid Unicode")]:
         assert reason in label_list_problem(labels)
         with pytest.raises(ConfigError, match=re.escape(f"--labels={','.join(labels)!r}: {label_list_problem(labels)}")):
             parse_labels(",".join(labels), "--labels")
-        with pytest.raises(serve.HttpError, match=re.escape(f"labels: {label_list_problem(labels)}")) as e:
-            serve.label_list({"labels": labels}, "labels", 10)
+        with pytest.raises(serve_http.HttpError, match=re.escape(f"labels: {label_list_problem(labels)}")) as e:
+            serve_http.label_list({"labels": labels}, "labels", 10)
         assert e.value.status == 400
     assert label_list_problem(["a", "b", "c"], max_labels=2) == "3 labels, more than 2 (the ids of a 16-bit PNG)"
     assert label_list_problem([f"l{i}" for i in range(65536)]).startswith("65536 labels, more than 65535")

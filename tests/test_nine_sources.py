@@ -28,7 +28,7 @@ import label_table
 import indexes
 from clip_image import VisionConfig, VisionTransformer
 from clip_text import TextConfig, TextTransformer
-from labels import dataset_label_keys, load_label_spec
+from label_spec import dataset_label_keys, load_label_spec
 from readers import read_names
 from settings import read_yaml
 from test_launch import TORCHRUN, finish, start

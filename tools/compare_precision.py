@@ -21,7 +21,7 @@ from dataset_yaml import load_dataset_config
 from evaluation import EvalDataset, confusion_matrix, metrics_from_confusion
 from inference import Protocol, infer
 from label_source import load_for_inference
-from labels import label_texts
+from label_spec import label_texts
 from provenance import provenance, repo_relative
 from runtime import cpu_has_bf16, set_threads
 from settings import parse_settings

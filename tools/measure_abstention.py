@@ -24,9 +24,10 @@ import torch
 from errors import ConfigError, run_main
 from dataset_yaml import load_dataset_config
 from evaluation import EvalDataset
-from inference import Protocol, background_labels, ids_from_scores, infer, resolve_precision, unknown_id
+from inference import infer, Protocol, resolve_precision
+from score_rules import background_labels, ids_from_scores, unknown_id
 from label_source import load_for_inference
-from labels import label_texts_for, parse_labels
+from label_spec import label_texts_for, parse_labels
 from provenance import provenance, repo_relative
 from runtime import pick_device, set_threads
 from settings import parse_settings
@@ -105,6 +106,7 @@ def main(argv=None):
         class_pixels += torch.bincount(target[target >= 0], minlength=n)
         for v, emb in vocabularies.items():
             prob, cos = infer(model, image, emb, scale, s, out_size=target.shape, with_cos=True)  # (N, H, W) each
+            prob, cos = prob.cpu().numpy(), cos.cpu().numpy()
             for t in s.thresholds:
                 ids = torch.from_numpy(ids_from_scores(prob, cos, t, len(asked_keys))).long()
                 for k, pixels in count(ids, target, asked_class).items():
