@@ -1,8 +1,10 @@
 """torch.compile as the inference default (inference.Protocol.compile, runtime.compiled): the compiled network labels
-as the eager fp32 one does (up to ties), on each backbone family; whole images of new sizes and sliding windows do not
-compile per image (one graph per size); a second compile of the same graph reads the persistent cache; where compiling cannot work, one
+as the eager fp32 one does (up to ties), on each backbone family; an image of a size seen before and sliding windows
+do not compile again; a second compile of the same graph reads the persistent cache; where compiling cannot work, one
 `warning:` line and eager; the setting and SSIW_COMPILE turn it off. tests/conftest.py sets SSIW_COMPILE=0 for the
 rest of the suite, so only these tests compile (marked slow where they do)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,12 +20,14 @@ TIE = 0.1  # labels may differ only where the eager top two probabilities are cl
            # on any probability's bf16 error that tests/test_precision.py holds the bf16 path to
 
 
-def tiny_model(backbone):
+def tiny_model(backbone, emb=None):
+    """A random-weight network of embedding width 16; with the ImageNet branch, the labels `emb` count as seen in
+    training (so the trained branch's scores, not the random ImageNet classifier's, decide: clear winners)."""
     torch.manual_seed(0)
     if backbone == "efficientnet_lite0+imagenet":  # the CPU recipe's network: the frozen ImageNet branch in the graph
         model = build_model(ModelConfig(backbone="efficientnet_lite0", embed_dim=16, imagenet_branch=True))
         model.imagenet.class_emb.copy_(torch.randn(1000, 16))
-        model.imagenet.seen_emb = F.normalize(torch.randn(2, 16), dim=1)
+        model.imagenet.seen_emb = emb.clone()
     else:
         model = build_model(ModelConfig(backbone=backbone, embed_dim=16))
     return model.eval()
@@ -43,59 +47,60 @@ def graphs_compiled():
     return counters["stats"]["unique_graphs"]
 
 
-# one network per backbone family: the variants of a family (mit_b0..b5, hrnet_w18/w48, efficientnet_lite0..2) run
-# the same code with other depths and widths
+# One network per backbone family: the variants of a family (mit_b0..b5, hrnet_w18/w48, efficientnet_lite0..2) run the
+# same code with other depths and widths. HRNet-W18 compiled for 6 minutes on the shared 2-core machine (MiT-B0 2.5,
+# Lite0 1.2): it runs only with SSIW_TEST_COMPILE_ALL=1, to keep CI within its budget.
+FAMILIES = ["mit_b0", "efficientnet_lite0+imagenet",
+            pytest.param("hrnet_w18", marks=pytest.mark.skipif(os.environ.get("SSIW_TEST_COMPILE_ALL") != "1",
+                                                                reason="compiles for minutes: SSIW_TEST_COMPILE_ALL=1"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["mit_b0", "hrnet_w18", "efficientnet_lite0+imagenet"])
-def test_compiled_labels_equal_eager_one_graph_per_size(backbone, one_thread, capsys):
-    model = tiny_model(backbone)
-    emb = F.normalize(torch.randn(5, 16), dim=-1)
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_compiled_labels_equal_eager(backbone, one_thread, capsys):
+    """Whole images, fp32: the compiled path labels as the eager one (up to ties); an image of a size seen before
+    compiles nothing."""
+    emb = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    model = tiny_model(backbone, emb)
     torch._dynamo.reset()
     before = graphs_compiled()
-    for h, w in [(64, 96), (70, 90), (64, 96)]:  # whole images of two sizes
-        image = torch.randn(3, h, w)
+    for seed in (0, 1):  # two images of one size
+        image = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(seed))
         want, _ = infer(model, image, emb, 10.0, Protocol(base_size=0, sliding=False, precision="fp32", compile=False))
         prob, _ = infer(model, image, emb, 10.0, Protocol(base_size=0, sliding=False, precision="fp32", compile=True))
         assert_same_labels(prob, want, 1e-3)
-    assert graphs_compiled() - before == 2  # one graph per size (static shapes), none for a size seen before
+    assert graphs_compiled() - before == 1
     out = capsys.readouterr().out
     assert "compile: on (torch.compile, inductor" in out and "warning" not in out
 
 
 @pytest.mark.slow
-def test_compiled_bf16_and_sliding_windows(one_thread):
+def test_compiled_bf16_sliding_windows_one_graph_and_the_persistent_cache(one_thread, tmp_path, monkeypatch):
+    """bf16 compiled against eager fp32 within the bf16 tolerance, sliding windows: images of two sizes, one graph
+    (the windows are all crop x crop). Then, after dynamo forgets the graph (as a new process starts without it),
+    compiling the same network again is a hit of inductor's FX graph cache in the folder compile_cache_dir names."""
+    from torch._dynamo.utils import counters
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("SSIW_CACHE", str(tmp_path))
+    emb = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     model = tiny_model("mit_b0")
-    emb = F.normalize(torch.randn(5, 16), dim=-1)
+    proto = dict(base_size=0, crop_size=64, sliding=True)
     torch._dynamo.reset()
     before = graphs_compiled()
-    for h, w in [(80, 100), (100, 72)]:  # windows of 64 x 64, whatever the image's size: one graph
+    for h, w in [(80, 100), (100, 72)]:
         image = torch.randn(3, h, w)
-        proto = dict(base_size=0, crop_size=64, sliding=True)
         want, _ = infer(model, image, emb, 10.0, Protocol(**proto, precision="fp32", compile=False))
         prob, _ = infer(model, image, emb, 10.0, Protocol(**proto, precision="bf16", compile=True))
         assert prob.dtype == torch.float32
         assert_same_labels(prob, want, 0.05)
     assert graphs_compiled() - before == 1
+    assert runtime.compile_cache_dir() == str(tmp_path / "inductor") and any((tmp_path / "inductor").rglob("*"))
 
-
-@pytest.mark.slow
-def test_a_second_compile_reads_the_persistent_cache(one_thread, tmp_path, monkeypatch):
-    """After dynamo forgets the compiled graph (as a new process starts without it), compiling the same network
-    again is a hit of inductor's FX graph cache in the folder compile_cache_dir names."""
-    from torch._dynamo.utils import counters
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setenv("SSIW_CACHE", str(tmp_path))
-    assert runtime.compile_cache_dir() == str(tmp_path / "inductor")
-    image, emb = torch.randn(3, 64, 64), F.normalize(torch.randn(5, 16), dim=-1)
-    proto = Protocol(base_size=0, sliding=False, precision="fp32", compile=True)
-    outs = []
-    for _ in range(2):
-        torch._dynamo.reset()
-        counters.clear()
-        outs.append(infer(tiny_model("mit_b0"), image, emb, 10.0, proto)[0])  # a new model: compiled anew
-        hits = counters["inductor"]["fxgraph_cache_hit"]
-    assert hits >= 1 and any((tmp_path / "inductor").rglob("*"))
-    assert torch.equal(outs[0], outs[1])
+    torch._dynamo.reset()
+    counters.clear()
+    again, _ = infer(tiny_model("mit_b0"), image, emb, 10.0, Protocol(**proto, precision="bf16", compile=True))
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    torch.testing.assert_close(again, prob, rtol=0, atol=0)
 
 
 def test_a_failing_compile_warns_once_and_runs_eager(monkeypatch, capsys):
@@ -193,3 +198,27 @@ def test_the_setting_and_the_variable(monkeypatch, capsys):
         infer(model, torch.randn(3, 64, 64), emb, 10.0, proto)
     assert capsys.readouterr().out.splitlines() == [
         "compile: off (as set; SSIW_COMPILE sets the default; --compile=true to compile the network)"]
+
+
+@pytest.mark.slow
+def test_training_compiled_matches_eager(tmp_path):
+    """train.py --compile=true against --compile=false, the same 3 steps of a tiny MiT-B0 run in fp32 (no dropout or
+    drop-path: the same arithmetic): the losses agree to float rounding, and the compiled run says it compiled."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from data_fixtures import write_tiny_run
+    write_tiny_run(tmp_path, max_steps=3)
+    losses = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        done = subprocess.run([sys.executable, "train.py", str(tmp_path / "config.yaml"), f"--out_dir={out}",
+                               f"--compile={flag}"], cwd=Path(__file__).resolve().parents[1],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert ("compile: on (torch.compile" in done.stdout) == (flag == "true")
+        losses[flag] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses["true"]) == 3
+    assert max(abs(a - b) for a, b in zip(losses["true"], losses["false"])) < 1e-4, losses
