@@ -9,7 +9,7 @@ photos (93% of pixels agreed). So a graph is quantized only with real images: a 
 
 The graph is QDQ (QuantizeLinear/DequantizeLinear pairs around each quantized op: the format onnxruntime fuses into
 int8 kernels and that other runtimes read), weights int8 per output channel, activations uint8 per tensor, ranges
-by MinMax over the calibration images. Only the trained network's backbone and decoder are quantized (their
+by MinMax over the calibration images. Only the backbones are quantized, the trained network's with its decoder and the ImageNet branch's (their
 convolutions, activations, residual sums and padding, so that int8 tensors flow from one convolution to the next
 without a dequantize between): the label similarity, the ImageNet branch's classifier and ensemble, the upsampling
 and the softmax stay fp32, where 8 bits would move decisions between close labels.
@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from errors import ConfigError
 
 QUANTIZED_OPS = ("Conv", "Clip", "Relu", "Add", "Pad")  # a convolution, its ReLU6, residual sums, TF padding: int8
-QUANTIZED_PARTS = ("/model/backbone/", "/model/decoder/")  # node names of the trained network's (export's tracer)
+# node names (the exporter's) of the trained network's backbone and decoder, and of the frozen ImageNet branch's own
+# EfficientNet (its stem, blocks and 1280-wide head conv: the branch runs a second backbone on the image)
+QUANTIZED_PARTS = ("/model/backbone/", "/model/decoder/", "/net/stem/", "/net/blocks.", "/head/")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -105,7 +107,7 @@ def quantize(fp32_path, int8_path, images):
         if p.key not in have:
             graph.metadata_props.add(key=p.key, value=p.value)
     graph.metadata_props.add(key="quantization", value=f"static int8 QDQ, per-channel int8 weights, uint8 "
-                                                       f"activations, {len(nodes)} nodes ({', '.join(QUANTIZED_OPS)} of the backbone and decoder), MinMax over "
+                                                       f"activations, {len(nodes)} nodes ({', '.join(QUANTIZED_OPS)} of the backbones and decoder), MinMax over "
                                                        f"{len(images)} calibration images")
     onnx.save(graph, str(int8_path))
 
