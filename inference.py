@@ -108,7 +108,12 @@ def in_precision(model, precision, device, branch="on", compile=None):
             logits, cos = label_logits(model, x, label_emb, scale, branch)
         return (logits.float(), cos.float()) if bf16 else (logits, cos)
     if compile is not None:
-        run = kept[key] = compiled(run, compile, device)
+        network = compiled(run, compile, device)
+
+        def run(x, label_emb, scale):  # any number of labels, one graph (serve.py's requests differ in it)
+            torch._dynamo.maybe_mark_dynamic(label_emb, 0)
+            return network(x, label_emb, scale)
+        kept[key] = run
     return run
 
 

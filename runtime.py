@@ -203,8 +203,9 @@ def compiled(fn, setting, device, what="the network"):
     a compiler error) or a later call fails to compile (a new input size), one `warning:` line naming why, and fn
     runs eager from then on.
 
-    Shapes are static (dynamic=False): each input size compiles once (sliding windows: one size; whole images: one
-    per distinct size, and CamVid's are all one), because symbolic sizes measured worse here (docs/precision.md):
+    Shapes are static unless the caller marks a dimension dynamic (torch._dynamo.maybe_mark_dynamic, as
+    inference.in_precision marks the number of labels): each image size compiles once (sliding windows: one size;
+    whole images: one per distinct size, and CamVid's are all one), because symbolic sizes measured worse (docs/speed.md):
     EfficientNet-Lite's TF padding made inductor fail on the second size, and with that worked around, the symbolic
     graph of a tiny Lite0 took 83 s to compile against 6 s for a static one and still recompiled at the third size.
     Past torch._dynamo.config.recompile_limit (8) sizes, dynamo runs the function eager and logs a warning."""
@@ -222,7 +223,7 @@ def compiled(fn, setting, device, what="the network"):
             print(f"warning: compile: {what} runs eager: {why}", flush=True)
             return fn
         print(f"compile: on (torch.compile, inductor; compile cache {cache}; --compile=false to run eager)", flush=True)
-        return torch.compile(fn, dynamic=False)
+        return torch.compile(fn)
 
     def run(*args, **kwargs):
         first = state["fn"] is None
@@ -231,7 +232,10 @@ def compiled(fn, setting, device, what="the network"):
         if state["fn"] is fn:
             return fn(*args, **kwargs)
         try:
-            return state["fn"](*args, **kwargs)
+            # sizes stay static where a caller did not mark them dynamic (maybe_mark_dynamic): no automatic
+            # dynamic shapes, whose symbolic image sizes measured worse (above)
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                return state["fn"](*args, **kwargs)
         except Exception as e:  # at the first call any error (a real error of fn raises again below, eager)
             if not first and not isinstance(e, compile_errors()):
                 raise
