@@ -30,7 +30,7 @@ from model import ModelConfig, build_model
 from readers import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from run_dir import (claim_out_dir, find_resume, label_table_sha256, restore_checkpoint, save_checkpoint, set_aside,
                      set_aside_log)
-from runtime import choose_precision, compile_default, compiled, set_threads
+from runtime import choose_precision, compiled, set_threads
 from sampler import BalancedSampler
 from settings import FLOAT32_MAX, one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
@@ -80,8 +80,8 @@ class TrainSettings:
     max_steps: int = 160000        # optimizer steps of the whole run
     poly_power: float = 1.0        # poly decay to 0 at max_steps
     grad_clip: float = 0.0         # 0 = off
-    compile: bool = field(default_factory=compile_default)  # torch.compile the network, DDP included (inductor;
-                                   # compile cache in ~/.cache/ssiw/inductor); SSIW_COMPILE=0 makes false the default
+    compile: bool = False          # torch.compile the network, DDP included (inductor, cache ~/.cache/ssiw/inductor);
+                                   # off by default: it gained nothing on a 2-core CPU (0.95x; docs/speed.md)
     amp: str = "auto"              # auto (bf16 on GPUs and on CPUs with bf16 units, else off) | bf16 | fp16 | off
     # run
     out_dir: str = "runs/ssiw"     # checkpoints, log.jsonl
