@@ -9,6 +9,8 @@ with the label embeddings as an input (open vocabulary); and the text encoder th
     python export.py --text_encoder=clip --clip_weights=ViT-B-32.pt --out=text.onnx      # + its BPE vocabulary
     python export.py --text_encoder=sentence [--sentence_weights=FOLDER] --out=text.onnx  # all-MiniLM-L6-v2
     python export.py --checkpoint=CKPT --deploy_dir=deploy/      # both graphs + the torch-free runner and server
+    python export.py --checkpoint=CKPT --dataset=camvid-segnet --out=m.onnx --int8 --calibration=data/camvid-11/train
+        # + m.int8.onnx, static int8 calibrated on those photos, its mIoU and speed against m.onnx's (onnx_quant.py)
 
 The fixed-label graph (inputs and outputs by name; height and width are named dynamic dimensions, any size):
   image   (1, 3, height, width) float32, RGB scaled to [0, 1] then ImageNet-normalised (transforms.eval_image: mean
@@ -40,6 +42,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+import onnx_quant
 from checkpoints import load_checkpoint
 from deploy import write_deployment
 from runtime import set_threads
@@ -68,12 +73,23 @@ class ExportSettings(LabelSource):  # + the label source's settings (label_sourc
     out: str = "model.onnx"        # the ONNX file to write
     deploy_dir: str = ""           # instead: a folder for a deployment without torch (deploy.py): the open-vocabulary
                                    # graph, the text graph of --text_encoder ("" = the checkpoint's), code, pins
+    int8: bool = False             # also OUT with .int8.onnx: static int8 (QDQ) quantization, calibrated on real images
+    calibration: str = ""          # with int8: a folder of photos or a dataset config whose images calibrate it
+    calibration_images: int = 32   # with int8: at most this many, spread over the folder or dataset
+    int8_eval: str = ""            # with int8: the dataset config the fp32 and int8 graphs are measured on (mIoU,
+                                   # images/s); "" = --dataset, "none" = no measurement
+    base_size: int = 360           # with int8: shorter side of the calibration and measurement images
     threads: int = 0               # torch's CPU threads; 0 = from the usable cores
 
     def validate(self):
         super().validate()
         require(self, "max_labels", lambda v: v >= 0, "must be >= 0 (0 = a dynamic number of labels)")
         one_of(self, "text_encoder", ("", "clip", "sentence"))
+        require(self, "calibration_images", lambda v: v >= 1, "must be >= 1")
+        require(self, "base_size", lambda v: v >= 0, "must be >= 0 (0 = the images' own size)")
+        if self.int8 and (self.open_vocab or self.text_encoder):
+            raise ConfigError("--int8 quantizes the fixed-label graph (--dataset or --labels): not with --open_vocab "
+                              "or --text_encoder")
 
 
 def labels_and_texts(s):
@@ -106,6 +122,9 @@ def main(argv=None):
     print_settings(s)
     set_threads(s.threads)
     import_onnx()  # before any work
+    if s.int8:  # refused before exporting: onnxruntime missing, or no real images to calibrate on
+        onnx_quant.import_onnxruntime()
+        calibration = onnx_quant.calibration_images(s.calibration, s.base_size, s.calibration_images)
     command = " ".join(["export.py", *(sys.argv[1:] if argv is None else argv)])
     Path(s.out).parent.mkdir(parents=True, exist_ok=True)
     if s.text_encoder and not s.deploy_dir:
@@ -146,6 +165,26 @@ def main(argv=None):
     export(segmenter, s.out, metadata=meta)
     print(f"wrote {s.out}: {len(names)} labels ({', '.join(names)}), temperature {float(segmenter.scale):.2f}, "
           f"outputs ids, score{', emb' if s.embeddings_out else ''}")
+    if s.int8:
+        write_int8(s, calibration)
+
+
+def write_int8(s, calibration):
+    """OUT.int8.onnx from OUT (onnx_quant.quantize), then the mIoU and images/s of both on --int8_eval."""
+    int8 = str(Path(s.out).with_suffix(".int8.onnx"))
+    onnx_quant.quantize(s.out, int8, calibration)
+    print(f"wrote {int8}: static int8 (QDQ, per-channel weights), calibrated on {len(calibration)} images of "
+          f"{s.calibration} at base size {s.base_size}")
+    dataset = s.int8_eval or s.dataset
+    if not dataset or dataset == "none":
+        print("int8: not measured (give --int8_eval=DATASET to measure the mIoU and speed of both graphs)")
+        return
+    results, n = onnx_quant.measure({"fp32": s.out, "int8": int8}, dataset, s.base_size, torch.get_num_threads())
+    fp32, q = results["fp32"], results["int8"]
+    print(f"{dataset}, {n} images at base size {s.base_size}, {torch.get_num_threads()} thread(s), onnxruntime: "
+          f"mIoU fp32 {100 * fp32['miou']:.2f}, int8 {100 * q['miou']:.2f} ({100 * (q['miou'] - fp32['miou']):+.2f}); "
+          f"images/s fp32 {fp32['images_per_s']:.2f}, int8 {q['images_per_s']:.2f} "
+          f"({q['images_per_s'] / fp32['images_per_s']:.2f}x)")
 
 
 if __name__ == "__main__":

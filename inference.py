@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from runtime import choose_precision
 from images import WHOLE_IMAGE_MULTIPLE, short_side_size
+from runtime import choose_precision, compile_default, compiled
 from model import label_logits, upsample_logits
 from settings import one_of, require
 
@@ -41,6 +41,8 @@ class Protocol:
     sliding: bool = True           # sliding window (True) or the whole image at once
     window_batch: int = 0          # windows per forward pass; 0 = auto: 1 on a CPU (batching measured 0.80x there),
                                    # 4 on a GPU (fills the device; speed-up not measured)
+    compile: bool = field(default_factory=compile_default)  # torch.compile the network (inductor, compile cache in
+                                   # ~/.cache/ssiw/inductor); false = eager; SSIW_COMPILE=0 makes false the default
     precision: str = "auto"        # the network's: auto (bf16 on GPUs and on CPUs with bf16 units, else fp32) | fp32 |
                                    # bf16 (autocast; similarity, softmax and averaging stay fp32)
     imagenet_branch: str = "on"    # a checkpoint with a frozen ImageNet branch (labels never seen in training): on (the
@@ -81,17 +83,33 @@ def resolve_precision(precision, device):
     return choose_precision(precision, device)[0]
 
 
-def in_precision(model, precision, device, branch="on"):
+def in_precision(model, precision, device, branch="on", compile=None):
     """The scoring function (x, label_emb, scale) -> (logits, cos) of model.label_logits with the ImageNet branch
     `branch` (Protocol.imagenet_branch), under bf16 run in bf16 autocast and returning fp32: only the network runs in
-    bf16; the similarity, softmax and averaging of the protocol stay fp32."""
+    bf16; the similarity, softmax and averaging of the protocol stay fp32.
+
+    compile (Protocol.compile): True runs it through torch.compile where that works (runtime.compiled: one line says
+    so at the first call; where it cannot, one `warning:` line and eager), False eager with a line saying so, None
+    eager without a line (the library's own fp32 calls). The compiled function is kept with the model, one per
+    precision, branch and device, so each image of a run reuses it instead of compiling again."""
     device = torch.device(device)
     bf16 = resolve_precision(precision, device) == "bf16"
+    key = (bf16, branch, compile, str(device))
+    kept = vars(model).setdefault("_scorers", {}) if compile is not None else {}  # a plain attribute: no state_dict
+    if key in kept:
+        return kept[key]
 
     def run(x, label_emb, scale):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, cos = label_logits(model, x, label_emb, scale, branch)
         return (logits.float(), cos.float()) if bf16 else (logits, cos)
+    if compile is not None:
+        network = compiled(run, compile, device)
+
+        def run(x, label_emb, scale):  # any number of labels, one graph (serve.py's requests differ in it)
+            torch._dynamo.maybe_mark_dynamic(label_emb, 0)
+            return network(x, label_emb, scale)
+        kept[key] = run
     return run
 
 
@@ -219,7 +237,7 @@ def infer(model, image, label_emb, scale, proto, out_size=None, with_cos=False):
     The network runs in proto.precision (in_precision); what follows it, in fp32.
     """
     x = image.to(label_emb.device, label_emb.dtype)[None]                # (1, 3, H, W), the labels' precision (fp32)
-    model = in_precision(model, proto.precision, x.device, proto.imagenet_branch)
+    model = in_precision(model, proto.precision, x.device, proto.imagenet_branch, proto.compile)
     out_size = tuple(out_size or x.shape[-2:])
     short = proto.base_size or min(x.shape[-2:])
     sizes = [short_side_size(*x.shape[-2:], round(s * short)) for s in proto.scales]

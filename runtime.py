@@ -4,6 +4,7 @@ docs/threads.md) and the precision the network runs in (choose_precision: bf16 w
 docs/precision.md). Every script starts with these, single-process ones too; distributed.py is torchrun's part.
 """
 import os
+import sys
 import time
 
 import torch
@@ -131,3 +132,115 @@ def choose_precision(setting, device):
     precision = PRECISIONS[setting] or ("bf16" if units else "fp32")
     how = "auto" if setting == "auto" else "as set"
     return precision, f"precision: {precision} ({how}; {device.type}, bf16 units: {'yes' if units else 'no'})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile: on by default for inference (inference.in_precision), off with --compile=false or SSIW_COMPILE=0
+
+COMPILE_ENV = "SSIW_COMPILE"  # 0 | off | false: the default of every `compile` setting becomes false (the test suite)
+
+
+def compile_default():
+    """The default of the `compile` settings: true, unless $SSIW_COMPILE is 0/off/false (the test suite sets it, so
+    only the tests of compiling compile). A flag --compile=true|false still wins. Anything else in it raises."""
+    env = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if env not in ("", "1", "on", "true", "0", "off", "false"):
+        raise ConfigError(f"{COMPILE_ENV}={os.environ[COMPILE_ENV]!r} must be 0/off/false or 1/on/true (or unset)")
+    return env not in ("0", "off", "false")
+
+
+def compile_cache_dir():
+    """Where inductor keeps its compiled kernels between runs (its FX graph and AOTAutograd caches), so a second run
+    of the same network and sizes reads them instead of compiling: $TORCHINDUCTOR_CACHE_DIR where set, else
+    <$SSIW_CACHE or ~/.cache/ssiw>/inductor (the user's cache folder, as text_cache's; inductor's own default is a
+    folder of /tmp, which a reboot empties). Sets TORCHINDUCTOR_CACHE_DIR to it, which inductor reads."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    set_by_inductor = os.path.abspath(default_cache_dir())  # inductor writes its default into the variable when used
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", set_by_inductor) == set_by_inductor:
+        root = os.environ.get("SSIW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssiw")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def compile_unavailable(device):
+    """Why torch.compile (inductor) cannot work here, or "" where it can as far as can be told before compiling:
+    dynamo unsupported on this Python/platform, or no C++ compiler for inductor's CPU kernels (GPU kernels are Triton's,
+    which needs the triton package)."""
+    import torch._dynamo
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile is not supported on this platform (Python {sys.version.split()[0]}, {sys.platform})"
+    if torch.device(device).type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception as e:  # inductor raises its own error types (InvalidCxxCompiler, RuntimeError, ...)
+            return f"no C++ compiler for inductor's CPU kernels ({first_line(e)}); install g++ or set CXX"
+    elif torch.device(device).type == "cuda":
+        import importlib.util
+        if importlib.util.find_spec("triton") is None:
+            return "no triton package for inductor's GPU kernels"
+    return ""
+
+
+def first_line(error):
+    """`TypeName: first line of the message` of an exception, for one-line warnings."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def compile_errors():
+    """The exceptions that mean "compiling failed" (not "the network failed"): dynamo's and inductor's."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    return torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError, torch._inductor.exc.CppCompileError
+
+
+def compiled(fn, setting, device, what="the network"):
+    """fn run through torch.compile where `setting` (a `compile` setting) is true and compiling works, else fn itself.
+
+    Prints one line at the first call saying which and why: `compile: on (...)`, or `compile: off (as set ...)`.
+    Where compiling cannot work (compile_unavailable), the first compiled call raises (an op inductor cannot lower,
+    a compiler error) or a later call fails to compile (a new input size), one `warning:` line naming why, and fn
+    runs eager from then on.
+
+    Shapes are static unless the caller marks a dimension dynamic (torch._dynamo.maybe_mark_dynamic, as
+    inference.in_precision marks the number of labels): each image size compiles once (sliding windows: one size;
+    whole images: one per distinct size, and CamVid's are all one), because symbolic sizes measured worse (docs/speed.md):
+    EfficientNet-Lite's TF padding made inductor fail on the second size, and with that worked around, the symbolic
+    graph of a tiny Lite0 took 83 s to compile against 6 s for a static one and still recompiled at the third size.
+    Past torch._dynamo.config.recompile_limit (8) sizes, dynamo runs the function eager and logs a warning."""
+    device = torch.device(device)
+    state = {"fn": None}
+
+    def choose():
+        if not setting:
+            print(f"compile: off (as set{'; ' + COMPILE_ENV + ' sets the default' if not compile_default() else ''}; "
+                  f"--compile=true to compile {what})", flush=True)
+            return fn
+        cache = compile_cache_dir()  # before anything of inductor's reads it
+        why = compile_unavailable(device)
+        if why:
+            print(f"warning: compile: {what} runs eager: {why}", flush=True)
+            return fn
+        print(f"compile: on (torch.compile, inductor; compile cache {cache}; --compile=false to run eager)", flush=True)
+        return torch.compile(fn)
+
+    def run(*args, **kwargs):
+        first = state["fn"] is None
+        if first:
+            state["fn"] = choose()
+        if state["fn"] is fn:
+            return fn(*args, **kwargs)
+        try:
+            # sizes stay static where a caller did not mark them dynamic (maybe_mark_dynamic): no automatic
+            # dynamic shapes, whose symbolic image sizes measured worse (above)
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                return state["fn"](*args, **kwargs)
+        except Exception as e:  # at the first call any error (a real error of fn raises again below, eager)
+            if not first and not isinstance(e, compile_errors()):
+                raise
+            print(f"warning: compile: {what} runs eager: {'the first compiled call' if first else 'compiling'} "
+                  f"failed ({first_line(e)})", flush=True)
+            state["fn"] = fn
+            return fn(*args, **kwargs)
+    return run

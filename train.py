@@ -27,7 +27,7 @@ from losses import RESIZE_MODES, compute_losses
 from model import ModelConfig, build_model
 from images import MAX_ASPECT, MAX_PIXELS, set_image_budget
 from run_dir import Progress, claim_out_dir, find_resume, restore_checkpoint, save_checkpoint, set_aside
-from runtime import choose_precision, set_threads
+from runtime import choose_precision, compiled, set_threads
 from sampler import BalancedSampler
 from settings import FLOAT32_MAX, one_of, parse_settings, print_settings, require
 from transforms import TrainTransform
@@ -77,6 +77,8 @@ class TrainSettings:
     max_steps: int = 160000        # optimizer steps of the whole run
     poly_power: float = 1.0        # poly decay to 0 at max_steps
     grad_clip: float = 0.0         # 0 = off
+    compile: bool = False          # torch.compile the network, DDP included (inductor, cache ~/.cache/ssiw/inductor);
+                                   # off by default: it gained nothing on a 2-core CPU (0.95x; docs/speed.md)
     amp: str = "auto"              # auto (bf16 on GPUs and on CPUs with bf16 units, else off) | bf16 | fp16 | off
     # run
     out_dir: str = "runs/ssiw"     # checkpoints, log.jsonl
@@ -275,6 +277,11 @@ def main(argv=None):
     raw_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # compiled after the DDP wrap, as PyTorch's DDP notes ask: dynamo then splits the graph at DDP's gradient buckets
+    # (its DDPOptimizer), so each bucket's all-reduce still starts while the backward of the layers below runs;
+    # compiling the bare module and wrapping that would hide the buckets from dynamo. Crops are all crop_size: one
+    # graph. Where compiling fails at the first step: one warning line, eager.
+    forward = compiled(model, s.compile, device, "the training network")
 
     # ---- loop -----------------------------------------------------------------------------------------------------
     weights = {"dense": s.weight_dense, "coarse": s.weight_coarse, "boxes": s.weight_boxes, "aux": s.weight_aux,
@@ -304,7 +311,7 @@ def main(argv=None):
             # gradients add up locally; DDP all-reduces them once, in the last micro-batch's backward
             with model.no_sync() if world > 1 and not last else nullcontext():
                 with autocast:
-                    out = model(batch["image"])
+                    out = forward(batch["image"])
                     if s.weight_imagenet:  # the frozen branch's view of the same crops: no gradients, in label space
                         out["imagenet"] = raw_model.imagenet(batch["image"])
                 loss = compute_losses(out, batch, label_emb, raw_model.scale(), weights,  # fp32 inside

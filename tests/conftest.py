@@ -64,6 +64,16 @@ def text_cache_in_tmp(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_off_by_default():
+    """SSIW_COMPILE=0 for the session and the processes tests start: the `compile` settings default to false, so the
+    scripts' tests run eager instead of each compiling its network (tens of seconds a model on 2 cores). The tests of
+    compiling (tests/test_compile.py) ask for it with compile=True / --compile=true, which wins over the variable."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSIW_COMPILE", "0")
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: on a shared 2-core machine, OpenMP threads that wait for a core another

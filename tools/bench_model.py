@@ -2,6 +2,7 @@
 
     python -m tools.bench_model --backbone=mit_b0 --size=512 --batch=2 --steps=10
     python -m tools.bench_model --backbone=mit_b5 --size=640 --batch=8 --amp=True --compile=True      # on a GPU
+    python -m tools.bench_model --compile=True --amp=True --hf_peer=True   # ours compiled bf16, HF eager fp32
 
 Prints images/s for inference (eval, no grad) and for a training step (train mode, forward + backward of a
 stand-in loss; no optimizer step, the same for both models), the peak memory of each phase, and ours / HF ratios.
@@ -33,6 +34,7 @@ class BenchConfig:
     compile: bool = False  # torch.compile both models
     channels_last: bool = False  # model and input in channels_last memory format
     amp: bool = False  # bf16 autocast (CPU and CUDA)
+    hf_peer: bool = False  # HF eager fp32 whatever compile/amp say (the peer the speed targets name): ours as set
     hf: bool = True  # also measure HF SegformerForSemanticSegmentation (MiT backbones, when installed)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     threads: int = 0  # torch.set_num_threads on CPU; 0 = from the usable cores (runtime.set_threads)
@@ -64,8 +66,8 @@ class PeakRSS:
         self.bytes = self.peak - self.base
 
 
-def make_step(model, forward, x, cfg, phase):
-    amp = torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.amp)
+def make_step(model, forward, x, cfg, phase, bf16):
+    amp = torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=bf16)
 
     def step():
         model.train(phase == "train")
@@ -130,10 +132,11 @@ def main(argv=None):
     steps = {}
     for name, (m, forward) in runs.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters")
-        if cfg.compile:
+        peer = name == "hf" and cfg.hf_peer
+        if cfg.compile and not peer:
             m = torch.compile(m)
         for phase in ("infer", "train"):
-            steps[name, phase] = make_step(m, forward, x, cfg, phase)
+            steps[name, phase] = make_step(m, forward, x, cfg, phase, cfg.amp and not peer)
     # Models take turns for `rounds` rounds and the best round counts, so that load from other processes on a
     # shared machine (which comes and goes) biases neither side.
     best = {}

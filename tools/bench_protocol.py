@@ -77,7 +77,8 @@ def main(argv=None):
                 f"random{i}") for i in range(s.images)]
     variants = {"plain": 1, "batched": s.window_batch}
     protos = {name: Protocol(base_size=s.base_size, crop_size=s.crop_size, scales=list(s.scales), flip=s.flip,
-                             sliding=True, window_batch=b, precision="fp32") for name, b in variants.items()}
+                             sliding=True, window_batch=b, precision="fp32", compile=False)
+              for name, b in variants.items()}  # eager: the protocol's loop is what is measured
     windows = count_windows(protos["plain"], s.height, s.width)
     print(f"{s.backbone}, {s.classes} classes, {s.images} images {s.height}x{s.width}, base {s.base_size}, scales "
           f"{s.scales}, flip {s.flip}, {s.crop_size} windows: {windows} per image ({windows * (1 + s.flip)} forwards "
@@ -86,7 +87,8 @@ def main(argv=None):
     # warm-up (kernel selection, allocator): one window batch of each variant, not a whole protocol pass
     for proto in protos.values():
         infer(model, samples[0][0], label_emb, 10.0, Protocol(base_size=s.crop_size, crop_size=s.crop_size,
-                                                                window_batch=proto.window_batch, precision="fp32"))
+                                                                window_batch=proto.window_batch, precision="fp32",
+                                                                compile=False))
     prov = provenance("-m tools.bench_protocol", sys.argv[1:] if argv is None else argv, device, "fp32")
     best, preds = {name: float("inf") for name in variants}, {name: [] for name in variants}
     for r in range(s.rounds):

@@ -51,7 +51,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="mit_b0", embed_dim=384, drop_path_rate=0.0, dropout=0.0)).eval()
     photos = [torch.randn(3, s.size, s.size) for _ in range(s.photos)]
-    proto = Protocol(base_size=0, sliding=False, precision="fp32")
+    proto = Protocol(base_size=0, sliding=False, precision="fp32", compile=False)
     times = {"cold": [], "warm": [], "photos": []}
     for _ in range(s.rounds):
         with tempfile.TemporaryDirectory() as cache:
