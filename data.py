@@ -1,7 +1,7 @@
 """Training data from several datasets with conflicting taxonomies, as batches of label-table rows.
 
 A source (SourceConfig) is one dataset on disk, described in YAML (dataset_yaml.py). Its class names map to label
-keys of label_sentences.yaml or of its own YAML (labels.dataset_label_keys), the keys to rows of the label table, and
+keys of label_sentences.yaml or of its own YAML (label_spec.dataset_label_keys), the keys to rows of the label table, and
 a lookup table (LUT, raw id -> row, -1 ignore) turns each decoded label map into rows with one numpy index. From
 then on everything speaks table rows.
 

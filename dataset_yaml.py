@@ -3,7 +3,7 @@ dataset on disk, whether a training config lists them under `sources:` (train.py
 (configs/eval/*.yaml, evaluate.py --dataset).
 
 A description is data.SourceConfig's fields, and may bring its own labels, so that adding a dataset edits no
-repository file (labels.with_own_labels):
+repository file (label_spec.with_own_labels):
   sentences: {class name or label key: sentence}
   taxonomy:  {class name: label key | ignore}   (a mapping; a string names a dataset of label_sentences.yaml)
 A training source may name a dataset YAML instead of copying it, and override any of its fields:

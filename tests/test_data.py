@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import label_spec
 import labels
 from data_fixtures import (CAMVID_NAMES, COLORS, ROW, SPEC, TABLE, readme_sources, write_box_targets, write_coco_boxes,
                            write_color_dataset, write_id_dataset, write_openimages)
@@ -82,13 +83,13 @@ def test_mseg_layout_with_shared_names_and_real_yaml(tmp_path, shared_dir):
     Image.fromarray(lab).save(tmp_path / "annotations_semseg150/training/ADE_train_00000001.png")
     (tmp_path / "train.txt").write_text("images/training/ADE_train_00000001.jpg "
                                         "annotations_semseg150/training/ADE_train_00000001.png\n")
-    spec = labels.load_label_spec()
+    spec = label_spec.load_label_spec()
     cfg = data.SourceConfig.from_dict(dict(name="ade", root=str(tmp_path), list="train.txt", names=str(names_file),
                                            taxonomy="ade20k-150"))
     keys = data.source_label_keys([cfg], spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "test")
     target = data.MultiSourceDataset([cfg], spec, table)[0]["target"]
-    expected = labels.dataset_label_keys(spec, "ade20k-150", names)
+    expected = label_spec.dataset_label_keys(spec, "ade20k-150", names)
     for col, class_id in [(0, 0), (5, 2), (9, 149)]:
         assert table.names[target[3, col]] == expected[class_id]
     assert (target[:, 12:] == -1).all()
@@ -277,7 +278,7 @@ def test_merged_camvid_labelmefacade_batch(data_root):
 
     short_side=0 and scale 1 keep the original pixels and a 768 crop holds every image whole (top-left, padded), so
     target pixels line up with the raw label files; flips and photometric changes are off."""
-    spec = labels.load_label_spec()
+    spec = label_spec.load_label_spec()
     sources = [data.SourceConfig.from_dict(d) for d in readme_sources(data_root)]
     keys = data.source_label_keys(sources, spec)
     table = labels.LabelTable(keys, keys, torch.eye(len(keys)), "test")
@@ -323,7 +324,7 @@ def test_merged_camvid_labelmefacade_batch(data_root):
 
 @pytest.mark.slow
 def test_whole_real_lists(data_root):
-    spec = labels.load_label_spec()
+    spec = label_spec.load_label_spec()
     sources = [data.SourceConfig.from_dict(d) for d in readme_sources(data_root)]
     assert data.source_label_keys(sources, spec)[:3] == ["sky", "building", "pole"]
     val = readme_sources(data_root, camvid_split="val")[0]

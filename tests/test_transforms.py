@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import data
+import label_spec
 import labels
 from data_fixtures import SPEC, TABLE, readme_sources, write_id_dataset
 from transforms import TrainTransform, eval_image, hflip_boxes
@@ -15,7 +16,7 @@ from sampler import BalancedSampler
 
 
 def real_dataset(data_root, transform):
-    spec = labels.load_label_spec()
+    spec = label_spec.load_label_spec()
     sources = [data.SourceConfig.from_dict(d) for d in readme_sources(data_root)]
     keys = data.source_label_keys(sources, spec)
     return data.MultiSourceDataset(sources, spec, labels.LabelTable(keys, keys, torch.eye(len(keys)), "t"), transform)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-import labels
+import label_spec
 import sentence_encoder as se
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def main():
     except ImportError:
         sys.exit("the oracle is missing: pip install -r requirements-dev.txt (sentence-transformers)")
 
-    texts = list(labels.load_label_spec().sentences.values())
+    texts = list(label_spec.load_label_spec().sentences.values())
     t0 = time.perf_counter()
     ours = se.load()
     t1 = time.perf_counter()

@@ -93,6 +93,7 @@ def child(spec: dict) -> None:
     import torch  # the code under test comes first on sys.path (PYTHONPATH)
 
     import data
+    import label_spec
     import labels
     from sampler import BalancedSampler
     from transforms import TrainTransform
@@ -102,7 +103,7 @@ def child(spec: dict) -> None:
     cfgs = [data.SourceConfig.from_dict(d) for d in spec["sources"]]
     keys = [f"k{i}" for i in range(20)]
     mapping = {cfg.name: {n: keys[i % 20] for i, n in enumerate(data.source_class_names(cfg))} for cfg in cfgs}
-    spec_ = labels.LabelSpec({k: f"An image of {k}." for k in keys}, mapping)
+    spec_ = label_spec.LabelSpec({k: f"An image of {k}." for k in keys}, mapping)
     used = data.source_label_keys(cfgs, spec_)
     table = labels.LabelTable(used, used, torch.eye(len(used)), "bench")
     ds = data.MultiSourceDataset(cfgs, spec_, table, TrainTransform(short_side=0, crop_size=32, scale_range=(1, 1)))
