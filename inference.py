@@ -45,8 +45,9 @@ class Protocol:
     sliding: bool = True           # sliding window (True) or the whole image at once
     window_batch: int = 0          # windows per forward pass; 0 = auto: 1 on a CPU (batching measured 0.80x there),
                                    # 4 on a GPU (fills the device; speed-up not measured)
-    compile: bool = field(default_factory=compile_default)  # torch.compile the network (inductor, compile cache in
-                                   # ~/.cache/ssiw/inductor); false = eager; SSIW_COMPILE=0 makes false the default
+    compile: bool = field(default_factory=compile_default)  # torch.compile the network (inductor; compile
+                                                            # cache ~/.cache/ssiw/inductor); false = eager;
+                                                            # SSIW_COMPILE=0 makes false the default
     precision: str = "auto"        # the network's: auto (bf16 on GPUs and on CPUs with bf16 units, else fp32) | fp32 |
                                    # bf16 (autocast; similarity, softmax and averaging stay fp32)
     imagenet_branch: str = "on"    # a checkpoint with a frozen ImageNet branch (labels never seen in training): on (the
