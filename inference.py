@@ -104,16 +104,18 @@ def in_precision(model, precision, device, branch="on", compile=None):
     if key in kept:
         return kept[key]
 
+    def network(x, label_emb, scale):
+        return label_logits(model, x, label_emb, scale, branch)
+    if compile is not None:  # autocast stays outside the compiled function: inside, AOTAutograd's compile cache
+        network = compiled(network, compile, device)  # refuses the graph (_enter_autocast) and every run re-traces it
+
     def run(x, label_emb, scale):
+        if compile:  # any number of labels, one graph (serve.py's requests differ in it)
+            torch._dynamo.maybe_mark_dynamic(label_emb, 0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, cos = label_logits(model, x, label_emb, scale, branch)
+            logits, cos = network(x, label_emb, scale)
         return (logits.float(), cos.float()) if bf16 else (logits, cos)
     if compile is not None:
-        network = compiled(run, compile, device)
-
-        def run(x, label_emb, scale):  # any number of labels, one graph (serve.py's requests differ in it)
-            torch._dynamo.maybe_mark_dynamic(label_emb, 0)
-            return network(x, label_emb, scale)
         kept[key] = run
     return run
 
