@@ -135,9 +135,10 @@ def choose_precision(setting, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.compile: on by default for inference (inference.in_precision), off with --compile=false or SSIW_COMPILE=0
+# torch.compile: on by default for inference (inference.in_precision), off with --compile=false or SSIW_COMPILE=0;
+# train.py's --compile=true uses it too
 
-COMPILE_ENV = "SSIW_COMPILE"  # 0 | off | false: the default of every `compile` setting becomes false (the test suite)
+COMPILE_ENV = "SSIW_COMPILE"  # 0 | off | false: the default of inference's `compile` setting becomes false (the tests)
 
 
 def compile_default():
