@@ -41,8 +41,9 @@ class Protocol:
     sliding: bool = True           # sliding window (True) or the whole image at once
     window_batch: int = 0          # windows per forward pass; 0 = auto: 1 on a CPU (batching measured 0.80x there),
                                    # 4 on a GPU (fills the device; speed-up not measured)
-    compile: bool = field(default_factory=compile_default)  # torch.compile the network (inductor, compile cache in
-                                   # ~/.cache/ssiw/inductor); false = eager; SSIW_COMPILE=0 makes false the default
+    compile: bool = field(default_factory=compile_default)  # torch.compile the network (inductor; compile
+                                                            # cache ~/.cache/ssiw/inductor); false = eager;
+                                                            # SSIW_COMPILE=0 makes false the default
     precision: str = "auto"        # the network's: auto (bf16 on GPUs and on CPUs with bf16 units, else fp32) | fp32 |
                                    # bf16 (autocast; similarity, softmax and averaging stay fp32)
     imagenet_branch: str = "on"    # a checkpoint with a frozen ImageNet branch (labels never seen in training): on (the
@@ -99,16 +100,18 @@ def in_precision(model, precision, device, branch="on", compile=None):
     if key in kept:
         return kept[key]
 
+    def network(x, label_emb, scale):
+        return label_logits(model, x, label_emb, scale, branch)
+    if compile is not None:  # autocast stays outside the compiled function: inside, AOTAutograd's compile cache
+        network = compiled(network, compile, device)  # refuses the graph (_enter_autocast) and every run re-traces it
+
     def run(x, label_emb, scale):
+        if compile:  # any number of labels, one graph (serve.py's requests differ in it)
+            torch._dynamo.maybe_mark_dynamic(label_emb, 0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, cos = label_logits(model, x, label_emb, scale, branch)
+            logits, cos = network(x, label_emb, scale)
         return (logits.float(), cos.float()) if bf16 else (logits, cos)
     if compile is not None:
-        network = compiled(run, compile, device)
-
-        def run(x, label_emb, scale):  # any number of labels, one graph (serve.py's requests differ in it)
-            torch._dynamo.maybe_mark_dynamic(label_emb, 0)
-            return network(x, label_emb, scale)
         kept[key] = run
     return run
 

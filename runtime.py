@@ -2,6 +2,8 @@
 (pick_device), the CPU thread count (set_threads: the usable cores less those other processes keep busy;
 docs/threads.md) and the precision the network runs in (choose_precision: bf16 where the hardware has the units;
 docs/precision.md). Every script starts with these, single-process ones too; distributed.py is torchrun's part.
+And whether the network is compiled (compiled: torch.compile with a persistent cache, eager with one warning line
+where it cannot work; docs/speed.md).
 """
 import os
 import sys
@@ -135,9 +137,10 @@ def choose_precision(setting, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.compile: on by default for inference (inference.in_precision), off with --compile=false or SSIW_COMPILE=0
+# torch.compile: on by default for inference (inference.in_precision), off with --compile=false or SSIW_COMPILE=0;
+# train.py's --compile=true uses it too
 
-COMPILE_ENV = "SSIW_COMPILE"  # 0 | off | false: the default of every `compile` setting becomes false (the test suite)
+COMPILE_ENV = "SSIW_COMPILE"  # 0 | off | false: the default of inference's `compile` setting becomes false (the tests)
 
 
 def compile_default():

@@ -87,8 +87,10 @@ def case_engines(backbone, h, w, s, folder):
         engines["HF SegFormer-B0 eager fp32"] = run_hf
     except ImportError:
         skipped.append("HF SegFormer-B0 (pip install transformers)")
-    eager = in_precision(model, "fp32", "cpu", compile=False)
-    engines["ours eager fp32"] = lambda: whole_image_scores(eager, image, label_emb, 14.0, flip=False).argmax(0)
+    for p in ["fp32"] + (["bf16"] if cpu_has_bf16() else []):  # compile's own share: eager in each precision
+        eager = in_precision(model, p, "cpu", compile=False)
+        engines[f"ours eager {p}"] = lambda run=eager: whole_image_scores(run, image, label_emb, 14.0,
+                                                                         flip=False).argmax(0)
     precision = choose_precision(s.precision, "cpu")[0]
     first, cached = compile_times(model, image, label_emb, precision)
     # the default path, and compiled in the other precision where the CPU has bf16 units (the per-backbone choice)
