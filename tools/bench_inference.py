@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import run_main
-from inference import Protocol, in_precision, whole_image_scores
+from inference import in_precision, whole_image_scores
 from model import ModelConfig, build_model
 from runtime import choose_precision, cpu_has_bf16, set_threads, usable_cores
 from settings import parse_settings
