@@ -201,7 +201,7 @@ def compile_errors():
 def compiled(fn, setting, device, what="the network"):
     """fn run through torch.compile where `setting` (a `compile` setting) is true and compiling works, else fn itself.
 
-    Prints one line at the first call saying which and why: `compile: on (...)`, or `compile: off (as set ...)`.
+    Prints one line at the first call saying which and why: `compile: on (...)`, or `compile: off (compile=false ...)`.
     Where compiling cannot work (compile_unavailable), the first compiled call raises (an op inductor cannot lower,
     a compiler error) or a later call fails to compile (a new input size), one `warning:` line naming why, and fn
     runs eager from then on.
@@ -217,7 +217,7 @@ def compiled(fn, setting, device, what="the network"):
 
     def choose():
         if not setting:
-            print(f"compile: off (as set{'; ' + COMPILE_ENV + ' sets the default' if not compile_default() else ''}; "
+            print(f"compile: off (compile=false{'; ' + COMPILE_ENV + ' sets the default' if not compile_default() else ''}; "
                   f"--compile=true to compile {what})", flush=True)
             return fn
         cache = compile_cache_dir()  # before anything of inductor's reads it

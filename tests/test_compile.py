@@ -197,7 +197,7 @@ def test_the_setting_and_the_variable(monkeypatch, capsys):
     for _ in range(2):
         infer(model, torch.randn(3, 64, 64), emb, 10.0, proto)
     assert capsys.readouterr().out.splitlines() == [
-        "compile: off (as set; SSIW_COMPILE sets the default; --compile=true to compile the network)"]
+        "compile: off (compile=false; SSIW_COMPILE sets the default; --compile=true to compile the network)"]
 
 
 @pytest.mark.slow
