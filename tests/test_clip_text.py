@@ -337,8 +337,9 @@ def test_safetensors_reader_matches_library(tmp_path):
 
 @pytest.mark.slow
 def test_cli_writes_label_table_from_torchscript_weights(weights, tmp_path):
-    import label_spec as labels
-    spec = labels.load_label_spec()
+    import label_spec
+    import labels
+    spec = label_spec.load_label_spec()
     keys = list(spec.sentences)[:3]
     for mode in ("sentence", "word"):
         out = tmp_path / f"table_{mode}.pt"
@@ -347,7 +348,7 @@ def test_cli_writes_label_table_from_torchscript_weights(weights, tmp_path):
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 0, run.stderr
         table = labels.load_label_table(out)
-        texts = labels.label_texts(spec, keys, mode=mode)
+        texts = label_spec.label_texts(spec, keys, mode=mode)
         assert table.names == keys and table.sentences == texts and table.embeddings.shape == (3, EMBED)
         with torch.no_grad():
             expected = torch.nn.functional.normalize(weights["hf"](input_ids=clip_text.tokenize(texts)).text_embeds)
