@@ -135,7 +135,7 @@ def main(argv=None):
     precision, why = choose_precision(s.precision, device)  # which precision the network runs in, and why
     print(why)
     paths = list_images(s.images)
-    labels = parse_labels(s.labels, "--labels")  # a blank one refused: label i gets id i
+    labels = parse_labels(s.labels, "--labels")  # blank, repeated or too many refused: label i gets id i
     if not labels:
         raise ConfigError("--labels: give the labels to segment into, comma-separated (label i gets id i)")
     background = background_labels(s.background, labels)
