@@ -18,7 +18,7 @@ from checkpoints import check_width, load_checkpoint
 from efficientnet import EFFICIENTNET_VARIANTS
 from errors import ConfigError, WeightsError
 from label_spec import TEXT_MODES
-from labels import check_same_encoder, encoder_family, LabelTable, load_label_table, warn_other_weights
+from labels import LabelTable, check_same_encoder, encoder_family, load_label_table, warn_other_weights
 from settings import one_of
 
 

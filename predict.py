@@ -28,15 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime import choose_precision, pick_device, set_threads
 from errors import ConfigError, run_main
-from inference import infer, Protocol, resize_short_side, resolve_precision
-from score_rules import background_labels, ids_from_scores, unknown_id
-from label_source import LabelSource
-from label_spec import label_texts_for, parse_labels
-from overlays import save_prediction
-from score_rules import share_line
 from images import MAX_ASPECT, MAX_PIXELS, decode_rgb, list_images, open_image, set_image_budget
+from inference import Protocol, infer, resize_short_side, resolve_precision
+from label_source import LabelSource
+from overlays import save_prediction
+from runtime import choose_precision, pick_device, set_threads
+from score_rules import asked_labels, ids_from_scores, labels_record, share_line, unknown_id
 from settings import one_of, parse_settings, print_settings, require
 from transforms import eval_image
 
@@ -135,20 +133,13 @@ def main(argv=None):
     precision, why = choose_precision(s.precision, device)  # which precision the network runs in, and why
     print(why)
     paths = list_images(s.images)
-    labels = parse_labels(s.labels, "--labels")  # blank, repeated or too many refused: label i gets id i
-    if not labels:
-        raise ConfigError("--labels: give the labels to segment into, comma-separated (label i gets id i)")
-    background = background_labels(s.background, labels)
-    texts = label_texts_for(labels + background, s.sentences, s.mode)
+    labels, background, texts = asked_labels(s.labels, s.background, s.sentences, s.mode)
     model, ckpt, label_emb, scale = s.load(labels + background, texts, device)  # label_emb (N + B, D)
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels.json").write_text(json.dumps(
-        {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
-         "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
-         "checkpoint": s.checkpoint, "background": dict(zip(background, texts[len(labels):])),
-         "labels_from": s.described(),
-         "precision": precision}, indent=2) + "\n")
+    (out_dir / "labels.json").write_text(json.dumps(labels_record(
+        labels, texts, background, s.unknown_below, checkpoint=s.checkpoint, labels_from=s.described(),
+        precision=precision), indent=2) + "\n")
     predict_images(model, paths, labels, label_emb, scale, s,
                    out_dir, s.unknown_below, s.export_emb, s.emb_dims, s.emb_dtype)
     print(f"wrote {len(paths)} id maps and overlays to {out_dir}")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import ConfigError, run_main
+from errors import run_main
 from images import MAX_ASPECT, MAX_PIXELS, decode_rgb, list_images, normalized, open_image, set_image_budget
-from label_spec import TEXT_MODES, label_texts_for, parse_labels
+from label_spec import TEXT_MODES
 from onnx_segment import OnnxSegmenter
 from overlays import save_prediction
-from score_rules import background_labels, ids_from_scores, share_line, unknown_id
+from score_rules import asked_labels, ids_from_scores, labels_record, share_line, unknown_id
 from settings import one_of, parse_settings, print_settings, require
 
 
@@ -56,23 +56,16 @@ def main(argv=None):
     set_image_budget(s.max_pixels, s.max_aspect)
     print_settings(s)
     paths = list_images(s.images)
-    labels = parse_labels(s.labels, "--labels")  # blank, repeated or too many refused: label i gets id i
-    if not labels:
-        raise ConfigError("--labels: give the labels to segment into, comma-separated (label i gets id i)")
-    background = background_labels(s.background, labels)
-    texts = label_texts_for(labels + background, s.sentences, s.mode)
+    labels, background, texts = asked_labels(s.labels, s.background, s.sentences, s.mode)
     seg = OnnxSegmenter(s.image_graph, s.text_graph, s.threads, s.text_cache)
     label_emb, hits = seg.label_embeddings(texts)                        # (N + B, D)
     print(f"label embeddings: {len(texts)} texts embedded with {s.text_graph} ({seg.text.encoder}; {hits} from the "
           f"text cache)")
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels.json").write_text(json.dumps(
-        {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
-         "unknown": unknown_id(len(labels)) if s.unknown_below > -1 or background else None,
-         "checkpoint": seg.meta.get("checkpoint"), "background": dict(zip(background, texts[len(labels):])),
-         "labels_from": f"{s.text_graph} ({s.mode})", "image_graph": s.image_graph, "precision": "fp32"},
-        indent=2) + "\n")
+    (out_dir / "labels.json").write_text(json.dumps(labels_record(
+        labels, texts, background, s.unknown_below, checkpoint=seg.meta.get("checkpoint"),
+        labels_from=f"{s.text_graph} ({s.mode})", image_graph=s.image_graph, precision="fp32"), indent=2) + "\n")
     work_size = seg.work_size(s.base_size)
     for n, path in enumerate(paths, 1):
         rgb = decode_rgb(open_image(path, work_size), path)              # PIL RGB; the budget checked first

@@ -4,7 +4,8 @@ vocabulary whose winning pixels are unknown too.
 """
 import numpy as np
 
-from label_spec import parse_labels
+from errors import ConfigError
+from label_spec import label_texts_for, parse_labels
 from overlays import id_png_dtype
 
 # The background vocabulary of --background=default: labels a model can name that are not asked for, so a pixel of a
@@ -57,3 +58,23 @@ def share_line(ids, labels):
     parts = [f"{labels[i]} {100 * counts[i] / ids.size:.1f}%" for i in order]
     unknown = ids.size - counts[:len(labels)].sum()
     return ", ".join(parts + ([f"unknown {100 * unknown / ids.size:.1f}%"] if unknown else []))
+
+
+def asked_labels(labels, background, sentences="", mode="sentence"):
+    """predict.py's and run_onnx.py's --labels, --background, --sentences and --mode -> (labels, background labels,
+    the text to embed for each of labels + background). ConfigError naming the flag where the labels are missing or
+    break label_spec's rule (blank, repeated, too many: label i gets id i)."""
+    asked = parse_labels(labels, "--labels")
+    if not asked:
+        raise ConfigError("--labels: give the labels to segment into, comma-separated (label i gets id i)")
+    extra = background_labels(background, asked)
+    return asked, extra, label_texts_for(asked + extra, sentences, mode)
+
+
+def labels_record(labels, texts, background, unknown_below, **meta):
+    """labels.json of predict.py and run_onnx.py: id -> label and the text embedded, the unknown id (null where no
+    pixel can be unknown: no threshold, no background), the background labels with their texts, then `meta`
+    (checkpoint or graphs, where the embeddings came from, precision)."""
+    return {"ids": {str(i): {"label": lab, "text": t} for i, (lab, t) in enumerate(zip(labels, texts))},
+            "unknown": unknown_id(len(labels)) if unknown_below > -1 or background else None,
+            "background": dict(zip(background, texts[len(labels):])), **meta}

@@ -24,7 +24,7 @@ from errors import ConfigError, LabelKeyError
 import inference as inf
 from label_source import label_embeddings
 from transforms import eval_image
-from label_spec import label_texts, LabelSpec, load_label_spec
+from label_spec import LabelSpec, label_texts, load_label_spec
 from labels import LabelTable, save_label_table
 from model import ModelConfig, build_model, similarity
 

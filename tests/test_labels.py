@@ -10,7 +10,7 @@ import yaml
 
 from data_fixtures import CAMVID_NAMES
 from errors import ConfigError, LabelKeyError, WeightsError
-from label_spec import IGNORE, dataset_label_keys, label_texts, LabelSpec, load_label_spec
+from label_spec import IGNORE, LabelSpec, dataset_label_keys, label_texts, load_label_spec
 from labels import LabelTable, load_label_table, save_label_table
 
 # The paper's 238 training labels (issue 2), as snake_case keys: the MSeg universal classes, then the

@@ -18,7 +18,7 @@ import torch
 
 from errors import run_main
 from images import decode_rgb, list_images, normalized, open_image
-from inference import infer, Protocol
+from inference import Protocol, infer
 from label_source import load_for_inference
 from label_spec import label_texts_for, parse_labels
 from onnx_segment import OnnxSegmenter

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from errors import run_main
 from evaluation import evaluate_images
 from images import short_side_size
-from inference import infer, Protocol, window_starts
+from inference import Protocol, infer, window_starts
 from model import ModelConfig, build_model
 from provenance import provenance
 from runtime import set_threads

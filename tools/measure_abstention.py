@@ -24,7 +24,7 @@ import torch
 from errors import ConfigError, run_main
 from dataset_yaml import load_dataset_config
 from evaluation import EvalDataset
-from inference import infer, Protocol, resolve_precision
+from inference import Protocol, infer, resolve_precision
 from score_rules import background_labels, ids_from_scores, unknown_id
 from label_source import load_for_inference
 from label_spec import label_texts_for, parse_labels
