@@ -345,7 +345,7 @@ def main(argv=None):
                 print(f"stopped by signal at step {step}; checkpoint written")
             break
     progress.close(step, Path(s.out_dir) / f"ckpt_{saved_at:08d}.pt", loader.skipped)
-    del model  # DDP before the process group (distributed.teardown says why)
+    del model, forward  # DDP before the process group (distributed.teardown says why); `forward` holds it too
     distributed.teardown()
 
 
